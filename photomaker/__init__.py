@@ -1,0 +1,29 @@
+"""PhotoMaker: realistic or stylised pictures of a person from 1-4 photos and a prompt, on SDXL.
+
+Heavy modules (diffusers, transformers) load on first use, so that `photomaker.prompt` or the CLI's
+`score` command start quickly.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PhotoMakerStableDiffusionXLPipeline": "photomaker.pipeline",
+    "IDEncoding": "photomaker.pipeline",
+    "PhotoMakerIDEncoder": "photomaker.id_encoder",
+    "PhotoMakerIDEncoderV2": "photomaker.id_encoder",
+    "load_checkpoint": "photomaker.loading",
+    "PhotoMakerService": "photomaker.service",
+    "ServiceConfig": "photomaker.service",
+    "GenerationRequest": "photomaker.service",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'photomaker' has no attribute {name!r}")
