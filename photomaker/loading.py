@@ -1,0 +1,348 @@
+"""Reading PhotoMaker checkpoints safely and turning them into a loaded ID encoder and a verified UNet LoRA.
+
+Accepted sources: an in-memory dict (nested like the official files, or flat with ``id_encoder.`` /
+``lora_weights.`` prefixes), a ``.bin``/``.pt`` torch pickle (loaded with ``weights_only=True``, so code
+in a malicious pickle never runs), a ``.safetensors`` file, a local folder plus ``weight_name``, or a Hub
+repo id plus ``weight_name``. Every failure is a ``CheckpointError`` that names what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .id_encoder import PERCEIVER_PREFIX, PhotoMakerIDEncoder, PhotoMakerIDEncoderConfig, create_id_encoder
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_id_encoder", "check_lora_applied", "detect_version", "load_checkpoint"]
+
+PARTS = ("id_encoder", "lora_weights")
+CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
+HUB_KWARGS = frozenset(
+    {
+        "cache_dir",
+        "revision",
+        "token",
+        "local_files_only",
+        "force_download",
+        "user_agent",
+        "endpoint",
+        "etag_timeout",
+        "headers",
+        "local_dir",
+        "repo_type",
+    }
+)
+# diffusers-style arguments that huggingface_hub no longer takes; accepted and ignored so callers keep working.
+IGNORED_HUB_KWARGS = frozenset({"proxies", "resume_download"})
+_MAX_LISTED = 12
+
+
+def _listing(names: list[str]) -> str:
+    """Comma-separated names, shortened to the first few with a count of the rest."""
+    shown = ", ".join(repr(name) for name in names[:_MAX_LISTED])
+    return shown + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def load_checkpoint(
+    path_or_repo_or_dict: str | os.PathLike[str] | Mapping[str, Any],
+    weight_name: str | None = None,
+    subfolder: str = "",
+    **hub_kwargs: Any,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Return ``{"id_encoder": {...}, "lora_weights": {...}}`` from any supported source (see module doc).
+
+    ``hub_kwargs`` (cache_dir, revision, token, local_files_only, force_download, ...) go to
+    ``huggingface_hub.hf_hub_download``; with ``HF_HUB_OFFLINE=1`` only the local cache is used.
+    """
+    if isinstance(path_or_repo_or_dict, Mapping):
+        return _split_parts(path_or_repo_or_dict, "the given state dict")
+    if not isinstance(path_or_repo_or_dict, (str, os.PathLike)):
+        raise CheckpointError(
+            f"A PhotoMaker checkpoint must be a file path, a folder, a Hub repo id or a dict of tensors; "
+            f"got {type(path_or_repo_or_dict).__name__}."
+        )
+    source = os.fspath(path_or_repo_or_dict)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _load_file(path)
+    if path.is_dir():
+        return _load_file(_file_in_folder(path, weight_name, subfolder))
+    if _looks_like_local_path(source):
+        raise CheckpointError(
+            f"No PhotoMaker checkpoint at '{source}': the file does not exist. Check the path, or pass a Hub "
+            "repo id such as 'TencentARC/PhotoMaker' with weight_name='photomaker-v1.bin'."
+        )
+    return _load_file(_download(source, weight_name, subfolder, hub_kwargs))
+
+
+def _looks_like_local_path(source: str) -> bool:
+    """Hub repo ids are 'name' or 'owner/name'; anything path-shaped is treated as a missing local file."""
+    return (
+        os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or source.lower().endswith(CHECKPOINT_SUFFIXES)
+    )
+
+
+def _file_in_folder(folder: Path, weight_name: str | None, subfolder: str) -> Path:
+    directory = folder / subfolder if subfolder else folder
+    if weight_name is None:
+        candidates = sorted(p.name for p in directory.glob("*") if p.suffix in CHECKPOINT_SUFFIXES)
+        hint = f" Files there: {_listing(candidates)}." if candidates else " It has no checkpoint files."
+        raise CheckpointError(
+            f"'{folder}' is a folder: pass weight_name to say which file to load, e.g. "
+            f"weight_name='photomaker-v1.bin'.{hint}"
+        )
+    path = directory / weight_name
+    if not path.is_file():
+        raise CheckpointError(f"No file '{weight_name}' in '{directory}'. Check weight_name and subfolder.")
+    return path
+
+
+def _download(repo_id: str, weight_name: str | None, subfolder: str, hub_kwargs: dict[str, Any]) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    if weight_name is None:
+        raise CheckpointError(
+            f"'{repo_id}' is not a local file, so it is read as a Hub repo id: pass weight_name to say which "
+            "file to download, e.g. weight_name='photomaker-v1.bin' (TencentARC/PhotoMaker) or "
+            "'photomaker-v2.bin' (TencentARC/PhotoMaker-V2)."
+        )
+    unknown = sorted(set(hub_kwargs) - HUB_KWARGS - IGNORED_HUB_KWARGS)
+    if unknown:
+        raise TypeError(f"Unknown Hub download argument(s) {unknown}; supported: {sorted(HUB_KWARGS)}.")
+    ignored = sorted(set(hub_kwargs) & IGNORED_HUB_KWARGS)
+    if ignored:
+        logger.warning("Ignoring %s: huggingface_hub no longer supports them", ignored)
+    kwargs = {key: value for key, value in hub_kwargs.items() if key in HUB_KWARGS}
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    if offline:
+        kwargs["local_files_only"] = True
+    where = f"'{weight_name}' from Hub repo '{repo_id}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    try:
+        return Path(hf_hub_download(repo_id, weight_name, subfolder=subfolder or None, **kwargs))
+    except Exception as exc:  # huggingface_hub raises many unrelated types; all mean "could not get the file"
+        if offline or kwargs.get("local_files_only"):
+            fix = (
+                "Offline mode (HF_HUB_OFFLINE=1 or local_files_only) only uses the local cache: download the "
+                "file once with network access, or pass a local path to it."
+            )
+        else:
+            fix = (
+                "Check the repo id, weight_name (e.g. 'photomaker-v1.bin'), revision and your network/token, "
+                "or pass a local path to the file."
+            )
+        raise CheckpointError(f"Could not get {where}: {type(exc).__name__}: {exc}. {fix}") from exc
+
+
+def _load_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    logger.info("Loading PhotoMaker checkpoint %s", path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            contents: Any = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError and OSError
+            raise CheckpointError(f"'{path}' is not a readable safetensors file ({exc}); re-download it.") from exc
+        return _split_parts(contents, f"'{path}'")
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"Refused to load '{path}': the pickle contains Python objects other than tensors and plain "
+            f"containers, which could run code; nothing in it was executed ({exc}). Use the official "
+            "PhotoMaker files or a .safetensors conversion made from a trusted copy."
+        ) from exc
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        raise CheckpointError(
+            f"'{path}' cannot be read as a torch checkpoint ({type(exc).__name__}: {exc}); the download may be "
+            "incomplete or this is not a PhotoMaker file."
+        ) from exc
+    return _split_parts(contents, f"'{path}'")
+
+
+def _split_parts(contents: Any, source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Validate the two-part layout (nested or prefixed flat) and return fresh nested dicts."""
+    if not isinstance(contents, Mapping):
+        raise CheckpointError(
+            f"{source} holds a {type(contents).__name__}, not a dict with 'id_encoder' and 'lora_weights'; "
+            "it is not a PhotoMaker checkpoint."
+        )
+    if any(key in PARTS for key in contents):
+        parts = {key: contents[key] for key in PARTS if key in contents}
+        unexpected = [str(key) for key in contents if key not in PARTS]
+    else:
+        parts = {}
+        unexpected = []
+        for key, value in contents.items():
+            part, dot, name = str(key).partition(".")
+            if dot and part in PARTS:
+                parts.setdefault(part, {})[name] = value
+            else:
+                unexpected.append(str(key))
+    missing = [part for part in PARTS if part not in parts]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_listing(unexpected)}")
+        raise CheckpointError(
+            f"{source} does not have the PhotoMaker layout ({'; '.join(problems)}). Expected exactly two parts, "
+            "'id_encoder' and 'lora_weights' (nested dicts, or flat keys prefixed 'id_encoder.' / "
+            "'lora_weights.'), as in photomaker-v1.bin / photomaker-v2.bin."
+        )
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    for part in PARTS:
+        tensors = parts[part]
+        if not isinstance(tensors, Mapping):
+            raise CheckpointError(f"{source}: '{part}' is a {type(tensors).__name__}, not a dict of tensors.")
+        bad = [str(name) for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{source}: '{part}' has entries that are not tensors: {_listing(bad)}.")
+        result[part] = {str(name): value for name, value in tensors.items()}
+    return result
+
+
+def detect_version(id_encoder_state_dict: Mapping[str, torch.Tensor]) -> int:
+    """2 when the ID encoder has the v2 ``qformer_perceiver.*`` weights, else 1."""
+    return 2 if any(key.startswith(PERCEIVER_PREFIX) for key in id_encoder_state_dict) else 1
+
+
+def build_id_encoder(
+    id_encoder_state_dict: Mapping[str, torch.Tensor], version: int | None = None
+) -> PhotoMakerIDEncoder:
+    """Build the encoder the weights describe (sizes inferred from shapes) and load them strictly, in fp32, eval mode.
+
+    The skeleton is created on the ``meta`` device, so no time is spent on random initialisation of the
+    300 M-parameter vision tower. ``version`` (1 or 2), when given, must match the weights.
+    """
+    if version is not None and version not in (1, 2):
+        raise CheckpointError(f"PhotoMaker version must be 1, 2 or None (auto-detect); got {version!r}.")
+    detected = detect_version(id_encoder_state_dict)
+    if version is not None and version != detected:
+        found = "has" if detected == 2 else "has no"
+        raise CheckpointError(
+            f"PhotoMaker v{version} was requested but the checkpoint {found} 'qformer_perceiver.*' weights, so "
+            f"it is a v{detected} file. Pass version={detected} (or None to auto-detect), or load the "
+            f"photomaker-v{version}.bin file."
+        )
+    try:
+        config = PhotoMakerIDEncoderConfig.from_state_dict(id_encoder_state_dict)
+    except CheckpointError:
+        # Too broken to infer sizes: compare against the official layout to list what is wrong.
+        config = PhotoMakerIDEncoderConfig()
+    with torch.device("meta"):
+        encoder = create_id_encoder(config, detected)
+    _check_keys(encoder, id_encoder_state_dict, detected)
+    encoder = encoder.to_empty(device="cpu")
+    encoder.load_state_dict(dict(id_encoder_state_dict), strict=True)
+    encoder.reset_position_ids()
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def _check_keys(encoder: nn.Module, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+    expected = encoder.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key} {tuple(state_dict[key].shape)} (expected {tuple(tensor.shape)})"
+        for key, tensor in expected.items()
+        if key in state_dict and state_dict[key].shape != tensor.shape
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"The id_encoder weights do not fit a PhotoMaker v{version} ID encoder:"]
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if mismatched:
+        lines.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+    lines.append("Use an official photomaker-v1.bin / photomaker-v2.bin (or a faithful conversion) for this encoder.")
+    raise CheckpointError("\n".join(lines))
+
+
+_LEGACY_LORA_KEY = re.compile(
+    r"^(?P<prefix>unet\.)?(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$"
+)
+_PEFT_LORA_KEY = re.compile(
+    r"^(?P<prefix>unet\.)?(?P<path>.+)\.(?P<proj>to_q|to_k|to_v|to_out\.0)\.lora_(?P<kind>A|B)\.weight$"
+)
+
+
+def _lora_target(key: str) -> tuple[bool, str, str] | None:
+    """(has 'unet.' prefix, UNet module path, 'lora_A' | 'lora_B') for a legacy or peft-style key."""
+    if match := _LEGACY_LORA_KEY.match(key):
+        projection = "to_out.0" if match["proj"] == "to_out" else match["proj"]
+        kind = "lora_A" if match["kind"] == "down" else "lora_B"
+    elif match := _PEFT_LORA_KEY.match(key):
+        projection, kind = match["proj"], f"lora_{match['kind']}"
+    else:
+        return None
+    return match["prefix"] is not None, f"{match['path']}.{projection}", kind
+
+
+def check_lora_applied(
+    unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor], adapter_name: str
+) -> int:
+    """Verify that every LoRA tensor landed in the UNet under ``adapter_name``; return how many were checked.
+
+    Run it after ``pipe.load_lora_weights(lora_state_dict, adapter_name=...)`` and before ``fuse_lora``:
+    diffusers only logs a line for keys it does not recognise (keys without the ``unet.`` prefix are
+    silently skipped), which would leave the ID fusion working against an un-adapted UNet. Each legacy
+    ``<path>.processor.to_q_lora.down/up.weight`` (or peft ``to_q.lora_A/B.weight``) must equal the peft
+    ``lora_A/lora_B[adapter_name]`` weight of ``<path>.to_q`` (``to_out`` -> ``to_out.0``) up to dtype.
+    """
+    problems: list[str] = []
+    for key, tensor in lora_state_dict.items():
+        target = _lora_target(key)
+        if target is None:
+            problems.append(f"{key}: not a UNet attention LoRA key (expected '...processor.to_q_lora.down.weight')")
+            continue
+        has_prefix, module_path, kind = target
+        if not has_prefix:
+            problems.append(f"{key}: no 'unet.' prefix, so diffusers ignores it; prefix the key with 'unet.'")
+            continue
+        try:
+            module = unet.get_submodule(module_path)
+        except AttributeError:
+            problems.append(f"{key}: the UNet has no module '{module_path}' (LoRA made for another architecture?)")
+            continue
+        layers = getattr(module, kind, None)
+        if not isinstance(layers, nn.ModuleDict) or adapter_name not in layers:
+            problems.append(f"{key}: '{module_path}' has no LoRA adapter '{adapter_name}' (it was not loaded)")
+            continue
+        actual = layers[adapter_name].weight
+        if actual.device.type == "meta":
+            problems.append(f"{key}: '{module_path}' weights are not materialised (meta device); cannot verify")
+            continue
+        expected = tensor.detach().to(device=actual.device, dtype=actual.dtype)
+        if actual.shape != expected.shape:
+            problems.append(f"{key}: shape {tuple(expected.shape)} but the UNet holds {tuple(actual.shape)}")
+        elif not torch.equal(actual.detach(), expected):
+            problems.append(f"{key}: values differ from the UNet's {kind}['{adapter_name}'] of '{module_path}'")
+    if problems:
+        raise CheckpointError(
+            f"{len(problems)} of {len(lora_state_dict)} PhotoMaker LoRA tensors were not applied to the UNet:\n"
+            + "\n".join(problems[:_MAX_LISTED])
+            + (f"\n... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
+            + "\nThe LoRA must target this UNet with keys like "
+            "'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight'."
+        )
+    logger.info("Verified %d LoRA tensors of adapter '%s' in the UNet", len(lora_state_dict), adapter_name)
+    return len(lora_state_dict)

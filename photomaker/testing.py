@@ -1,0 +1,298 @@
+"""Tiny random-weight models with the real SDXL / PhotoMaker architecture, built offline in code.
+
+They let tests and ``python -m photomaker make-tiny`` exercise the real code paths (real CLIP vocabulary,
+real CLIP image preprocessing at 224 px, SDXL's two text encoders, the official checkpoint layout and
+legacy LoRA key format) in well under a second, without the Hub. Two text encoders of different widths
+(32 and 96) make concatenation-order mistakes visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .id_encoder import PhotoMakerIDEncoderConfig, create_id_encoder
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "clip_tokenizer",
+    "make_tiny",
+    "tiny_checkpoint",
+    "tiny_id_encoder_config",
+    "tiny_lora_state_dict",
+    "tiny_sdxl_components",
+    "tiny_unet_config",
+]
+
+CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCAB_SIZE = 49408
+TEXT_HIDDEN_1 = 32
+TEXT_HIDDEN_2 = 96
+TEXT_PROJECTION_DIM = 32
+ADDITION_TIME_EMBED_DIM = 8
+CROSS_ATTENTION_DIM = TEXT_HIDDEN_1 + TEXT_HIDDEN_2  # 128: a multiple of 128 so the v2 resampler has 1 head
+LORA_RANK = 4
+TINY_FORMAT_VERSION = 1  # bump when make_tiny's output changes, so stale folders are rebuilt
+_COMPLETE_MARKER = ".tiny-complete.json"
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table used by byte-level BPE, in vocabulary order.
+
+    Printable Latin-1 bytes map to themselves and come first; the others (control chars, space, ...) follow,
+    shifted to code points 256+. The order matters: it fixes the ids of the first 512 vocabulary entries.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    others = [byte for byte in range(256) if byte not in table]
+    table.update({byte: chr(256 + index) for index, byte in enumerate(others)})
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """The 49,408-entry CLIP vocabulary and its merges, from the bundled OpenAI BPE file (MIT)."""
+    data = (Path(__file__).parent / "data" / CLIP_VOCAB_FILE).read_bytes()
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    # OpenAI's recipe: the first line is a header; keep 49152 - 256 - 2 merges.
+    merges = tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
+    symbols = list(_byte_to_unicode().values())
+    tokens = symbols + [symbol + "</w>" for symbol in symbols]
+    tokens += ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    if len(tokens) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"The bundled CLIP vocabulary has {len(tokens)} entries instead of {CLIP_VOCAB_SIZE}.")
+    return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):  # -> transformers.CLIPTokenizer
+    """A CLIP tokenizer with the real vocabulary, built offline (SDXL's second tokenizer uses ``pad_token="!"``)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Deterministic weights without disturbing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_unet_config() -> dict:
+    """SDXL-shaped UNet config (text_time conditioning, 2-layer transformer blocks), small enough for CPU tests."""
+    return {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "transformer_layers_per_block": (1, 2),
+        "norm_num_groups": 8,
+        "cross_attention_dim": CROSS_ATTENTION_DIM,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
+        # 6 size/crop values embedded at addition_time_embed_dim each + the pooled text embedding.
+        "projection_class_embeddings_input_dim": 6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM,
+    }
+
+
+def _text_config(hidden_size: int, heads: int, act: str, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    # bos/eos/pad ids as in SDXL's real text encoder configs: with eos_token_id=2 the pooled token is argmax(ids).
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection_dim,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """Components for ``StableDiffusionXLPipeline(**components)``: random weights, real architecture.
+
+    Text encoder 1 is 32 wide, text encoder 2 is 96 wide (pooled projection 32); their concatenation is the
+    UNet's cross-attention width (128), which is also the tiny ID encoder's embed dim.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16, 32, 32),  # 4 levels -> scale factor 8, like SDXL's VAE
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.13025,
+        )
+        text_encoder = CLIPTextModel(_text_config(TEXT_HIDDEN_1, 4, "quick_gelu", TEXT_HIDDEN_1))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(TEXT_HIDDEN_2, 4, "gelu", TEXT_PROJECTION_DIM))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": clip_tokenizer(),
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": clip_tokenizer(pad_token="!"),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_id_encoder_config() -> PhotoMakerIDEncoderConfig:
+    """A small ID encoder matching the tiny SDXL (embed dim 32 + 96 = 128) that still takes 224 px photos.
+
+    Sizes differ from the official defaults where they can (depths, MLP widths, ratios) so that config
+    inference from shapes is exercised; face embeddings stay 512-d like InsightFace's.
+    """
+    return PhotoMakerIDEncoderConfig(
+        vision_hidden_size=128,
+        vision_num_layers=2,
+        vision_num_heads=2,
+        vision_intermediate_size=256,
+        patch_size=14,
+        image_size=224,
+        projection_dim_1=TEXT_HIDDEN_1,
+        projection_dim_2=TEXT_HIDDEN_2,
+        id_embed_dim=512,
+        num_tokens=2,
+        resampler_depth=2,
+        resampler_heads=1,
+        resampler_dim_head=128,
+        resampler_ff_mult=2,
+        token_proj_ratio=1,
+    )
+
+
+def _lora_targets(unet_config: dict) -> list[tuple[str, str, int, int]]:
+    """(attention path, projection, in_features, out_features) for q/k/v/out of every attn1/attn2."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    targets = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in ("attn1", "attn2"):
+            for projection, linear in (
+                ("to_q", module.to_q),
+                ("to_k", module.to_k),
+                ("to_v", module.to_v),
+                ("to_out", module.to_out[0]),
+            ):
+                targets.append((name, projection, linear.in_features, linear.out_features))
+    return targets
+
+
+def tiny_lora_state_dict(seed: int = 0, rank: int = LORA_RANK) -> dict[str, torch.Tensor]:
+    """A LoRA for the tiny UNet in the official legacy key format, bf16 like the official files.
+
+    Keys: ``unet.<attention path>.processor.to_{q,k,v,out}_lora.{down,up}.weight``; the up weights are
+    non-zero (unlike a fresh LoRA) so loading it visibly changes the UNet's output.
+    """
+    state_dict: dict[str, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(seed + 1)
+    for path, projection, in_features, out_features in _lora_targets(tiny_unet_config()):
+        prefix = f"unet.{path}.processor.{projection}_lora"
+        down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        up = torch.randn(out_features, rank, generator=generator) * 0.5 / rank**0.5
+        state_dict[f"{prefix}.down.weight"] = down.to(torch.bfloat16)
+        state_dict[f"{prefix}.up.weight"] = up.to(torch.bfloat16)
+    return state_dict
+
+
+def tiny_checkpoint(version: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """A PhotoMaker checkpoint for the tiny SDXL in the official layout: ``{"id_encoder", "lora_weights"}``.
+
+    LayerNorm parameters are randomised too, so that a swapped or skipped norm changes the output.
+    """
+    with _seeded(seed + 100 * version):
+        encoder = create_id_encoder(tiny_id_encoder_config(), version)
+        for module in encoder.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.normal_(module.weight, mean=1.0, std=0.1)
+                nn.init.normal_(module.bias, std=0.1)
+    id_encoder = {name: tensor.detach().clone() for name, tensor in encoder.state_dict().items()}
+    return {"id_encoder": id_encoder, "lora_weights": tiny_lora_state_dict(seed)}
+
+
+def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]:
+    """Write a tiny SDXL pipeline folder and tiny v1/v2 PhotoMaker checkpoints; skip what is already complete.
+
+    Returns paths ``{"base": out_dir/base, "v1": out_dir/photomaker-v1.bin, "v2": out_dir/photomaker-v2.bin}``.
+    ``base`` loads with ``StableDiffusionXLPipeline.from_pretrained``; the ``.bin`` files are torch pickles
+    in the official format. The output is the same for the same seed.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    root = Path(out_dir)
+    paths = {"base": root / "base", "v1": root / "photomaker-v1.bin", "v2": root / "photomaker-v2.bin"}
+    marker = root / _COMPLETE_MARKER
+    stamp = {"seed": seed, "format": TINY_FORMAT_VERSION}
+    if marker.is_file() and all(path.exists() for path in paths.values()):
+        try:
+            if json.loads(marker.read_text()) == stamp:
+                logger.info("Tiny models already present in %s", root)
+                return paths
+        except (OSError, ValueError):
+            logger.warning("Ignoring an unreadable %s; rebuilding the tiny models", marker)
+    root.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+
+    staging = root / "base.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline = StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False)
+    pipeline.save_pretrained(staging)
+    shutil.rmtree(paths["base"], ignore_errors=True)
+    staging.rename(paths["base"])
+    for version in (1, 2):
+        target = paths[f"v{version}"]
+        partial = target.with_name(target.name + ".partial")
+        torch.save(tiny_checkpoint(version, seed), partial)
+        partial.replace(target)
+    marker.write_text(json.dumps(stamp))
+    logger.info("Wrote tiny models to %s", root)
+    return paths
