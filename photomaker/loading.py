@@ -302,6 +302,9 @@ def check_lora_applied(
 ) -> int:
     """Verify that every LoRA tensor landed in the UNet under ``adapter_name``; return how many were checked.
 
+    Also reports adapter layers of ``adapter_name`` in the UNet that no tensor of the LoRA filled (peft
+    creates them for a target module, then leaves them at their random/zero initial values).
+
     Run it after ``pipe.load_lora_weights(lora_state_dict, adapter_name=...)`` and before ``fuse_lora``:
     diffusers only logs a line for keys it does not recognise (keys without the ``unet.`` prefix are
     silently skipped), which would leave the ID fusion working against an un-adapted UNet. Each legacy
@@ -309,6 +312,7 @@ def check_lora_applied(
     ``lora_A/lora_B[adapter_name]`` weight of ``<path>.to_q`` (``to_out`` -> ``to_out.0``) up to dtype.
     """
     problems: list[str] = []
+    covered: set[tuple[str, str]] = set()
     for key, tensor in lora_state_dict.items():
         target = _lora_target(key)
         if target is None:
@@ -318,6 +322,7 @@ def check_lora_applied(
         if not has_prefix:
             problems.append(f"{key}: no 'unet.' prefix, so diffusers ignores it; prefix the key with 'unet.'")
             continue
+        covered.add((module_path, kind))
         try:
             module = unet.get_submodule(module_path)
         except AttributeError:
@@ -336,9 +341,18 @@ def check_lora_applied(
             problems.append(f"{key}: shape {tuple(expected.shape)} but the UNet holds {tuple(actual.shape)}")
         elif not torch.equal(actual.detach(), expected):
             problems.append(f"{key}: values differ from the UNet's {kind}['{adapter_name}'] of '{module_path}'")
+    for module_path, module in unet.named_modules():
+        for kind in ("lora_A", "lora_B"):
+            layers = getattr(module, kind, None)
+            if isinstance(layers, nn.ModuleDict) and adapter_name in layers and (module_path, kind) not in covered:
+                problems.append(
+                    f"'{module_path}' has adapter '{adapter_name}' but the LoRA has no {kind} tensor for it "
+                    "(left at its initial value)"
+                )
     if problems:
         raise CheckpointError(
-            f"{len(problems)} of {len(lora_state_dict)} PhotoMaker LoRA tensors were not applied to the UNet:\n"
+            f"The PhotoMaker LoRA did not load cleanly into the UNet ({len(problems)} problem(s), "
+            f"{len(lora_state_dict)} tensors):\n"
             + "\n".join(problems[:_MAX_LISTED])
             + (f"\n... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
             + "\nThe LoRA must target this UNet with keys like "
