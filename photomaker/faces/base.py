@@ -1,0 +1,121 @@
+"""The face-analysis interface shared by every backend: a detected ``Face`` and the ``FaceAnalyzer`` contract.
+
+Backends differ in their models and in how they judge "same person" (dlib thresholds a euclidean distance,
+ArcFace a cosine similarity); callers only use this interface, so the app, CLI and service never branch on
+the backend.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
+"""Order of ``Face.landmarks`` rows, InsightFace's 5-point convention.
+
+"Left" and "right" are from the viewer's perspective: in an upright frontal photo the "left eye" is the one
+with the smaller x (it is the subject's right eye). This is the order the ArcFace alignment template uses.
+"""
+
+
+@dataclass(eq=False)
+class Face:
+    """One detected face, in the pixel coordinates of the image it was found in."""
+
+    bbox: tuple[float, float, float, float]
+    """(x0, y0, x1, y1): top-left and bottom-right corners, x1/y1 exclusive."""
+    score: float
+    """Detector confidence; its scale is backend-specific (SCRFD: probability, dlib HOG: SVM margin)."""
+    landmarks: np.ndarray
+    """(5, 2) float32 (x, y) points in :data:`LANDMARK_NAMES` order."""
+    embedding: np.ndarray | None = None
+    """Identity embedding when computed (``FaceAnalyzer.embed``), else None."""
+
+    @property
+    def width(self) -> float:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def height(self) -> float:
+        return self.bbox[3] - self.bbox[1]
+
+    @property
+    def area(self) -> float:
+        """Box area in pixels; faces are ranked by it (the largest face is the photo's subject)."""
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+
+class FaceAnalyzer(ABC):
+    """Detects faces and computes identity embeddings for RGB uint8 images.
+
+    Subclasses set the class attributes below and implement :meth:`detect` and :meth:`embed`.
+    """
+
+    name: ClassVar[str]
+    embedding_dim: ClassVar[int]
+    threshold_metric: ClassVar[Literal["distance", "similarity"]]
+    """Which number decides "same person": ``distance < threshold`` or ``similarity >= threshold``."""
+    same_person_threshold: float
+    licence: str
+    """Licence of the model files, shown to users (some forbid commercial use)."""
+
+    @abstractmethod
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        """All faces in ``rgb`` (HxWx3 uint8, RGB), largest first; empty when there is none."""
+
+    @abstractmethod
+    def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
+        """The identity embedding (``embedding_dim`` floats) of ``face`` as found in ``rgb``."""
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Cosine similarity of two embeddings, in [-1, 1]."""
+        a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        norm = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+        return float(np.dot(a64, b64) / norm) if norm > 0 else 0.0
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Euclidean distance between two embeddings, on the scale the backend's threshold uses."""
+        return float(np.linalg.norm(np.asarray(a, np.float64).ravel() - np.asarray(b, np.float64).ravel()))
+
+    def decide_same_person(self, similarity: float, distance: float) -> bool:
+        """Apply the backend's published (or documented) same-person rule to precomputed numbers."""
+        if self.threshold_metric == "distance":
+            return distance < self.same_person_threshold
+        return similarity >= self.same_person_threshold
+
+    def is_same_person(self, a: np.ndarray, b: np.ndarray) -> bool:
+        return self.decide_same_person(self.similarity(a, b), self.distance(a, b))
+
+    def describe_threshold(self) -> str:
+        """The rule in words, e.g. "distance < 0.6", for messages and metadata."""
+        sign = "<" if self.threshold_metric == "distance" else ">="
+        return f"{self.threshold_metric} {sign} {self.same_person_threshold:g}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, embedding_dim={self.embedding_dim})"
+
+
+def check_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Validate the detector input once, here, so that backends can trust it (C-contiguous HxWx3 uint8)."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        shape = getattr(rgb, "shape", None)
+        dtype = getattr(rgb, "dtype", type(rgb).__name__)
+        raise ValueError(
+            f"face analysis needs an HxWx3 uint8 RGB array, got shape {shape} dtype {dtype}; "
+            "convert with numpy.asarray(photomaker.images.load_image(photo))"
+        )
+    return np.ascontiguousarray(rgb)
+
+
+def sort_largest_first(faces: list[Face]) -> list[Face]:
+    """Largest box first; ties broken by detector score so the order is deterministic."""
+    return sorted(faces, key=lambda face: (-face.area, -face.score))
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """Floats for JSON: NaN/inf become None."""
+    return value if value is not None and math.isfinite(value) else None
