@@ -36,7 +36,6 @@ class SyntheticDetector:
 
 def build_scrfd_model(path: Path, spec: SyntheticDetector) -> None:
     """Write an ONNX model with det_10g's input and 9 outputs whose scores mark red areas of the input."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []
@@ -53,9 +52,13 @@ def build_scrfd_model(path: Path, spec: SyntheticDetector) -> None:
     nodes.append(helper.make_node("Shape", ["input.1"], ["shape"]))
     nodes.append(helper.make_node("Gather", ["shape", const("idx3", np.array(3, np.int64))], ["side_i"]))
     nodes.append(helper.make_node("Cast", ["side_i"], ["side"], to=TensorProto.FLOAT))
-    nodes.append(helper.make_node("Sub", [const("limit", np.array(spec.max_input_size + 1.0, np.float32)), "side"], ["room"]))
     nodes.append(
-        helper.make_node("Clip", ["room", const("zero", np.array(0, np.float32)), const("one", np.array(1, np.float32))], ["gate"])
+        helper.make_node("Sub", [const("limit", np.array(spec.max_input_size + 1.0, np.float32)), "side"], ["room"])
+    )
+    nodes.append(
+        helper.make_node(
+            "Clip", ["room", const("zero", np.array(0, np.float32)), const("one", np.array(1, np.float32))], ["gate"]
+        )
     )
     const("flat1", np.array([-1, 1], np.int64))
     const("flat4", np.array([-1, 4], np.int64))
@@ -64,11 +67,17 @@ def build_scrfd_model(path: Path, spec: SyntheticDetector) -> None:
     for stride in (8, 16, 32):
         s = f"s{stride}"
         active = 1.0 if stride == spec.stride else 0.0
-        nodes.append(helper.make_node("MaxPool", ["red"], [f"{s}_pool"], kernel_shape=[stride, stride], strides=[stride, stride]))
-        nodes.append(helper.make_node("Sub", [f"{s}_pool", const(f"{s}_t", np.array(MARKER_THRESHOLD, np.float32))], [f"{s}_d"]))
+        nodes.append(
+            helper.make_node("MaxPool", ["red"], [f"{s}_pool"], kernel_shape=[stride, stride], strides=[stride, stride])
+        )
+        nodes.append(
+            helper.make_node("Sub", [f"{s}_pool", const(f"{s}_t", np.array(MARKER_THRESHOLD, np.float32))], [f"{s}_d"])
+        )
         nodes.append(helper.make_node("Mul", [f"{s}_d", const(f"{s}_gain", np.array(50.0, np.float32))], [f"{s}_g"]))
         nodes.append(helper.make_node("Sigmoid", [f"{s}_g"], [f"{s}_sig"]))
-        nodes.append(helper.make_node("Mul", [f"{s}_sig", const(f"{s}_on", np.array(active, np.float32))], [f"{s}_on_sig"]))
+        nodes.append(
+            helper.make_node("Mul", [f"{s}_sig", const(f"{s}_on", np.array(active, np.float32))], [f"{s}_on_sig"])
+        )
         nodes.append(helper.make_node("Mul", [f"{s}_on_sig", "gate"], [f"{s}_map"]))  # [1,1,h,w]
         nodes.append(helper.make_node("Mul", [f"{s}_pool", "zero"], [f"{s}_zeros"]))
         for kind, values in (
@@ -81,12 +90,20 @@ def build_scrfd_model(path: Path, spec: SyntheticDetector) -> None:
             else:
                 width = values.size
                 nodes.append(
-                    helper.make_node("Add", [f"{s}_zeros", const(f"{s}_{kind}_v", values.reshape(1, width, 1, 1))], [f"{s}_{kind}_map"])
+                    helper.make_node(
+                        "Add",
+                        [f"{s}_zeros", const(f"{s}_{kind}_v", values.reshape(1, width, 1, 1))],
+                        [f"{s}_{kind}_map"],
+                    )
                 )
                 source = f"{s}_{kind}_map"
             # [1,C,h,w] -> [1,h,w,1,C] -> two anchors [1,h,w,2,C] -> [N, C], anchor index fastest
             nodes.append(helper.make_node("Transpose", [source], [f"{s}_{kind}_t"], perm=[0, 2, 3, 1]))
-            nodes.append(helper.make_node("Unsqueeze", [f"{s}_{kind}_t", const(f"{s}_{kind}_ax", np.array([3], np.int64))], [f"{s}_{kind}_u"]))
+            nodes.append(
+                helper.make_node(
+                    "Unsqueeze", [f"{s}_{kind}_t", const(f"{s}_{kind}_ax", np.array([3], np.int64))], [f"{s}_{kind}_u"]
+                )
+            )
             nodes.append(helper.make_node("Concat", [f"{s}_{kind}_u", f"{s}_{kind}_u"], [f"{s}_{kind}_a"], axis=3))
             out = f"{kind}_{stride}"
             nodes.append(helper.make_node("Reshape", [f"{s}_{kind}_a", f"flat{width}"], [out]))

@@ -39,9 +39,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 def _gradient(width: int = 40, height: int = 30) -> np.ndarray:
     """An RGB test pattern whose corners differ, so rotations and flips are detectable."""
     ys, xs = np.mgrid[0:height, 0:width]
-    return np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), np.full_like(xs, 60)], axis=-1).astype(
-        np.uint8
-    )
+    return np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), np.full_like(xs, 60)], axis=-1).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- refusals

@@ -7,7 +7,6 @@ the backend.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -114,8 +113,3 @@ def check_rgb(rgb: np.ndarray) -> np.ndarray:
 def sort_largest_first(faces: list[Face]) -> list[Face]:
     """Largest box first; ties broken by detector score so the order is deterministic."""
     return sorted(faces, key=lambda face: (-face.area, -face.score))
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """Floats for JSON: NaN/inf become None."""
-    return value if value is not None and math.isfinite(value) else None

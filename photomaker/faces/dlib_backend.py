@@ -105,10 +105,10 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         self.detector_kind = detector
         self.precise_landmarks = precise_landmarks
         self.same_person_threshold = same_person_threshold
-        self.licence = (
-            "dlib: Boost Software License; models from face_recognition_models: CC0 (free for any use)"
-            + ("; 68-point landmark model: iBUG 300-W terms, no commercial use" if precise_landmarks else "")
-        )
+        licence = "dlib: Boost Software License; models from face_recognition_models: CC0 (free for any use)"
+        if precise_landmarks:
+            licence += "; 68-point landmark model: iBUG 300-W terms, no commercial use"
+        self.licence = licence
         self._dlib = dlib
         self._lock = threading.Lock()  # dlib objects are not documented as safe for concurrent calls
         self._hog = dlib.get_frontal_face_detector() if detector == "hog" else None
@@ -150,7 +150,9 @@ class DlibFaceAnalyzer(FaceAnalyzer):
             ]
         assert self._hog is not None
         rects, scores, _ = self._hog.run(rgb, upsample, 0.0)
-        return [((r.left(), r.top(), r.right() + 1, r.bottom() + 1), float(s)) for r, s in zip(rects, scores)]
+        return [
+            ((r.left(), r.top(), r.right() + 1, r.bottom() + 1), float(s)) for r, s in zip(rects, scores, strict=True)
+        ]
 
     def _rectangle(self, bbox: tuple[float, float, float, float]):  # -> dlib.rectangle
         x0, y0, x1, y1 = (int(round(v)) for v in bbox)

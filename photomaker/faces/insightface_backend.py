@@ -74,9 +74,7 @@ def ensure_models(model_dir: Path, *, download: bool = True) -> None:
             _download(BUFFALO_L_URL, archive)
             _extract(archive, missing, model_dir)
     except (OSError, zipfile.BadZipFile, KeyError) as exc:
-        raise FaceModelUnavailableError(
-            _missing_message(model_dir, missing, f"the download failed: {exc}")
-        ) from exc
+        raise FaceModelUnavailableError(_missing_message(model_dir, missing, f"the download failed: {exc}")) from exc
 
 
 def _download(url: str, destination: Path) -> None:
