@@ -107,7 +107,7 @@ def build_scrfd_model(path: Path, spec: SyntheticDetector) -> None:
             nodes.append(helper.make_node("Concat", [f"{s}_{kind}_u", f"{s}_{kind}_u"], [f"{s}_{kind}_a"], axis=3))
             out = f"{kind}_{stride}"
             nodes.append(helper.make_node("Reshape", [f"{s}_{kind}_a", f"flat{width}"], [out]))
-            outputs[kind].append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", width]))
+            outputs[kind].append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [f"N{stride}", width]))
     graph = helper.make_graph(
         nodes,
         "synthetic_scrfd",
