@@ -1,0 +1,393 @@
+"""Batch generation from a JSON Lines file: job parsing, output naming, resume, and sharding across processes.
+
+Design rules, each for a reason users notice:
+
+- An output's file name depends only on its job: ``job-<line>-<k>.png`` (line number in the JSONL file, as an
+  editor shows it, and output index k from 0). So a re-run, or a run on another number of processes, writes the
+  same files, and a finished file can be recognised and skipped (resume).
+- Output k of a job is generated on its own with seed ``seed + k``; its pixels therefore depend neither on how
+  outputs are grouped nor on which process runs them. A job without ``seed`` gets one derived from its content,
+  never a random one, so a batch can always be reproduced.
+- Files are written under a temporary name and renamed into place, so a killed run never leaves a half-written
+  PNG under a final name (which would then be skipped as done).
+- A bad job (invalid JSON, unknown field, missing photo, a prompt the service refuses) is reported and the
+  others still run.
+- Under ``accelerate launch`` every process parses the same file and lists the finished outputs *before* any
+  process writes (a barrier separates the two), so all processes agree on the remaining work and split it
+  round-robin without talking to each other; reports are gathered to the main process at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from photomaker.errors import InvalidRequestError, ModelLoadError, PhotoMakerError
+from photomaker.presets import OUTPUTS_MAX, OUTPUTS_MIN, SEED_MAX
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from photomaker.service import GenerationRequest, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+ERRORS_FILE = "errors.jsonl"
+# Fields holding photo paths; relative paths are resolved against the JSONL file's folder.
+PATH_FIELDS = ("id_images", "mix_images")
+# JSON types accepted per field (bool is excluded from the numeric fields: `true` is not a step count).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "negative_prompt": (str,),
+    "style": (str,),
+    "aspect_ratio": (str,),
+    "fast": (str, type(None)),
+    "num_steps": (int,),
+    "num_outputs": (int,),
+    "best_of": (int,),
+    "seed": (int, type(None)),
+    "width": (int, type(None)),
+    "height": (int, type(None)),
+    "style_strength": (int, float),
+    "guidance_scale": (int, float),
+    "mix_strength": (int, float),
+    "crop_faces": (bool,),
+}
+# Long enough that processes that finish early can wait for a slow one at the final barrier.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
+
+
+def output_name(line: int, index: int) -> str:
+    """File name of output `index` of the job on `line`: the same whichever process writes it."""
+    return f"job-{line:04d}-{index}.png"
+
+
+def output_seed(seed: int, index: int) -> int:
+    """Seed of output `index`: seed + index, wrapping like the service so that it stays a valid seed."""
+    return (seed + index) % (SEED_MAX + 1)
+
+
+@dataclass
+class Job:
+    """One line of the jobs file: a request ready for the service, or the reason it cannot run."""
+
+    line: int
+    request: GenerationRequest | None = None
+    error: str | None = None
+
+    @property
+    def output_names(self) -> list[str]:
+        """The job's output file names; none for a job that could not be parsed."""
+        if self.request is None:
+            return []
+        return [output_name(self.line, index) for index in range(self.request.num_outputs)]
+
+
+def derive_seed(fields: dict[str, Any]) -> int:
+    """A seed from the job's content (key order and whitespace do not matter): reproducible, never random."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "big") % (SEED_MAX + 1)
+
+
+def _request_fields() -> tuple[str, ...]:
+    from photomaker.service import GenerationRequest
+
+    return tuple(item.name for item in dataclasses.fields(GenerationRequest))
+
+
+def _resolve_paths(value: Any, name: str, base_dir: Path) -> list[str]:
+    """The photo paths of field `name` as absolute strings; each must be an existing file."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidRequestError(f"'{name}' must be a list of image paths.")
+    paths = []
+    for item in value:
+        path = base_dir / Path(item).expanduser()
+        if not path.is_file():
+            raise InvalidRequestError(f"photo {item!r} in '{name}' not found (looked for {path}).")
+        paths.append(str(path))
+    return paths
+
+
+def parse_job(fields: Any, base_dir: Path) -> GenerationRequest:
+    """A `GenerationRequest` from one decoded JSON line; raises `InvalidRequestError` saying what is wrong."""
+    from photomaker.service import GenerationRequest
+
+    if not isinstance(fields, dict):
+        raise InvalidRequestError(f"a job must be a JSON object, got {type(fields).__name__}.")
+    known = _request_fields()
+    for key in fields:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Known fields: {', '.join(known)}."
+            raise InvalidRequestError(f"unknown field '{key}'.{hint}")
+    for required in ("id_images", "prompt"):
+        if required not in fields:
+            raise InvalidRequestError(f"missing field '{required}'.")
+    values = dict(fields)
+    for key, kinds in _FIELD_TYPES.items():
+        value = values.get(key)
+        if key in values and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in kinds)
+            raise InvalidRequestError(f"'{key}' must be {expected}, got {json.dumps(value)}.")
+    for key in PATH_FIELDS:
+        if key in values:
+            values[key] = _resolve_paths(values[key], key, base_dir)
+    num_outputs = values.setdefault("num_outputs", GenerationRequest.num_outputs)
+    if not OUTPUTS_MIN <= num_outputs <= OUTPUTS_MAX:
+        raise InvalidRequestError(f"'num_outputs' must be between {OUTPUTS_MIN} and {OUTPUTS_MAX}, got {num_outputs}.")
+    if values.get("seed") is None:
+        values["seed"] = derive_seed({key: value for key, value in fields.items() if key != "seed"})
+    elif not 0 <= values["seed"] <= SEED_MAX:
+        raise InvalidRequestError(f"'seed' must be between 0 and {SEED_MAX}, got {values['seed']}.")
+    return GenerationRequest(**values)
+
+
+def parse_jobs(jobs_file: str | os.PathLike[str]) -> list[Job]:
+    """Every non-blank line of `jobs_file` as a `Job`; a line that cannot be used becomes a Job with an error."""
+    path = Path(jobs_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidRequestError(f"jobs file {str(path)!r} not found.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(f"cannot read jobs file {str(path)!r}: {error}") from None
+    base_dir = path.resolve().parent
+    jobs = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as error:
+            jobs.append(Job(line_number, error=f"invalid JSON: {error.msg} (column {error.colno})"))
+            continue
+        try:
+            jobs.append(Job(line_number, request=parse_job(fields, base_dir)))
+        except PhotoMakerError as error:
+            jobs.append(Job(line_number, error=str(error)))
+    if not jobs:
+        raise InvalidRequestError(f"jobs file {str(path)!r} has no jobs (one JSON object per line).")
+    return jobs
+
+
+@dataclass
+class WorkItem:
+    """The part of one job a process still has to do: the outputs not yet on disk, or the job's error."""
+
+    job: Job
+    missing: list[int]
+
+
+def remaining_work(jobs: Sequence[Job], out_dir: Path) -> tuple[list[WorkItem], list[str]]:
+    """(work to do, names of outputs already present). Must be computed before any process writes."""
+    work, done = [], []
+    for job in jobs:
+        missing = []
+        for index, name in enumerate(job.output_names):
+            if (out_dir / name).is_file():
+                done.append(name)
+            else:
+                missing.append(index)
+        if job.error is not None or missing:
+            work.append(WorkItem(job, missing))
+    return work, done
+
+
+def shard(items: Sequence[Any], process_index: int, num_processes: int) -> list[Any]:
+    """This process's share, round-robin: disjoint across processes, together exactly `items`."""
+    return list(items[process_index::num_processes])
+
+
+@dataclass
+class BatchReport:
+    """What one process (or, once merged, the whole batch) did."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {"line", "error", "type"}
+    fatal: list[str] = field(default_factory=list)  # a process could not load the model
+    num_jobs: int = 0  # jobs in the file (set on the merged report)
+
+    @classmethod
+    def merge(cls, reports: Sequence[BatchReport]) -> BatchReport:
+        merged = cls()
+        for report in reports:
+            merged.written += report.written
+            merged.skipped += report.skipped
+            merged.failures += report.failures
+            merged.fatal += report.fatal
+        merged.written.sort()
+        merged.skipped.sort()
+        merged.failures.sort(key=lambda failure: failure["line"])
+        return merged
+
+
+def save_atomically(image: Any, parameters: dict[str, Any], target: Path) -> None:
+    """Write the PNG under a hidden temporary name, flush it to disk, then rename it onto `target`."""
+    from photomaker.metadata import save_png
+
+    partial = target.with_name(f".partial-{target.name}")
+    try:
+        save_png(image, partial, parameters)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+Generate = Callable[["GenerationRequest"], "GenerationResult"]
+
+
+def run_work(
+    work: Sequence[WorkItem],
+    out_dir: Path,
+    generate: Generate,
+    on_output: Callable[[Path], None] = lambda path: None,
+) -> BatchReport:
+    """Generate and save every missing output of `work`; a failing job is recorded and the next one runs.
+
+    Output k is requested alone with seed ``seed + k`` (see the module docstring). The first failure of a job
+    ends that job: its remaining outputs would fail the same way.
+    """
+    report = BatchReport()
+    for item in work:
+        job = item.job
+        if job.error is not None:
+            _record_failure(report, job.line, job.error, "InvalidRequestError")
+            continue
+        assert job.request is not None
+        for index in item.missing:
+            request = dataclasses.replace(job.request, seed=output_seed(job.request.seed, index), num_outputs=1)
+            target = out_dir / output_name(job.line, index)
+            try:
+                result = generate(request)
+                generated = result.images[0]
+                save_atomically(generated.image, generated.parameters, target)
+            except PhotoMakerError as error:
+                _record_failure(report, job.line, str(error), type(error).__name__)
+                break
+            except Exception as error:  # noqa: BLE001 - one broken job must not stop the batch
+                logger.exception("job on line %d failed unexpectedly", job.line)
+                _record_failure(report, job.line, f"{type(error).__name__}: {error}", type(error).__name__)
+                break
+            report.written.append(target.name)
+            on_output(target)
+    return report
+
+
+def _record_failure(report: BatchReport, line: int, message: str, kind: str) -> None:
+    print(f"job on line {line}: error: {message}", file=sys.stderr, flush=True)
+    report.failures.append({"line": line, "error": message, "type": kind})
+
+
+def process_state(cpu: bool = False) -> PartialState:
+    """accelerate's view of this process (index, count, device); a plain single process without a launcher.
+
+    Without a GPU, a multi-process launch (``accelerate launch --multi_gpu`` or ``torchrun``) only becomes a
+    process group when accelerate is told to use the CPU, so that is inferred here.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or (world_size > 1 and not torch.cuda.is_available())
+    return PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def process_device(state: PartialState) -> str | None:
+    """The device this process should load the model on; None (automatic) for a single process."""
+    if state.num_processes == 1:
+        return None
+    return "cpu" if state.device.type == "cpu" else str(state.device)
+
+
+def summary_line(report: BatchReport, errors_path: Path) -> str:
+    """One line that says what the whole batch did."""
+    text = f"{len(report.written)} images written, {len(report.skipped)} already done"
+    failed_jobs = len({failure["line"] for failure in report.failures})
+    if failed_jobs:
+        text += f"; {failed_jobs} of {report.num_jobs} jobs failed (see {errors_path})"
+    else:
+        text += f"; all {report.num_jobs} jobs done"
+    return f"batch: {text}"
+
+
+def run_batch(
+    jobs_file: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    state: PartialState,
+    make_generate: Callable[[], Generate],
+    show_progress: bool = True,
+) -> BatchReport:
+    """Run this process's share of the batch; return the merged report of all processes (on every process).
+
+    `make_generate` loads the model and returns the generate function; it is called once, and only when this
+    process has images to make. A loading failure in any process is raised in every process (as
+    `ModelLoadError`) after the others have finished their share, rather than leaving them waiting for it.
+    The main process writes ``errors.jsonl`` (or removes a stale one).
+    """
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    jobs = parse_jobs(jobs_file)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    work, done = remaining_work(jobs, out)
+    # Nobody writes before everyone has listed what is done: all processes then agree on `work`.
+    state.wait_for_everyone()
+    mine = shard(work, state.process_index, state.num_processes)
+    total = sum(len(item.missing) for item in mine)
+    logger.info("process %d/%d: %d unfinished jobs, %d images", state.process_index, state.num_processes,
+                len(mine), total)
+
+    report = BatchReport()
+    try:
+        generate = make_generate() if total else _no_images_to_generate
+    except PhotoMakerError as error:
+        report.fatal.append(str(error))
+    except Exception as error:  # noqa: BLE001 - reported to every process below instead of hanging them
+        logger.exception("process %d could not load the model", state.process_index)
+        report.fatal.append(f"{type(error).__name__}: {error}")
+    else:
+        with tqdm(total=total, unit="image", file=sys.stderr, desc="batch",
+                  disable=not (show_progress and state.is_main_process)) as bar:
+
+            def on_output(path: Path) -> None:
+                print(path, flush=True)
+                bar.update(1)
+
+            report = run_work(mine, out, generate, on_output)
+    if state.is_main_process:
+        report.skipped = done
+
+    merged = BatchReport.merge(gather_object([report]))
+    merged.num_jobs = len(jobs)
+    if merged.fatal:
+        raise ModelLoadError(merged.fatal[0])
+    if state.is_main_process:
+        errors_path = out / ERRORS_FILE
+        if merged.failures:
+            errors_path.write_text("".join(json.dumps(failure) + "\n" for failure in merged.failures))
+        else:
+            errors_path.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    return merged
+
+
+def _no_images_to_generate(request: GenerationRequest) -> GenerationResult:
+    """Stands in for the model in a process whose share holds only jobs that failed to parse."""
+    raise AssertionError("this process has no images to generate")

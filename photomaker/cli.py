@@ -1,0 +1,305 @@
+"""``python -m photomaker {generate,batch,score,make-tiny}``: a thin shell around `photomaker.service`.
+
+Model options are shared by every command that loads the model and map one to one onto `ServiceConfig`; a
+flag that is not given falls back to its PHOTOMAKER_* environment variable, then to the service's default.
+A `PhotoMakerError` (a mistake the user can fix) prints ``error: <message>`` and exits with status 2, without
+a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from photomaker.errors import InvalidRequestError, PhotoMakerError
+
+if TYPE_CHECKING:
+    from photomaker.service import GenerationRequest, GenerationResult, PhotoMakerService, ServiceConfig
+
+logger = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+EXIT_JOBS_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class ProgressBar:
+    """Shows the service's progress reports ``(step, total, description)`` as a tqdm bar on stderr.
+
+    Loading and denoising report different totals; a new bar starts whenever the total changes.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._bar: Any = None
+
+    def __call__(self, step: int, total: int, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None or self._bar.total != total:
+            self.close()
+            self._bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, disable=not self._enabled,
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+        self._bar.set_description_str(description, refresh=False)
+        self._bar.n = min(step, total)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose and place the model; None means "not given" so the environment can decide."""
+    group = parser.add_argument_group("model (each defaults to its environment variable)")
+    group.add_argument("--tiny", metavar="DIR",
+                       help="use the tiny random-weight test models in DIR, written there first if absent; "
+                            "outputs are noise [PHOTOMAKER_TINY_DIR]")
+    group.add_argument("--base-model", metavar="ID_OR_PATH",
+                       help="SDXL base: Hub id, diffusers folder or single .safetensors file [PHOTOMAKER_BASE_MODEL]")
+    group.add_argument("--adapter", metavar="ID_OR_PATH",
+                       help="PhotoMaker checkpoint: Hub repo, folder or file; default: the official one "
+                            "[PHOTOMAKER_ADAPTER]")
+    group.add_argument("--pm-version", type=int, choices=(1, 2), help="PhotoMaker version [PHOTOMAKER_VERSION]")
+    group.add_argument("--device", help="cuda, cuda:N, mps or cpu; default: the best available [PHOTOMAKER_DEVICE]")
+    group.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="[PHOTOMAKER_DTYPE]")
+    group.add_argument("--offload", choices=("none", "model", "sequential"),
+                       help="CPU offload for small GPUs [PHOTOMAKER_OFFLOAD]")
+    group.add_argument("--face-backend", choices=("dlib", "insightface", "none"),
+                       help="face detection and identity score; default: dlib for v1, insightface for v2 "
+                            "[PHOTOMAKER_FACE_BACKEND]")
+    group.add_argument("--face-model-dir", metavar="DIR", help="face models folder [PHOTOMAKER_FACE_MODEL_DIR]")
+    group.add_argument("--fast-lora-dir", metavar="DIR",
+                       help="folder with the fast-mode LoRA files, instead of the Hub [PHOTOMAKER_FAST_LORA_DIR]")
+
+
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    """The generation parameters; unset ones keep `GenerationRequest`'s defaults (the app's)."""
+    parser.add_argument("--id-image", action="append", required=True, metavar="PHOTO", dest="id_images",
+                        help="photo of the person (repeat for 1-4 photos)")
+    parser.add_argument("--prompt", required=True,
+                        help="e.g. 'a photo of a woman img as an astronaut' (class word, then the trigger 'img')")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--style", help="style template name, e.g. 'Photographic (Default)' or '(No style)'")
+    parser.add_argument("--aspect", dest="aspect_ratio", help="aspect-ratio preset name, e.g. 'Instagram (1:1)'")
+    parser.add_argument("--width", type=int, help="with --height: explicit size, overrides --aspect")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--steps", type=int, dest="num_steps", help="sampling steps (default 50)")
+    parser.add_argument("--style-strength", type=float, help="percent, 15-50 (default 20)")
+    parser.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale (default 5)")
+    parser.add_argument("--seed", type=int, help="default: random; output k uses seed + k")
+    parser.add_argument("--num-outputs", type=int, help="images to make, 1-4 (default 2)")
+    parser.add_argument("--fast", nargs="?", const="hyper-sd-8", metavar="PRESET",
+                        help="few-step mode: lcm-4, hyper-sd-8 (the default preset), hyper-sd-12, lightning-8")
+    parser.add_argument("--no-crop", action="store_false", dest="crop_faces", default=None,
+                        help="use the photos as they are instead of cropping around the face")
+    parser.add_argument("--mix-image", action="append", dest="mix_images", metavar="PHOTO",
+                        help="photo of a second person to blend in (repeatable)")
+    parser.add_argument("--mix-strength", type=float, help="0 = first person only, 1 = second only (default 0.5)")
+    parser.add_argument("--best-of", type=int, help="make N candidates per output, keep the most alike")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m photomaker",
+                                     description="PhotoMaker: pictures of a person from 1-4 photos and a prompt.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate images from ID photos and a prompt")
+    _add_request_options(generate)
+    generate.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created if missing)")
+    _add_model_options(generate)
+    generate.set_defaults(handler=_cmd_generate)
+
+    batch = commands.add_parser(
+        "batch", help="generate every job of a JSON Lines file (resumable; splits over accelerate processes)",
+        description="One JSON object per line with generate's fields (id_images, prompt, seed, num_steps, "
+                    "num_outputs, style, aspect_ratio, ...). Outputs are DIR/job-<line>-<k>.png; finished ones "
+                    "are skipped on a re-run. Run on several GPUs with: accelerate launch -m photomaker batch ...")
+    batch.add_argument("jobs", metavar="JOBS.jsonl")
+    batch.add_argument("--out", required=True, metavar="DIR")
+    _add_model_options(batch)
+    batch.set_defaults(handler=_cmd_batch)
+
+    score = commands.add_parser("score", help="how much the face in an image looks like the reference photos")
+    score.add_argument("--reference", action="append", required=True, metavar="PHOTO", dest="references",
+                       help="photo of the person (repeatable)")
+    score.add_argument("--image", required=True, help="the image to score, e.g. a generated PNG")
+    score.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    score.add_argument("--backend", choices=("dlib", "insightface"), default="dlib")
+    score.add_argument("--face-model-dir", metavar="DIR")
+    score.set_defaults(handler=_cmd_score)
+
+    tiny = commands.add_parser("make-tiny", help="write tiny random-weight test models (offline)")
+    tiny.add_argument("dir", metavar="DIR")
+    tiny.set_defaults(handler=_cmd_make_tiny)
+    return parser
+
+
+def service_config(args: argparse.Namespace, device: str | None = None) -> ServiceConfig:
+    """`ServiceConfig` from the model flags over the environment; `device` (a process's own) beats the env."""
+    from photomaker.service import ServiceConfig
+
+    return ServiceConfig.from_env({
+        "tiny_dir": args.tiny,
+        "base_model": args.base_model,
+        "adapter": args.adapter,
+        "pm_version": args.pm_version,
+        "device": args.device or device,
+        "dtype": args.dtype,
+        "offload": args.offload,
+        "face_backend": args.face_backend,
+        "face_model_dir": args.face_model_dir,
+        "fast_lora_dir": args.fast_lora_dir,
+    })
+
+
+def generation_request(args: argparse.Namespace) -> GenerationRequest:
+    """The request for the given flags; flags left out keep the request's defaults."""
+    from photomaker.service import GenerationRequest
+
+    for photo in [*args.id_images, *(args.mix_images or [])]:
+        if not Path(photo).is_file():
+            raise InvalidRequestError(f"photo {photo!r} not found.")
+    names = ("prompt", "negative_prompt", "style", "aspect_ratio", "width", "height", "num_steps", "style_strength",
+             "guidance_scale", "seed", "num_outputs", "fast", "crop_faces", "mix_images", "mix_strength", "best_of")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return GenerationRequest(id_images=list(args.id_images), **given)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep the libraries' own progress bars and advisory warnings off the terminal; ours say what happens.
+
+    Set before diffusers / transformers are imported (they read the variables once); `--verbose` keeps them.
+    """
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def wait_until_loaded(service: PhotoMakerService, progress: Callable[[int, int, str], None] | None = None) -> None:
+    """Load the model; the pipeline's own progress bars are turned off (ours, or none, replaces them)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    if not logger.isEnabledFor(logging.INFO):
+        diffusers_logging.disable_progress_bar()
+    service.wait_ready(progress=progress)
+    service.pipeline.set_progress_bar_config(disable=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _free_path(out_dir: Path, seed: int) -> Path:
+    """`seed-<image seed>.png`, plus a counter when that name is taken: never overwrite an earlier result."""
+    path = out_dir / f"seed-{seed}.png"
+    counter = 1
+    while path.exists():
+        counter += 1
+        path = out_dir / f"seed-{seed}-{counter}.png"
+    return path
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from photomaker.metadata import save_png
+    from photomaker.service import PhotoMakerService
+
+    request = generation_request(args)
+    service = PhotoMakerService(service_config(args))
+    # Check the request before the model loads, so a mistake is reported in a second, not after the load.
+    service.validate(request)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ProgressBar() as bar:
+        wait_until_loaded(service, bar)
+        result: GenerationResult = service.generate(request, bar)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for generated in result.images:
+        path = _free_path(out_dir, generated.seed)
+        save_png(generated.image, path, generated.parameters)
+        print(path)
+    print(f"seed: {result.seed}")
+    return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from photomaker import batch
+    from photomaker.service import PhotoMakerService
+
+    state = batch.process_state(cpu=args.device == "cpu")
+    config = service_config(args, device=batch.process_device(state))
+    if config.tiny_dir:
+        from photomaker.testing import make_tiny
+
+        with state.main_process_first():  # one writer; the other processes then find the models complete
+            make_tiny(config.tiny_dir)
+
+    def make_generate() -> batch.Generate:
+        service = PhotoMakerService(config)
+        wait_until_loaded(service)
+        return service.generate
+
+    report = batch.run_batch(args.jobs, args.out, state, make_generate)
+    if state.is_main_process:
+        print(batch.summary_line(report, Path(args.out) / batch.ERRORS_FILE), file=sys.stderr)
+    return EXIT_JOBS_FAILED if report.failures else 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from photomaker.faces import score_images
+
+    for photo in [*args.references, args.image]:
+        if not Path(photo).is_file():
+            raise InvalidRequestError(f"photo {photo!r} not found.")
+    result = score_images(args.references, args.image, backend=args.backend, model_dir=args.face_model_dir)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["message"])
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from photomaker.testing import make_tiny
+
+    for name, path in make_tiny(args.dir).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the process exit status."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except PhotoMakerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
