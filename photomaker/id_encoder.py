@@ -87,7 +87,9 @@ class PhotoMakerIDEncoderConfig:
         )
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> PhotoMakerIDEncoderConfig:
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor]
+    ) -> PhotoMakerIDEncoderConfig:
         """Infer every size from the tensor shapes of an ``id_encoder`` state dict.
 
         Read off shapes: vision width/patch (patch embedding), image size (position count = (image/patch)^2 + 1),
@@ -108,7 +110,9 @@ class PhotoMakerIDEncoderConfig:
 
         patch = shape(VISION_PREFIX + "embeddings.patch_embedding.weight")
         hidden, patch_size = int(patch[0]), int(patch[-1])
-        num_positions = int(shape(VISION_PREFIX + "embeddings.position_embedding.weight")[0])
+        num_positions = int(
+            shape(VISION_PREFIX + "embeddings.position_embedding.weight")[0]
+        )
         grid = round((num_positions - 1) ** 0.5)
         if grid * grid != num_positions - 1:
             raise CheckpointError(
@@ -119,9 +123,13 @@ class PhotoMakerIDEncoderConfig:
             "vision_hidden_size": hidden,
             "patch_size": patch_size,
             "image_size": grid * patch_size,
-            "vision_num_layers": _count_indexed(state_dict, VISION_PREFIX + "encoder.layers."),
+            "vision_num_layers": _count_indexed(
+                state_dict, VISION_PREFIX + "encoder.layers."
+            ),
             "vision_num_heads": max(1, hidden // CLIP_HEAD_DIM),
-            "vision_intermediate_size": int(shape(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")[0]),
+            "vision_intermediate_size": int(
+                shape(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")[0]
+            ),
             "projection_dim_1": int(shape("visual_projection.weight")[0]),
             "projection_dim_2": int(shape("visual_projection_2.weight")[0]),
         }
@@ -142,7 +150,9 @@ class PhotoMakerIDEncoderConfig:
                 id_embed_dim=id_embed_dim,
                 token_proj_ratio=proj_hidden // id_embed_dim,
                 num_tokens=proj_out // embed_dim,
-                resampler_depth=_count_indexed(state_dict, RESAMPLER_PREFIX + "layers."),
+                resampler_depth=_count_indexed(
+                    state_dict, RESAMPLER_PREFIX + "layers."
+                ),
                 resampler_heads=heads,
                 resampler_dim_head=max(1, inner // heads),
                 resampler_ff_mult=max(1, ff_inner // embed_dim),
@@ -183,7 +193,9 @@ class FuseModule(nn.Module):
         self.mlp2 = _MLP(embed_dim, embed_dim, embed_dim)
         self.layer_norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, class_embeds: torch.Tensor, id_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, class_embeds: torch.Tensor, id_embeds: torch.Tensor
+    ) -> torch.Tensor:
         h = self.mlp1(torch.cat([class_embeds, id_embeds], dim=-1)) + class_embeds
         h = self.mlp2(h) + h
         return self.layer_norm(h)
@@ -197,13 +209,14 @@ class PhotoMakerIDEncoder(nn.Module):
     def __init__(self, config: PhotoMakerIDEncoderConfig | None = None) -> None:
         super().__init__()
         self.config = config or PhotoMakerIDEncoderConfig()
-        vision_config = self.config.vision_config()
-        # Plain attention works on every device and dtype; the tower runs once per request, not per step.
-        vision_config._attn_implementation = "sdpa"
-        self.vision_model = CLIPVisionModel(vision_config)
+        self.vision_model = CLIPVisionModel(self.config.vision_config())
         hidden = self.config.vision_hidden_size
-        self.visual_projection = nn.Linear(hidden, self.config.projection_dim_1, bias=False)
-        self.visual_projection_2 = nn.Linear(hidden, self.config.projection_dim_2, bias=False)
+        self.visual_projection = nn.Linear(
+            hidden, self.config.projection_dim_1, bias=False
+        )
+        self.visual_projection_2 = nn.Linear(
+            hidden, self.config.projection_dim_2, bias=False
+        )
         self.fuse_module = FuseModule(self.config.embed_dim)
 
     @property
@@ -221,7 +234,9 @@ class PhotoMakerIDEncoder(nn.Module):
         for module in self.modules():
             if isinstance(module, CLIPVisionEmbeddings):
                 device = module.position_embedding.weight.device
-                module.position_ids = torch.arange(module.num_positions, device=device).expand((1, -1))
+                module.position_ids = torch.arange(
+                    module.num_positions, device=device
+                ).expand((1, -1))
 
     def _vision_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
@@ -230,14 +245,20 @@ class PhotoMakerIDEncoder(nn.Module):
                 "Preprocess the photos with the CLIP image processor first."
             )
         weight = self.vision_model.embeddings.patch_embedding.weight
-        return pixel_values.to(device=weight.device, dtype=weight.dtype)
+        # Under sequential CPU offload the weights sit on "meta" until a hook loads them: keep the caller's device.
+        device = pixel_values.device if weight.device.type == "meta" else weight.device
+        return pixel_values.to(device=device, dtype=weight.dtype)
 
     def encode_images(
         self, pixel_values: torch.Tensor, face_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         """ID tokens [N, 1, D]: pooled CLIP output projected to [proj_1 | proj_2]. ``face_embeds`` is unused."""
-        pooled = self.vision_model(pixel_values=self._vision_inputs(pixel_values)).pooler_output
-        tokens = torch.cat([self.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1)
+        pooled = self.vision_model(
+            pixel_values=self._vision_inputs(pixel_values)
+        ).pooler_output
+        tokens = torch.cat(
+            [self.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1
+        )
         return tokens.unsqueeze(1)
 
     def fuse(
@@ -287,8 +308,16 @@ class PhotoMakerIDEncoder(nn.Module):
 
         fuse_dtype = self.fuse_module.layer_norm.weight.dtype
         fuse_device = self.fuse_module.layer_norm.weight.device
-        class_embeds = prompt_embeds[mask].reshape(batch, expected, dim).to(fuse_device, fuse_dtype)
-        flat_ids = id_tokens.reshape(1, expected, dim).to(fuse_device, fuse_dtype).expand(batch, -1, -1)
+        class_embeds = (
+            prompt_embeds[mask]
+            .reshape(batch, expected, dim)
+            .to(fuse_device, fuse_dtype)
+        )
+        flat_ids = (
+            id_tokens.reshape(1, expected, dim)
+            .to(fuse_device, fuse_dtype)
+            .expand(batch, -1, -1)
+        )
         fused = self.fuse_module(class_embeds, flat_ids)
         if id_weights is not None:
             weights = torch.as_tensor(id_weights, dtype=fuse_dtype, device=fuse_device)
@@ -297,11 +326,15 @@ class PhotoMakerIDEncoder(nn.Module):
                     f"id_weights needs one weight per ID image ({num_images}); got shape {tuple(weights.shape)}."
                 )
             if not torch.isfinite(weights).all():
-                raise ValueError(f"id_weights must be finite numbers; got {weights.tolist()}.")
+                raise ValueError(
+                    f"id_weights must be finite numbers; got {weights.tolist()}."
+                )
             per_token = weights.repeat_interleave(tokens).view(1, expected, 1)
             fused = torch.lerp(class_embeds, fused, per_token.expand_as(fused))
         out = prompt_embeds.clone()
-        out[mask] = fused.reshape(batch * expected, dim).to(prompt_embeds.device, prompt_embeds.dtype)
+        out[mask] = fused.reshape(batch * expected, dim).to(
+            prompt_embeds.device, prompt_embeds.dtype
+        )
         return out
 
 
@@ -340,7 +373,10 @@ def _feed_forward(dim: int, mult: int) -> nn.Sequential:
     """LayerNorm, Linear(no bias), GELU, Linear(no bias): keys ``.0``, ``.1``, ``.3`` as in the checkpoint."""
     inner = dim * mult
     return nn.Sequential(
-        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+        nn.LayerNorm(dim),
+        nn.Linear(dim, inner, bias=False),
+        nn.GELU(),
+        nn.Linear(inner, dim, bias=False),
     )
 
 
@@ -354,7 +390,9 @@ class _PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    _PerceiverAttention(dim, config.resampler_heads, config.resampler_dim_head),
+                    _PerceiverAttention(
+                        dim, config.resampler_heads, config.resampler_dim_head
+                    ),
                     _feed_forward(dim, config.resampler_ff_mult),
                 ]
             )
@@ -363,7 +401,9 @@ class _PerceiverResampler(nn.Module):
         self.proj_out = nn.Linear(dim, dim)
         self.norm_out = nn.LayerNorm(dim)
 
-    def forward(self, latents: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
         features = self.proj_in(image_features)
         for attention, feed_forward in self.layers:
             latents = attention(features, latents) + latents
@@ -380,13 +420,19 @@ class _QFormerPerceiver(nn.Module):
         self.num_tokens = config.num_tokens
         hidden = config.id_embed_dim * config.token_proj_ratio
         self.token_proj = nn.Sequential(
-            nn.Linear(config.id_embed_dim, hidden), nn.GELU(), nn.Linear(hidden, dim * config.num_tokens)
+            nn.Linear(config.id_embed_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, dim * config.num_tokens),
         )
         self.token_norm = nn.LayerNorm(dim)
         self.perceiver_resampler = _PerceiverResampler(config)
 
-    def forward(self, face_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        x = self.token_proj(face_embeds).reshape(face_embeds.shape[0], self.num_tokens, -1)
+    def forward(
+        self, face_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.token_proj(face_embeds).reshape(
+            face_embeds.shape[0], self.num_tokens, -1
+        )
         x = self.token_norm(x)
         return x + self.perceiver_resampler(x, image_features)
 
@@ -411,7 +457,10 @@ class PhotoMakerIDEncoderV2(PhotoMakerIDEncoder):
     def encode_images(
         self, pixel_values: torch.Tensor, face_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """ID tokens [N, T, D] from the photos and their face embeddings [N, id_embed_dim] (same order)."""
+        """ID tokens [N, T, D] from the photos and their face embeddings [N, id_embed_dim] (same order).
+
+        ``[1, N, id_embed_dim]`` (the reference pipeline's batched layout) is accepted too.
+        """
         num_images = pixel_values.shape[0]
         expected = self.config.id_embed_dim
         if face_embeds is None:
@@ -420,14 +469,20 @@ class PhotoMakerIDEncoderV2(PhotoMakerIDEncoder):
                 f"tensor [{num_images}, {expected}] (InsightFace buffalo_l ArcFace embeddings, one per photo)."
             )
         face_embeds = torch.as_tensor(face_embeds)
-        face_embeds = face_embeds.reshape(-1, face_embeds.shape[-1]) if face_embeds.ndim == 3 else face_embeds
+        face_embeds = (
+            face_embeds.reshape(-1, face_embeds.shape[-1])
+            if face_embeds.ndim == 3
+            else face_embeds
+        )
         if face_embeds.ndim != 2 or face_embeds.shape != (num_images, expected):
             raise IDImageError(
                 f"PhotoMaker v2 needs one {expected}-value face embedding per ID photo: got face embeddings of "
                 f"shape {tuple(face_embeds.shape)} for {num_images} photo(s). Pass a tensor [{num_images}, "
                 f"{expected}] in the same order as the photos."
             )
-        clip_tokens = self.vision_model(pixel_values=self._vision_inputs(pixel_values)).last_hidden_state
+        clip_tokens = self.vision_model(
+            pixel_values=self._vision_inputs(pixel_values)
+        ).last_hidden_state
         reference = self.qformer_perceiver.token_norm.weight
         face_embeds = face_embeds.to(device=reference.device, dtype=reference.dtype)
         return self.qformer_perceiver(face_embeds, clip_tokens.to(reference.dtype))
@@ -437,7 +492,10 @@ def create_id_encoder(
     config: PhotoMakerIDEncoderConfig | None = None, version: int = 1
 ) -> PhotoMakerIDEncoder:
     """A randomly initialised encoder of the given version (1 or 2); loading.build_id_encoder loads weights."""
-    classes: dict[int, type[PhotoMakerIDEncoder]] = {1: PhotoMakerIDEncoder, 2: PhotoMakerIDEncoderV2}
+    classes: dict[int, type[PhotoMakerIDEncoder]] = {
+        1: PhotoMakerIDEncoder,
+        2: PhotoMakerIDEncoderV2,
+    }
     if version not in classes:
         raise ValueError(f"PhotoMaker version must be 1 or 2; got {version!r}.")
     return classes[version](config)

@@ -20,11 +20,21 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .id_encoder import PERCEIVER_PREFIX, PhotoMakerIDEncoder, PhotoMakerIDEncoderConfig, create_id_encoder
+from .id_encoder import (
+    PERCEIVER_PREFIX,
+    PhotoMakerIDEncoder,
+    PhotoMakerIDEncoderConfig,
+    create_id_encoder,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_id_encoder", "check_lora_applied", "detect_version", "load_checkpoint"]
+__all__ = [
+    "build_id_encoder",
+    "check_lora_applied",
+    "detect_version",
+    "load_checkpoint",
+]
 
 PARTS = ("id_encoder", "lora_weights")
 CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
@@ -51,7 +61,9 @@ _MAX_LISTED = 12
 def _listing(names: list[str]) -> str:
     """Comma-separated names, shortened to the first few with a count of the rest."""
     shown = ", ".join(repr(name) for name in names[:_MAX_LISTED])
-    return shown + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+    return shown + (
+        f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    )
 
 
 def load_checkpoint(
@@ -100,19 +112,29 @@ def _looks_like_local_path(source: str) -> bool:
 def _file_in_folder(folder: Path, weight_name: str | None, subfolder: str) -> Path:
     directory = folder / subfolder if subfolder else folder
     if weight_name is None:
-        candidates = sorted(p.name for p in directory.glob("*") if p.suffix in CHECKPOINT_SUFFIXES)
-        hint = f" Files there: {_listing(candidates)}." if candidates else " It has no checkpoint files."
+        candidates = sorted(
+            p.name for p in directory.glob("*") if p.suffix in CHECKPOINT_SUFFIXES
+        )
+        hint = (
+            f" Files there: {_listing(candidates)}."
+            if candidates
+            else " It has no checkpoint files."
+        )
         raise CheckpointError(
             f"'{folder}' is a folder: pass weight_name to say which file to load, e.g. "
             f"weight_name='photomaker-v1.bin'.{hint}"
         )
     path = directory / weight_name
     if not path.is_file():
-        raise CheckpointError(f"No file '{weight_name}' in '{directory}'. Check weight_name and subfolder.")
+        raise CheckpointError(
+            f"No file '{weight_name}' in '{directory}'. Check weight_name and subfolder."
+        )
     return path
 
 
-def _download(repo_id: str, weight_name: str | None, subfolder: str, hub_kwargs: dict[str, Any]) -> Path:
+def _download(
+    repo_id: str, weight_name: str | None, subfolder: str, hub_kwargs: dict[str, Any]
+) -> Path:
     from huggingface_hub import hf_hub_download
 
     if weight_name is None:
@@ -123,17 +145,28 @@ def _download(repo_id: str, weight_name: str | None, subfolder: str, hub_kwargs:
         )
     unknown = sorted(set(hub_kwargs) - HUB_KWARGS - IGNORED_HUB_KWARGS)
     if unknown:
-        raise TypeError(f"Unknown Hub download argument(s) {unknown}; supported: {sorted(HUB_KWARGS)}.")
+        raise TypeError(
+            f"Unknown Hub download argument(s) {unknown}; supported: {sorted(HUB_KWARGS)}."
+        )
     ignored = sorted(set(hub_kwargs) & IGNORED_HUB_KWARGS)
     if ignored:
         logger.warning("Ignoring %s: huggingface_hub no longer supports them", ignored)
     kwargs = {key: value for key, value in hub_kwargs.items() if key in HUB_KWARGS}
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
+        "1",
+        "true",
+        "yes",
+        "on",
+    }
     if offline:
         kwargs["local_files_only"] = True
-    where = f"'{weight_name}' from Hub repo '{repo_id}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    where = f"'{weight_name}' from Hub repo '{repo_id}'" + (
+        f" (subfolder '{subfolder}')" if subfolder else ""
+    )
     try:
-        return Path(hf_hub_download(repo_id, weight_name, subfolder=subfolder or None, **kwargs))
+        return Path(
+            hf_hub_download(repo_id, weight_name, subfolder=subfolder or None, **kwargs)
+        )
     except Exception as exc:  # huggingface_hub raises many unrelated types; all mean "could not get the file"
         if offline or kwargs.get("local_files_only"):
             fix = (
@@ -145,7 +178,9 @@ def _download(repo_id: str, weight_name: str | None, subfolder: str, hub_kwargs:
                 "Check the repo id, weight_name (e.g. 'photomaker-v1.bin'), revision and your network/token, "
                 "or pass a local path to the file."
             )
-        raise CheckpointError(f"Could not get {where}: {type(exc).__name__}: {exc}. {fix}") from exc
+        raise CheckpointError(
+            f"Could not get {where}: {type(exc).__name__}: {exc}. {fix}"
+        ) from exc
 
 
 def _load_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -155,8 +190,12 @@ def _load_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
         try:
             contents: Any = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own SafetensorError and OSError
-            raise CheckpointError(f"'{path}' is not a readable safetensors file ({exc}); re-download it.") from exc
+        except (
+            Exception
+        ) as exc:  # safetensors raises its own SafetensorError and OSError
+            raise CheckpointError(
+                f"'{path}' is not a readable safetensors file ({exc}); re-download it."
+            ) from exc
         return _split_parts(contents, f"'{path}'")
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
@@ -209,17 +248,29 @@ def _split_parts(contents: Any, source: str) -> dict[str, dict[str, torch.Tensor
     for part in PARTS:
         tensors = parts[part]
         if not isinstance(tensors, Mapping):
-            raise CheckpointError(f"{source}: '{part}' is a {type(tensors).__name__}, not a dict of tensors.")
-        bad = [str(name) for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
+            raise CheckpointError(
+                f"{source}: '{part}' is a {type(tensors).__name__}, not a dict of tensors."
+            )
+        bad = [
+            str(name)
+            for name, value in tensors.items()
+            if not isinstance(value, torch.Tensor)
+        ]
         if bad:
-            raise CheckpointError(f"{source}: '{part}' has entries that are not tensors: {_listing(bad)}.")
+            raise CheckpointError(
+                f"{source}: '{part}' has entries that are not tensors: {_listing(bad)}."
+            )
         result[part] = {str(name): value for name, value in tensors.items()}
     return result
 
 
 def detect_version(id_encoder_state_dict: Mapping[str, torch.Tensor]) -> int:
     """2 when the ID encoder has the v2 ``qformer_perceiver.*`` weights, else 1."""
-    return 2 if any(key.startswith(PERCEIVER_PREFIX) for key in id_encoder_state_dict) else 1
+    return (
+        2
+        if any(key.startswith(PERCEIVER_PREFIX) for key in id_encoder_state_dict)
+        else 1
+    )
 
 
 def build_id_encoder(
@@ -231,7 +282,9 @@ def build_id_encoder(
     300 M-parameter vision tower. ``version`` (1 or 2), when given, must match the weights.
     """
     if version is not None and version not in (1, 2):
-        raise CheckpointError(f"PhotoMaker version must be 1, 2 or None (auto-detect); got {version!r}.")
+        raise CheckpointError(
+            f"PhotoMaker version must be 1, 2 or None (auto-detect); got {version!r}."
+        )
     detected = detect_version(id_encoder_state_dict)
     if version is not None and version != detected:
         found = "has" if detected == 2 else "has no"
@@ -255,7 +308,9 @@ def build_id_encoder(
     return encoder.eval()
 
 
-def _check_keys(encoder: nn.Module, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+def _check_keys(
+    encoder: nn.Module, state_dict: Mapping[str, torch.Tensor], version: int
+) -> None:
     expected = encoder.state_dict()
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -273,7 +328,9 @@ def _check_keys(encoder: nn.Module, state_dict: Mapping[str, torch.Tensor], vers
         lines.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
     if mismatched:
         lines.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-    lines.append("Use an official photomaker-v1.bin / photomaker-v2.bin (or a faithful conversion) for this encoder.")
+    lines.append(
+        "Use an official photomaker-v1.bin / photomaker-v2.bin (or a faithful conversion) for this encoder."
+    )
     raise CheckpointError("\n".join(lines))
 
 
@@ -316,35 +373,53 @@ def check_lora_applied(
     for key, tensor in lora_state_dict.items():
         target = _lora_target(key)
         if target is None:
-            problems.append(f"{key}: not a UNet attention LoRA key (expected '...processor.to_q_lora.down.weight')")
+            problems.append(
+                f"{key}: not a UNet attention LoRA key (expected '...processor.to_q_lora.down.weight')"
+            )
             continue
         has_prefix, module_path, kind = target
         if not has_prefix:
-            problems.append(f"{key}: no 'unet.' prefix, so diffusers ignores it; prefix the key with 'unet.'")
+            problems.append(
+                f"{key}: no 'unet.' prefix, so diffusers ignores it; prefix the key with 'unet.'"
+            )
             continue
         covered.add((module_path, kind))
         try:
             module = unet.get_submodule(module_path)
         except AttributeError:
-            problems.append(f"{key}: the UNet has no module '{module_path}' (LoRA made for another architecture?)")
+            problems.append(
+                f"{key}: the UNet has no module '{module_path}' (LoRA made for another architecture?)"
+            )
             continue
         layers = getattr(module, kind, None)
         if not isinstance(layers, nn.ModuleDict) or adapter_name not in layers:
-            problems.append(f"{key}: '{module_path}' has no LoRA adapter '{adapter_name}' (it was not loaded)")
+            problems.append(
+                f"{key}: '{module_path}' has no LoRA adapter '{adapter_name}' (it was not loaded)"
+            )
             continue
         actual = layers[adapter_name].weight
         if actual.device.type == "meta":
-            problems.append(f"{key}: '{module_path}' weights are not materialised (meta device); cannot verify")
+            problems.append(
+                f"{key}: '{module_path}' weights are not materialised (meta device); cannot verify"
+            )
             continue
         expected = tensor.detach().to(device=actual.device, dtype=actual.dtype)
         if actual.shape != expected.shape:
-            problems.append(f"{key}: shape {tuple(expected.shape)} but the UNet holds {tuple(actual.shape)}")
+            problems.append(
+                f"{key}: shape {tuple(expected.shape)} but the UNet holds {tuple(actual.shape)}"
+            )
         elif not torch.equal(actual.detach(), expected):
-            problems.append(f"{key}: values differ from the UNet's {kind}['{adapter_name}'] of '{module_path}'")
+            problems.append(
+                f"{key}: values differ from the UNet's {kind}['{adapter_name}'] of '{module_path}'"
+            )
     for module_path, module in unet.named_modules():
         for kind in ("lora_A", "lora_B"):
             layers = getattr(module, kind, None)
-            if isinstance(layers, nn.ModuleDict) and adapter_name in layers and (module_path, kind) not in covered:
+            if (
+                isinstance(layers, nn.ModuleDict)
+                and adapter_name in layers
+                and (module_path, kind) not in covered
+            ):
                 problems.append(
                     f"'{module_path}' has adapter '{adapter_name}' but the LoRA has no {kind} tensor for it "
                     "(left at its initial value)"
@@ -354,9 +429,17 @@ def check_lora_applied(
             f"The PhotoMaker LoRA did not load cleanly into the UNet ({len(problems)} problem(s), "
             f"{len(lora_state_dict)} tensors):\n"
             + "\n".join(problems[:_MAX_LISTED])
-            + (f"\n... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
+            + (
+                f"\n... and {len(problems) - _MAX_LISTED} more"
+                if len(problems) > _MAX_LISTED
+                else ""
+            )
             + "\nThe LoRA must target this UNet with keys like "
             "'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight'."
         )
-    logger.info("Verified %d LoRA tensors of adapter '%s' in the UNet", len(lora_state_dict), adapter_name)
+    logger.info(
+        "Verified %d LoRA tensors of adapter '%s' in the UNet",
+        len(lora_state_dict),
+        adapter_name,
+    )
     return len(lora_state_dict)

@@ -19,7 +19,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import Attention
 from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from .id_encoder import PhotoMakerIDEncoderConfig, create_id_encoder
 
@@ -41,9 +54,13 @@ TEXT_HIDDEN_1 = 32
 TEXT_HIDDEN_2 = 96
 TEXT_PROJECTION_DIM = 32
 ADDITION_TIME_EMBED_DIM = 8
-CROSS_ATTENTION_DIM = TEXT_HIDDEN_1 + TEXT_HIDDEN_2  # 128: a multiple of 128 so the v2 resampler has 1 head
+CROSS_ATTENTION_DIM = (
+    TEXT_HIDDEN_1 + TEXT_HIDDEN_2
+)  # 128: a multiple of 128 so the v2 resampler has 1 head
 LORA_RANK = 4
-TINY_FORMAT_VERSION = 1  # bump when make_tiny's output changes, so stale folders are rebuilt
+TINY_FORMAT_VERSION = (
+    1  # bump when make_tiny's output changes, so stale folders are rebuilt
+)
 _COMPLETE_MARKER = ".tiny-complete.json"
 
 
@@ -53,7 +70,11 @@ def _byte_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes map to themselves and come first; the others (control chars, space, ...) follow,
     shifted to code points 256+. The order matters: it fixes the ids of the first 512 vocabulary entries.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {byte: chr(byte) for byte in printable}
     others = [byte for byte in range(256) if byte not in table]
     table.update({byte: chr(256 + index) for index, byte in enumerate(others)})
@@ -72,16 +93,18 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     tokens += ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     if len(tokens) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(f"The bundled CLIP vocabulary has {len(tokens)} entries instead of {CLIP_VOCAB_SIZE}.")
+        raise RuntimeError(
+            f"The bundled CLIP vocabulary has {len(tokens)} entries instead of {CLIP_VOCAB_SIZE}."
+        )
     return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>"):  # -> transformers.CLIPTokenizer
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIP tokenizer with the real vocabulary, built offline (SDXL's second tokenizer uses ``pad_token="!"``)."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+    return CLIPTokenizer(
+        vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77
+    )
 
 
 @contextlib.contextmanager
@@ -110,13 +133,14 @@ def tiny_unet_config() -> dict:
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
         # 6 size/crop values embedded at addition_time_embed_dim each + the pooled text embedding.
-        "projection_class_embeddings_input_dim": 6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM,
+        "projection_class_embeddings_input_dim": 6 * ADDITION_TIME_EMBED_DIM
+        + TEXT_PROJECTION_DIM,
     }
 
 
-def _text_config(hidden_size: int, heads: int, act: str, projection_dim: int):
-    from transformers import CLIPTextConfig
-
+def _text_config(
+    hidden_size: int, heads: int, act: str, projection_dim: int
+) -> CLIPTextConfig:
     # bos/eos/pad ids as in SDXL's real text encoder configs: with eos_token_id=2 the pooled token is argmax(ids).
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
@@ -139,13 +163,15 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
     Text encoder 1 is 32 wide, text encoder 2 is 96 wide (pooled projection 32); their concatenation is the
     UNet's cross-attention width (128), which is also the tiny ID encoder's embed dim.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     with _seeded(seed):
         unet = UNet2DConditionModel(**tiny_unet_config())
         vae = AutoencoderKL(
-            block_out_channels=(16, 16, 32, 32),  # 4 levels -> scale factor 8, like SDXL's VAE
+            block_out_channels=(
+                16,
+                16,
+                32,
+                32,
+            ),  # 4 levels -> scale factor 8, like SDXL's VAE
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -156,8 +182,12 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
             sample_size=64,
             scaling_factor=0.13025,
         )
-        text_encoder = CLIPTextModel(_text_config(TEXT_HIDDEN_1, 4, "quick_gelu", TEXT_HIDDEN_1))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(TEXT_HIDDEN_2, 4, "gelu", TEXT_PROJECTION_DIM))
+        text_encoder = CLIPTextModel(
+            _text_config(TEXT_HIDDEN_1, 4, "quick_gelu", TEXT_HIDDEN_1)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _text_config(TEXT_HIDDEN_2, 4, "gelu", TEXT_PROJECTION_DIM)
+        )
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -209,25 +239,29 @@ def tiny_id_encoder_config() -> PhotoMakerIDEncoderConfig:
 
 def _lora_targets(unet_config: dict) -> list[tuple[str, str, int, int]]:
     """(attention path, projection, in_features, out_features) for q/k/v/out of every attn1/attn2."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import Attention
-
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
     targets = []
     for name, module in unet.named_modules():
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in ("attn1", "attn2"):
+        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in (
+            "attn1",
+            "attn2",
+        ):
             for projection, linear in (
                 ("to_q", module.to_q),
                 ("to_k", module.to_k),
                 ("to_v", module.to_v),
                 ("to_out", module.to_out[0]),
             ):
-                targets.append((name, projection, linear.in_features, linear.out_features))
+                targets.append(
+                    (name, projection, linear.in_features, linear.out_features)
+                )
     return targets
 
 
-def tiny_lora_state_dict(seed: int = 0, rank: int = LORA_RANK) -> dict[str, torch.Tensor]:
+def tiny_lora_state_dict(
+    seed: int = 0, rank: int = LORA_RANK
+) -> dict[str, torch.Tensor]:
     """A LoRA for the tiny UNet in the official legacy key format, bf16 like the official files.
 
     Keys: ``unet.<attention path>.processor.to_{q,k,v,out}_lora.{down,up}.weight``; the up weights are
@@ -235,7 +269,9 @@ def tiny_lora_state_dict(seed: int = 0, rank: int = LORA_RANK) -> dict[str, torc
     """
     state_dict: dict[str, torch.Tensor] = {}
     generator = torch.Generator().manual_seed(seed + 1)
-    for path, projection, in_features, out_features in _lora_targets(tiny_unet_config()):
+    for path, projection, in_features, out_features in _lora_targets(
+        tiny_unet_config()
+    ):
         prefix = f"unet.{path}.processor.{projection}_lora"
         down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
         up = torch.randn(out_features, rank, generator=generator) * 0.5 / rank**0.5
@@ -255,7 +291,9 @@ def tiny_checkpoint(version: int, seed: int = 0) -> dict[str, dict[str, torch.Te
             if isinstance(module, nn.LayerNorm):
                 nn.init.normal_(module.weight, mean=1.0, std=0.1)
                 nn.init.normal_(module.bias, std=0.1)
-    id_encoder = {name: tensor.detach().clone() for name, tensor in encoder.state_dict().items()}
+    id_encoder = {
+        name: tensor.detach().clone() for name, tensor in encoder.state_dict().items()
+    }
     return {"id_encoder": id_encoder, "lora_weights": tiny_lora_state_dict(seed)}
 
 
@@ -266,10 +304,12 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
     ``base`` loads with ``StableDiffusionXLPipeline.from_pretrained``; the ``.bin`` files are torch pickles
     in the official format. The output is the same for the same seed.
     """
-    from diffusers import StableDiffusionXLPipeline
-
     root = Path(out_dir)
-    paths = {"base": root / "base", "v1": root / "photomaker-v1.bin", "v2": root / "photomaker-v2.bin"}
+    paths = {
+        "base": root / "base",
+        "v1": root / "photomaker-v1.bin",
+        "v2": root / "photomaker-v2.bin",
+    }
     marker = root / _COMPLETE_MARKER
     stamp = {"seed": seed, "format": TINY_FORMAT_VERSION}
     if marker.is_file() and all(path.exists() for path in paths.values()):
@@ -278,13 +318,17 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
                 logger.info("Tiny models already present in %s", root)
                 return paths
         except (OSError, ValueError):
-            logger.warning("Ignoring an unreadable %s; rebuilding the tiny models", marker)
+            logger.warning(
+                "Ignoring an unreadable %s; rebuilding the tiny models", marker
+            )
     root.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
 
     staging = root / "base.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    pipeline = StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False)
+    pipeline = StableDiffusionXLPipeline(
+        **tiny_sdxl_components(seed), add_watermarker=False
+    )
     pipeline.save_pretrained(staging)
     shutil.rmtree(paths["base"], ignore_errors=True)
     staging.rename(paths["base"])

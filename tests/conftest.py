@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 # Before anything imports huggingface_hub: without it a Hub call retries for ~20 s before failing offline.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from photomaker.errors import CheckpointError
-from photomaker.loading import build_id_encoder, check_lora_applied, detect_version, load_checkpoint
+from photomaker.loading import (
+    build_id_encoder,
+    check_lora_applied,
+    detect_version,
+    load_checkpoint,
+)
 from photomaker.testing import tiny_checkpoint, tiny_sdxl_components
 
 
@@ -21,9 +26,9 @@ def checkpoints() -> dict[int, dict[str, dict[str, torch.Tensor]]]:
 
 def _assert_same(loaded: dict, original: dict) -> None:
     assert list(loaded) == ["id_encoder", "lora_weights"]
-    for part in original:
-        assert loaded[part].keys() == original[part].keys()
-        for name, tensor in original[part].items():
+    for part, tensors in original.items():
+        assert loaded[part].keys() == tensors.keys()
+        for name, tensor in tensors.items():
             assert loaded[part][name].dtype == tensor.dtype
             assert torch.equal(loaded[part][name], tensor), name
 
@@ -36,7 +41,11 @@ def test_official_pickle_round_trip(tmp_path: Path, checkpoints) -> None:
 
 
 def test_flat_safetensors_round_trip(tmp_path: Path, checkpoints) -> None:
-    flat = {f"{part}.{name}": t for part, tensors in checkpoints[1].items() for name, t in tensors.items()}
+    flat = {
+        f"{part}.{name}": t
+        for part, tensors in checkpoints[1].items()
+        for name, t in tensors.items()
+    }
     path = tmp_path / "photomaker.safetensors"
     save_file(flat, str(path))
     _assert_same(load_checkpoint(path), checkpoints[1])
@@ -47,15 +56,26 @@ def test_nested_and_flat_dicts_are_accepted_without_aliasing(checkpoints) -> Non
     loaded = load_checkpoint(nested)
     _assert_same(loaded, checkpoints[1])
     loaded["id_encoder"].clear()
-    assert nested["id_encoder"], "the caller's dict must not be emptied through the result"
-    flat = {f"{part}.{name}": t for part, tensors in checkpoints[1].items() for name, t in tensors.items()}
+    assert nested["id_encoder"], (
+        "the caller's dict must not be emptied through the result"
+    )
+    flat = {
+        f"{part}.{name}": t
+        for part, tensors in checkpoints[1].items()
+        for name, t in tensors.items()
+    }
     _assert_same(load_checkpoint(flat), checkpoints[1])
 
 
-def test_folder_needs_weight_name_and_honours_subfolder(tmp_path: Path, checkpoints) -> None:
+def test_folder_needs_weight_name_and_honours_subfolder(
+    tmp_path: Path, checkpoints
+) -> None:
     (tmp_path / "weights").mkdir()
     torch.save(checkpoints[1], tmp_path / "weights" / "photomaker-v1.bin")
-    _assert_same(load_checkpoint(tmp_path, weight_name="photomaker-v1.bin", subfolder="weights"), checkpoints[1])
+    _assert_same(
+        load_checkpoint(tmp_path, weight_name="photomaker-v1.bin", subfolder="weights"),
+        checkpoints[1],
+    )
     with pytest.raises(CheckpointError, match=r"weight_name.*'photomaker-v1.bin'"):
         load_checkpoint(tmp_path / "weights")
     with pytest.raises(CheckpointError, match="No file 'other.bin'"):
@@ -68,16 +88,27 @@ def test_missing_file_and_unreachable_hub_say_what_to_do(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="weight_name='photomaker-v1.bin'"):
         load_checkpoint("TencentARC/PhotoMaker")
     # conftest sets HF_HUB_OFFLINE=1: only the (empty) cache is searched, and the error says so.
-    with pytest.raises(CheckpointError, match=r"'photomaker-v1.bin' from Hub repo 'TencentARC/PhotoMaker'.*[Oo]ffline"):
-        load_checkpoint("TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", cache_dir=tmp_path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"'photomaker-v1.bin' from Hub repo 'TencentARC/PhotoMaker'.*[Oo]ffline",
+    ):
+        load_checkpoint(
+            "TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", cache_dir=tmp_path
+        )
     with pytest.raises(TypeError, match="bogus"):
-        load_checkpoint("TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", bogus=1)
+        load_checkpoint(
+            "TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", bogus=1
+        )
 
 
-def test_wrong_layout_names_missing_and_unexpected_parts(tmp_path: Path, checkpoints) -> None:
+def test_wrong_layout_names_missing_and_unexpected_parts(
+    tmp_path: Path, checkpoints
+) -> None:
     path = tmp_path / "wrong.bin"
     torch.save({"id_encoder": checkpoints[1]["id_encoder"], "lora": {}}, path)
-    with pytest.raises(CheckpointError, match=r"missing 'lora_weights'; unexpected 'lora'"):
+    with pytest.raises(
+        CheckpointError, match=r"missing 'lora_weights'; unexpected 'lora'"
+    ):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"unexpected 'unet.x'"):
         load_checkpoint({"id_encoder.a": torch.zeros(1), "unet.x": torch.zeros(1)})
@@ -95,14 +126,24 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_pickle_with_code_execution_is_refused_and_never_runs(tmp_path: Path, checkpoints) -> None:
+def test_pickle_with_code_execution_is_refused_and_never_runs(
+    tmp_path: Path, checkpoints
+) -> None:
     proof = tmp_path / "proof"
-    pickle.loads(pickle.dumps(_Payload(proof))).close()  # an unsafe loader really would run it
+    pickle.loads(
+        pickle.dumps(_Payload(proof))
+    ).close()  # an unsafe loader really would run it
     assert proof.exists()
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
-    torch.save({"id_encoder": {"x": _Payload(marker)}, "lora_weights": checkpoints[1]["lora_weights"]}, path)
+    torch.save(
+        {
+            "id_encoder": {"x": _Payload(marker)},
+            "lora_weights": checkpoints[1]["lora_weights"],
+        },
+        path,
+    )
     with pytest.raises(CheckpointError, match="Refused to load"):
         load_checkpoint(path)
     assert not marker.exists()
@@ -129,7 +170,11 @@ def test_version_detection_and_strict_build(checkpoints) -> None:
         assert torch.equal(positions, torch.arange(positions.shape[1]).unsqueeze(0))
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        assert torch.isfinite(build_id_encoder(checkpoints[2]["id_encoder"]).encode_images(pixels, torch.randn(1, 512))).all()
+        assert torch.isfinite(
+            build_id_encoder(checkpoints[2]["id_encoder"]).encode_images(
+                pixels, torch.randn(1, 512)
+            )
+        ).all()
 
 
 def test_requested_version_must_match_the_weights(checkpoints) -> None:
@@ -149,11 +194,17 @@ def test_wrong_keys_are_listed_by_name(checkpoints) -> None:
     message = str(info.value)
     assert "missing keys (1): 'fuse_module.mlp2.fc1.bias'" in message
     assert "unexpected keys (1): 'fuse_module.extra.weight'" in message
-    assert "shape mismatches (1): 'fuse_module.mlp1.fc2.weight (5, 5) (expected (128, 128))'" in message
+    assert (
+        "shape mismatches (1): 'fuse_module.mlp1.fc2.weight (5, 5) (expected (128, 128))'"
+        in message
+    )
 
 
 def test_unrelated_state_dict_is_compared_with_the_official_layout() -> None:
-    with pytest.raises(CheckpointError, match=r"(?s)missing keys \(\d+\): 'vision_model.*unexpected keys \(1\): 'foo'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)missing keys \(\d+\): 'vision_model.*unexpected keys \(1\): 'foo'",
+    ):
         build_id_encoder({"foo": torch.zeros(1)})
 
 
@@ -187,7 +238,10 @@ def test_lora_check_reports_keys_that_did_not_land(pipe, checkpoints) -> None:
     assert f"{renamed}: the UNet has no module" in message
     assert f"{unprefixed}: no 'unet.' prefix" in message
     # The layers those keys were meant for were created by peft but never filled.
-    assert "attn1.to_q' has adapter 'photomaker' but the LoRA has no lora_A tensor" in message
+    assert (
+        "attn1.to_q' has adapter 'photomaker' but the LoRA has no lora_A tensor"
+        in message
+    )
 
 
 def test_lora_check_reports_a_tensor_that_differs(pipe, checkpoints) -> None:
