@@ -243,9 +243,15 @@ def restore_standard_mode(pipe: Any, state: FastModeState) -> None:
     merged again afterwards (in half precision this re-rounds those weights once).
     """
     pipe.unfuse_lora(components=["unet"])
-    pipe.delete_adapters([state.adapter_name])
-    if state.merged_before:
-        pipe.fuse_lora(components=["unet"], adapter_names=list(state.merged_before))
-    if state.active_before:
-        pipe.set_adapters(list(state.active_before))
+    others = {name for names in pipe.get_list_adapters().values() for name in names} - {state.adapter_name}
+    if others:
+        pipe.delete_adapters([state.adapter_name])
+        if state.merged_before:
+            pipe.fuse_lora(components=["unet"], adapter_names=list(state.merged_before))
+        if state.active_before:
+            pipe.set_adapters(list(state.active_before))
+    else:
+        # Also removes the LoRA wrapper layers: the UNet is plain again, as the pipeline leaves it after
+        # fusing PhotoMaker (delete_adapters would keep empty wrappers in every attention layer).
+        pipe.unload_lora_weights()
     pipe.scheduler = state.scheduler
