@@ -167,6 +167,18 @@ def _count_indexed(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _placement(
+    parameter: torch.Tensor, fallback: torch.device
+) -> tuple[torch.device, torch.dtype]:
+    """Where inputs must go to meet ``parameter``.
+
+    Under sequential CPU offload the weights sit on ``meta`` until a hook moves them in; inputs then stay
+    on the caller's device (``fallback``), where the hook brings the weights.
+    """
+    device = fallback if parameter.device.type == "meta" else parameter.device
+    return device, parameter.dtype
+
+
 class _MLP(nn.Module):
     """``fc2(GELU(fc1(LayerNorm(x))))`` with exact (erf) GELU; residuals are added by the caller."""
 
@@ -245,9 +257,7 @@ class PhotoMakerIDEncoder(nn.Module):
                 "Preprocess the photos with the CLIP image processor first."
             )
         weight = self.vision_model.embeddings.patch_embedding.weight
-        # Under sequential CPU offload the weights sit on "meta" until a hook loads them: keep the caller's device.
-        device = pixel_values.device if weight.device.type == "meta" else weight.device
-        return pixel_values.to(device=device, dtype=weight.dtype)
+        return pixel_values.to(*_placement(weight, pixel_values.device))
 
     def encode_images(
         self, pixel_values: torch.Tensor, face_embeds: torch.Tensor | None = None
@@ -306,8 +316,9 @@ class PhotoMakerIDEncoder(nn.Module):
                 "photomaker.prompt.expand_class_tokens using the same number of ID images."
             )
 
-        fuse_dtype = self.fuse_module.layer_norm.weight.dtype
-        fuse_device = self.fuse_module.layer_norm.weight.device
+        fuse_device, fuse_dtype = _placement(
+            self.fuse_module.layer_norm.weight, prompt_embeds.device
+        )
         class_embeds = (
             prompt_embeds[mask]
             .reshape(batch, expected, dim)
@@ -483,9 +494,12 @@ class PhotoMakerIDEncoderV2(PhotoMakerIDEncoder):
         clip_tokens = self.vision_model(
             pixel_values=self._vision_inputs(pixel_values)
         ).last_hidden_state
-        reference = self.qformer_perceiver.token_norm.weight
-        face_embeds = face_embeds.to(device=reference.device, dtype=reference.dtype)
-        return self.qformer_perceiver(face_embeds, clip_tokens.to(reference.dtype))
+        device, dtype = _placement(
+            self.qformer_perceiver.token_norm.weight, clip_tokens.device
+        )
+        return self.qformer_perceiver(
+            face_embeds.to(device, dtype), clip_tokens.to(device, dtype)
+        )
 
 
 def create_id_encoder(
