@@ -141,6 +141,17 @@ def expand_class_tokens(
     return ExpandedPrompt(input_ids, mask, class_at, dropped)
 
 
+def add_trigger_token(tokenizer, trigger_word: str = DEFAULT_TRIGGER_WORD) -> int:
+    """Add the trigger to a tokenizer as a special token that only matches as a whole word; return its id.
+
+    Whole-word matching (a fix over the reference) keeps "imgur" or "imgs" from producing a trigger.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(trigger_word, special=True, single_word=True)])
+    return tokenizer.convert_tokens_to_ids(trigger_word)
+
+
 def has_trigger_word(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> bool:
     """Whether ``prompt`` contains the trigger as a word of its own (case-sensitive, like the tokenizer)."""
     return re.search(rf"(?<![\w]){re.escape(trigger_word)}(?![\w])", prompt) is not None

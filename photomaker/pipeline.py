@@ -1,0 +1,672 @@
+"""PhotoMaker on Stable Diffusion XL: the diffusers pipeline.
+
+`PhotoMakerStableDiffusionXLPipeline` is SDXL's pipeline plus three things:
+
+* `load_photomaker_adapter` loads an official PhotoMaker checkpoint: the ID encoder (v1 or v2) and the LoRA
+  that goes into the UNet;
+* `encode_id_images` turns 1-N photos of a person into ID tokens, once, reusable across calls;
+* `__call__` replaces the class word of the prompt ("man" in "a man img") by those ID tokens fused with it,
+  and switches from the text-only prompt to the ID-fused prompt after `start_merge_step` (delayed subject
+  conditioning).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
+from transformers import CLIPImageProcessor
+
+from .errors import CheckpointError, IDImageError
+from .id_encoder import PhotoMakerIDEncoder
+from .loading import build_id_encoder, check_lora_applied, load_checkpoint
+from .prompt import (
+    DEFAULT_TRIGGER_WORD,
+    add_trigger_token,
+    expand_class_tokens,
+    pad_or_truncate,
+    remove_trigger,
+)
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | list[str] | None
+
+
+@dataclass
+class IDEncoding:
+    """The ID tokens of a set of photos: compute once with `encode_id_images`, pass to any later call.
+
+    `id_tokens` has shape [N, T, D]: N photos, T tokens per photo (v1: 1, v2: 2), D = SDXL's text width.
+    """
+
+    id_tokens: torch.Tensor
+    version: int
+
+    @property
+    def num_images(self) -> int:
+        return self.id_tokens.shape[0]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.id_tokens.shape[1]
+
+    @property
+    def num_id_tokens(self) -> int:
+        return self.num_images * self.tokens_per_image
+
+
+@dataclass
+class _Conditioning:
+    """Everything one denoising phase feeds the UNet (negatives first when CFG is on)."""
+
+    prompt_embeds: torch.Tensor
+    add_text_embeds: torch.Tensor
+
+
+class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
+    """SDXL with PhotoMaker's stacked ID embedding. Load an SDXL base, then `load_photomaker_adapter`.
+
+    Example:
+        >>> pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(
+        ...     "SG161222/RealVisXL_V4.0", torch_dtype=torch.float16).to("cuda")
+        >>> pipe.load_photomaker_adapter("TencentARC/PhotoMaker", weight_name="photomaker-v1.bin")
+        >>> image = pipe("a photo of a man img", input_id_images=["me1.jpg", "me2.jpg"],
+        ...              start_merge_step=10).images[0]
+    """
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+
+    # Set by `load_photomaker_adapter`; the ID encoder is deliberately not a registered component, so
+    # `save_pretrained` writes a plain SDXL folder. `.to()` and the offload methods below move it explicitly.
+    id_encoder: PhotoMakerIDEncoder | None = None
+    id_image_processor: CLIPImageProcessor | None = None
+    trigger_word: str | None = None
+    pm_version: int | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    def load_photomaker_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: str | dict,
+        weight_name: str | None = None,
+        subfolder: str = "",
+        trigger_word: str = DEFAULT_TRIGGER_WORD,
+        pm_version: int | None = None,
+        fuse: bool = True,
+        adapter_name: str = "photomaker",
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load a PhotoMaker checkpoint: ID encoder, UNet LoRA, trigger word.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a checkpoint file (official pickled `.bin` or flat
+                `.safetensors`), a local folder or Hub repo id (with `weight_name`), or a state dict.
+            weight_name: file name inside the folder or repo, e.g. `"photomaker-v1.bin"`.
+            subfolder: folder inside the repo.
+            trigger_word: the word that follows the class word in prompts; added to both tokenizers.
+            pm_version: 1 or 2; detected from the keys when None.
+            fuse: bake the LoRA into the UNet weights (fastest). With `fuse=False` it stays a named adapter
+                (`adapter_name`) that can be mixed with other LoRAs through `set_adapters`.
+            hub_kwargs: passed to `huggingface_hub.hf_hub_download` (cache_dir, revision, token, ...).
+        """
+        if self.id_encoder is not None:
+            raise CheckpointError(
+                "A PhotoMaker adapter is already loaded into this pipeline; load the base model again to use "
+                "another one (a fused LoRA cannot be taken out exactly)."
+            )
+        existing_adapters = self.get_list_adapters().get("unet", []) if hasattr(self.unet, "peft_config") else []
+        if fuse and existing_adapters:
+            raise ValueError(
+                f"The UNet already has LoRA adapters {existing_adapters}: load the PhotoMaker adapter first, "
+                "or pass fuse=False to keep it as a named adapter next to them."
+            )
+        checkpoint = load_checkpoint(
+            pretrained_model_name_or_path_or_dict, weight_name=weight_name, subfolder=subfolder, **hub_kwargs
+        )
+        id_encoder = build_id_encoder(checkpoint["id_encoder"], version=pm_version)
+        cross_attention_dim = self.unet.config.cross_attention_dim
+        if id_encoder.embed_dim != cross_attention_dim:
+            raise CheckpointError(
+                f"The PhotoMaker ID encoder produces {id_encoder.embed_dim}-d tokens but this base model's UNet "
+                f"expects {cross_attention_dim}-d text embeddings: PhotoMaker needs an SDXL base model."
+            )
+
+        lora_state_dict = checkpoint["lora_weights"]
+        # PhotoMaker's LoRA targets the UNet only; loading just there also avoids diffusers' warnings about
+        # text encoders without LoRA keys. Diffusers skips unmatched keys with a log line: check them all.
+        state_dict, network_alphas = self.lora_state_dict(dict(lora_state_dict), unet_config=self.unet.config)
+        self.load_lora_into_unet(state_dict, network_alphas, self.unet, adapter_name=adapter_name, _pipeline=self)
+        check_lora_applied(self.unet, lora_state_dict, adapter_name)
+        if fuse:
+            self.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[adapter_name])
+            # Drop the LoRA layers, keeping the fused weights: a plain UNet is faster, and LoRAs loaded later
+            # (fast-mode adapters) are not shadowed by a merged one.
+            self.unload_lora_weights()
+
+        self.id_encoder = id_encoder.to(device=self.unet.device, dtype=self.unet.dtype).eval()
+        image_size = id_encoder.config.image_size
+        self.id_image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        self.pm_version = id_encoder.version
+        self.trigger_word = trigger_word
+        for tokenizer in (self.tokenizer, self.tokenizer_2):
+            if tokenizer is not None:
+                add_trigger_token(tokenizer, trigger_word)
+        logger.info("Loaded PhotoMaker v%d adapter (fused=%s).", self.pm_version, fuse)
+
+    # ------------------------------------------------------------------ devices
+
+    def to(self, *args: Any, **kwargs: Any) -> "PhotoMakerStableDiffusionXLPipeline":
+        """Move the pipeline and the ID encoder (which is not a registered component) together."""
+        super().to(*args, **kwargs)
+        if self.id_encoder is not None and not hasattr(self.id_encoder, "_hf_hook"):
+            self.id_encoder.to(device=self.unet.device, dtype=self.unet.dtype)
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """Model offload that covers the ID encoder: it visits the accelerator only while encoding photos."""
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        if self.id_encoder is not None:
+            from accelerate import cpu_offload_with_hook
+
+            _, hook = cpu_offload_with_hook(self.id_encoder, self._offload_device)
+            self._all_hooks.append(hook)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """Sequential (per-layer) offload, ID encoder included."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self.id_encoder is not None:
+            from accelerate import cpu_offload
+
+            cpu_offload(self.id_encoder, self._offload_device, offload_buffers=True)
+
+    def remove_all_hooks(self) -> None:
+        super().remove_all_hooks()
+        if self.id_encoder is not None and hasattr(self.id_encoder, "_hf_hook"):
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(self.id_encoder, recurse=True)
+
+    # ------------------------------------------------------------------ ID photos
+
+    def _require_adapter(self) -> PhotoMakerIDEncoder:
+        if self.id_encoder is None:
+            raise CheckpointError(
+                "No PhotoMaker adapter is loaded: call pipe.load_photomaker_adapter(...) first."
+            )
+        return self.id_encoder
+
+    @torch.no_grad()
+    def encode_id_images(
+        self,
+        input_id_images: Sequence[Any] | torch.Tensor,
+        id_embeds: torch.Tensor | Sequence[Any] | None = None,
+    ) -> IDEncoding:
+        """Run the ID encoder once over the photos; the result can replace `input_id_images` in later calls.
+
+        Args:
+            input_id_images: photos of one person (or of several, for identity mixing): PIL images, paths,
+                bytes, numpy arrays (HxWxC uint8) or tensors ([C,H,W] or a batch [N,C,H,W], values in [0, 1]).
+            id_embeds: PhotoMaker v2 only: one 512-d face-recognition embedding per photo, in the same order
+                (see `photomaker.faces`).
+        """
+        from .images import load_image  # light; kept local so the module imports fast
+
+        id_encoder = self._require_adapter()
+        if isinstance(input_id_images, torch.Tensor) and input_id_images.ndim == 4:
+            input_id_images = list(input_id_images)
+        if isinstance(input_id_images, (str, bytes)) or not isinstance(input_id_images, Sequence):
+            input_id_images = [input_id_images]
+        if len(input_id_images) == 0:
+            raise IDImageError("No ID photos were given: pass at least one photo of the person.")
+        images = [load_image(image, name=f"ID photo {i + 1}") for i, image in enumerate(input_id_images)]
+
+        device = self._execution_device
+        dtype = next(id_encoder.parameters()).dtype
+        pixel_values = self.id_image_processor(images, return_tensors="pt").pixel_values
+        pixel_values = pixel_values.to(device=device, dtype=dtype)
+        face_embeds = None
+        if id_encoder.version >= 2:
+            if id_embeds is None:
+                raise IDImageError(
+                    "PhotoMaker v2 needs one face embedding per ID photo: pass id_embeds (an [N, 512] tensor "
+                    "from photomaker.faces, InsightFace backend), in the same order as the photos."
+                )
+            face_embeds = torch.as_tensor(id_embeds if not isinstance(id_embeds, Sequence) else
+                                          torch.stack([torch.as_tensor(e) for e in id_embeds]))
+            face_embeds = face_embeds.reshape(-1, face_embeds.shape[-1]).to(device=device, dtype=dtype)
+        id_tokens = id_encoder.encode_images(pixel_values, face_embeds)
+        return IDEncoding(id_tokens=id_tokens, version=id_encoder.version)
+
+    # ------------------------------------------------------------------ prompts
+
+    def _tokenize(self, tokenizer, prompts: list[str]) -> list[list[int]]:
+        """Full token ids with BOS/EOS and no truncation (surgery decides what to cut)."""
+        return tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False).input_ids
+
+    @staticmethod
+    def _pad_id(tokenizer) -> int:
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _warn_dropped(self, tokenizer, ids: list[int], dropped: int) -> None:
+        if dropped:
+            cut = tokenizer.decode(ids[-1 - dropped:-1])
+            logger.warning("The prompt is longer than %d tokens; this end was cut: %r", len(ids) - dropped, cut)
+
+    def _surgery(
+        self, prompts: list[str], num_id_tokens: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per tokenizer: ids with class copies [B,77], their mask [B,77], and text-only ids [B,77]."""
+        id_ids, masks, text_ids = [], [], []
+        for tokenizer, batch in zip(self._tokenizers(), prompts):
+            trigger_id = tokenizer.convert_tokens_to_ids(self.trigger_word)
+            eos_id, pad_id = tokenizer.eos_token_id, self._pad_id(tokenizer)
+            max_length = tokenizer.model_max_length
+            rows_ids, rows_mask, rows_text = [], [], []
+            for prompt, ids in zip(batch, self._tokenize(tokenizer, batch)):
+                expanded = expand_class_tokens(
+                    ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=eos_id, pad_id=pad_id,
+                    max_length=max_length, trigger_word=self.trigger_word, prompt=prompt, decode=tokenizer.decode,
+                )
+                self._warn_dropped(tokenizer, expanded.input_ids, expanded.num_dropped_tokens)
+                text_only, _ = pad_or_truncate(
+                    remove_trigger(ids, trigger_id), eos_id=eos_id, pad_id=pad_id, max_length=max_length
+                )
+                rows_ids.append(expanded.input_ids)
+                rows_mask.append(expanded.class_tokens_mask)
+                rows_text.append(text_only)
+            id_ids.append(torch.tensor(rows_ids))
+            masks.append(torch.tensor(rows_mask, dtype=torch.bool))
+            text_ids.append(torch.tensor(rows_text))
+        return id_ids, masks, text_ids
+
+    def _tokenizers(self) -> list:
+        return [self.tokenizer, self.tokenizer_2]
+
+    def _encode_ids(
+        self, ids_per_encoder: list[torch.Tensor], device: torch.device, clip_skip: int | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Hidden states of each text encoder (penultimate layer, or `clip_skip`) and the pooled output."""
+        hidden, pooled = [], None
+        for text_encoder, ids in zip((self.text_encoder, self.text_encoder_2), ids_per_encoder):
+            output = text_encoder(ids.to(device), output_hidden_states=True)
+            layer = -2 if clip_skip is None else -(clip_skip + 2)
+            hidden.append(output.hidden_states[layer])
+            pooled = output[0]  # the last encoder (text_encoder_2) gives SDXL's pooled text embedding
+        return hidden, pooled
+
+    def check_prompt(self, prompt: str | list[str], prompt_2: PromptInput = None, num_id_images: int = 1) -> None:
+        """Raise `PromptError` now, before any model runs, if the prompt cannot be used with these photos."""
+        self._require_adapter()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        self._surgery([prompts, prompts_2], num_id_images * self.id_encoder.tokens_per_image)
+
+    @torch.no_grad()
+    def encode_photomaker_prompt(
+        self,
+        prompt: str | list[str],
+        prompt_2: PromptInput,
+        id_encoding: IDEncoding,
+        device: torch.device,
+        clip_skip: int | None = None,
+        id_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the prompt twice: ID-fused, and text-only (trigger removed).
+
+        Returns `(prompt_embeds, pooled_prompt_embeds, prompt_embeds_text_only, pooled_prompt_embeds_text_only)`,
+        each with one row per prompt. Each tokenizer is handled on its own: the class copies of prompt 1 and
+        prompt 2 may sit at different positions; the fuse module sees [text_encoder row | text_encoder_2 row]
+        and writes each half back where it came from. With `prompt_2=None` this is the reference algorithm.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        if len(prompts_2) != len(prompts):
+            raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}.")
+        id_ids, masks, text_ids = self._surgery([prompts, prompts_2], id_encoding.num_id_tokens)
+
+        hidden, pooled = self._encode_ids(id_ids, device, clip_skip)
+        batch = len(prompts)
+        class_rows = torch.cat(
+            [h[m.to(device)].view(batch, id_encoding.num_id_tokens, -1) for h, m in zip(hidden, masks)], dim=-1
+        )
+        all_rows = torch.ones(class_rows.shape[:2], dtype=torch.bool, device=device)
+        fused = self.id_encoder.fuse(
+            class_rows.to(id_encoding.id_tokens.dtype), id_encoding.id_tokens.to(device), all_rows, id_weights
+        ).to(hidden[0].dtype)
+        widths = [h.shape[-1] for h in hidden]
+        for h, m, part in zip(hidden, masks, fused.split(widths, dim=-1)):
+            h[m.to(device)] = part.reshape(-1, part.shape[-1])
+        prompt_embeds = torch.cat(hidden, dim=-1)
+
+        text_hidden, text_pooled = self._encode_ids(text_ids, device, clip_skip)
+        return prompt_embeds, pooled, torch.cat(text_hidden, dim=-1), text_pooled
+
+    @torch.no_grad()
+    def encode_negative_prompt(
+        self, negative_prompt: PromptInput, negative_prompt_2: PromptInput, batch_size: int,
+        device: torch.device, clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Negative embeddings, encoded once for both phases; zeros for an absent negative (SDXL's rule)."""
+        if negative_prompt is None and negative_prompt_2 is None and self.config.force_zeros_for_empty_prompt:
+            return None
+        negatives = negative_prompt or ""
+        negatives = [negatives] * batch_size if isinstance(negatives, str) else list(negatives)
+        negatives_2 = negatives if negative_prompt_2 is None else (
+            [negative_prompt_2] * batch_size if isinstance(negative_prompt_2, str) else list(negative_prompt_2)
+        )
+        if len(negatives) != batch_size or len(negatives_2) != batch_size:
+            raise ValueError(f"Give one negative prompt or {batch_size} (one per prompt).")
+        ids = []
+        for tokenizer, batch in zip(self._tokenizers(), (negatives, negatives_2)):
+            rows = [
+                pad_or_truncate(row, eos_id=tokenizer.eos_token_id, pad_id=self._pad_id(tokenizer),
+                                max_length=tokenizer.model_max_length)[0]
+                for row in self._tokenize(tokenizer, batch)
+            ]
+            ids.append(torch.tensor(rows))
+        hidden, pooled = self._encode_ids(ids, device, clip_skip)
+        return torch.cat(hidden, dim=-1), pooled
+
+    # ------------------------------------------------------------------ sampling
+
+    def check_photomaker_inputs(
+        self, input_id_images, id_embeds, id_weights, start_merge_step, prompt, prompt_embeds,
+        class_tokens_mask, prompt_embeds_text_only, pooled_prompt_embeds_text_only, num_inference_steps,
+    ) -> None:
+        """PhotoMaker's own argument checks (SDXL's are done by `check_inputs`)."""
+        self._require_adapter()
+        if input_id_images is None:
+            raise IDImageError("input_id_images is required: pass 1-4 photos of the person or an IDEncoding.")
+        if not isinstance(start_merge_step, int) or start_merge_step < 0:
+            raise ValueError(f"start_merge_step must be an integer >= 0, got {start_merge_step!r}.")
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        if isinstance(input_id_images, IDEncoding):
+            if input_id_images.version != self.pm_version:
+                raise ValueError(
+                    f"This IDEncoding was made by a PhotoMaker v{input_id_images.version} encoder but the loaded "
+                    f"adapter is v{self.pm_version}: encode the photos again."
+                )
+            if id_embeds is not None:
+                raise ValueError("id_embeds belong to encode_id_images; an IDEncoding already contains them.")
+        if prompt_embeds is not None:
+            if class_tokens_mask is None:
+                raise ValueError("With prompt_embeds, pass class_tokens_mask ([batch, 77] bool) as well.")
+            if prompt is None and prompt_embeds_text_only is None:
+                raise ValueError("With prompt_embeds and no prompt, pass prompt_embeds_text_only as well.")
+        if (prompt_embeds_text_only is None) != (pooled_prompt_embeds_text_only is None):
+            raise ValueError("Pass prompt_embeds_text_only and pooled_prompt_embeds_text_only together.")
+        if id_weights is not None:
+            weights = torch.as_tensor(id_weights, dtype=torch.float32)
+            if weights.ndim != 1 or not torch.isfinite(weights).all():
+                raise ValueError(f"id_weights must be a list of finite numbers, one per ID photo; got {id_weights}.")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: PromptInput = None,
+        prompt_2: PromptInput = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: PromptInput = None,
+        negative_prompt_2: PromptInput = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        # PhotoMaker
+        input_id_images: Sequence[Any] | IDEncoding | None = None,
+        start_merge_step: int = 0,
+        class_tokens_mask: torch.Tensor | None = None,
+        id_embeds: torch.Tensor | None = None,
+        id_weights: Sequence[float] | torch.Tensor | None = None,
+        prompt_embeds_text_only: torch.Tensor | None = None,
+        pooled_prompt_embeds_text_only: torch.Tensor | None = None,
+    ) -> StableDiffusionXLPipelineOutput | tuple:
+        """Generate images of the person in `input_id_images` as described by `prompt`.
+
+        Takes every argument of `StableDiffusionXLPipeline.__call__` (except IP-Adapter inputs) plus:
+
+        Args:
+            input_id_images: 1-N photos of the person (PIL, paths, arrays, tensors) or an `IDEncoding` from
+                `encode_id_images`, which skips the ID encoder.
+            start_merge_step: denoising steps `0..start_merge_step` use the text-only prompt (layout and
+                style settle first); later steps use the ID-fused prompt.
+            class_tokens_mask: with `prompt_embeds` only: which rows hold the class-word copies to fuse.
+            id_embeds: PhotoMaker v2: [N, 512] face embeddings aligned with the photos.
+            id_weights: one weight per photo for identity mixing: each class-copy row of photo i becomes
+                `c + w_i * (fuse(c, e) - c)`; 1 (the default) is the reference, 0 leaves the plain class word.
+            prompt_embeds_text_only, pooled_prompt_embeds_text_only: precomputed text-only conditioning.
+        """
+        # 0. Default size, as SDXL
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
+            callback_on_step_end_tensor_inputs,
+        )
+        self.check_photomaker_inputs(
+            input_id_images, id_embeds, id_weights, start_merge_step, prompt, prompt_embeds, class_tokens_mask,
+            prompt_embeds_text_only, pooled_prompt_embeds_text_only, num_inference_steps if timesteps is None
+            and sigmas is None else None,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = denoising_end
+        self._interrupt = False
+
+        # 2. Call parameters
+        batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        device = self._execution_device
+
+        # 3. ID tokens: reuse an IDEncoding, or run the ID encoder once for this call
+        if isinstance(input_id_images, IDEncoding):
+            id_encoding = input_id_images
+        else:
+            if prompt is not None:  # refuse a bad prompt before spending time on the photos
+                self.check_prompt(prompt, prompt_2, len(input_id_images) if isinstance(input_id_images, Sequence)
+                                  and not isinstance(input_id_images, (str, bytes)) else 1)
+            id_encoding = self.encode_id_images(input_id_images, id_embeds)
+        weights = None
+        if id_weights is not None:
+            weights = torch.as_tensor(id_weights, dtype=torch.float32, device=device)
+            if weights.shape != (id_encoding.num_images,):
+                raise ValueError(
+                    f"id_weights has {weights.numel()} values but there are {id_encoding.num_images} ID photos."
+                )
+
+        # 4. Prompt embeddings: ID-fused and text-only; negatives once
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds, text_embeds, text_pooled = self.encode_photomaker_prompt(
+                prompt, prompt_2, id_encoding, device, clip_skip, weights
+            )
+        else:
+            text_embeds, text_pooled = prompt_embeds_text_only, pooled_prompt_embeds_text_only
+            if text_embeds is None:
+                _, _, text_embeds, text_pooled = self.encode_photomaker_prompt(
+                    prompt, prompt_2, id_encoding, device, clip_skip, weights
+                )
+            prompt_embeds = self.id_encoder.fuse(
+                prompt_embeds.to(device), id_encoding.id_tokens.to(device),
+                class_tokens_mask.to(device=device, dtype=torch.bool), weights,
+            )
+        if self.do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                negatives = self.encode_negative_prompt(
+                    negative_prompt, negative_prompt_2, batch_size, device, clip_skip
+                )
+                if negatives is None:
+                    negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                    negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+                else:
+                    negative_prompt_embeds, negative_pooled_prompt_embeds = negatives
+
+        # 5. Timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+
+        # 6. Latents
+        latent_dtype = prompt_embeds.dtype
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, latent_dtype,
+            device, generator, latents,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 7. Micro-conditioning and the two conditionings (text-only first, ID-fused after the merge step)
+        add_time_ids = self._get_add_time_ids(
+            original_size, crops_coords_top_left, target_size, dtype=latent_dtype,
+            text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
+        )
+        negative_add_time_ids = add_time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_add_time_ids = self._get_add_time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                dtype=latent_dtype, text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
+            )
+
+        def conditioning(embeds: torch.Tensor, pooled: torch.Tensor) -> _Conditioning:
+            embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+            if self.do_classifier_free_guidance:
+                embeds = torch.cat([negative_prompt_embeds.repeat_interleave(num_images_per_prompt, 0), embeds])
+                pooled = torch.cat([negative_pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, 0),
+                                    pooled])
+            return _Conditioning(embeds.to(device=device, dtype=latent_dtype),
+                                 pooled.to(device=device, dtype=latent_dtype))
+
+        text_only = conditioning(text_embeds, text_pooled)
+        with_id = conditioning(prompt_embeds, pooled_prompt_embeds)
+        time_ids = torch.cat([negative_add_time_ids, add_time_ids]) if self.do_classifier_free_guidance \
+            else add_time_ids
+        add_time_ids = time_ids.to(device).repeat(batch_size * num_images_per_prompt, 1)
+
+        # 8. Denoising loop
+        if self.denoising_end is not None and 0 < self.denoising_end < 1:
+            cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - self.denoising_end)))
+            num_inference_steps = int((timesteps >= cutoff).sum())
+            timesteps = timesteps[:num_inference_steps]
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance = torch.tensor(self.guidance_scale - 1).repeat(batch_size * num_images_per_prompt)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                phase = text_only if i <= start_merge_step else with_id
+                prompt_embeds, add_text_embeds = phase.prompt_embeds, phase.add_text_embeds
+
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.unet(
+                    latent_model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
+                    return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    if self.guidance_rescale > 0.0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, self.guidance_rescale)
+                latents_dtype = latents.dtype
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                latents = latents.to(latents_dtype)
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {
+                        "latents": latents, "prompt_embeds": prompt_embeds, "add_text_embeds": add_text_embeds,
+                        "add_time_ids": add_time_ids,
+                    }
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
+                    ) or {}
+                    latents = outputs.pop("latents", latents)
+                    if "prompt_embeds" in outputs or "add_text_embeds" in outputs:
+                        phase.prompt_embeds = outputs.pop("prompt_embeds", phase.prompt_embeds)
+                        phase.add_text_embeds = outputs.pop("add_text_embeds", phase.add_text_embeds)
+                    add_time_ids = outputs.pop("add_time_ids", add_time_ids)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 9. Decode
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self._decode_latents(latents)
+            if self.watermark is not None:
+                image = self.watermark.apply_watermark(image)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode; fp16 VAEs that overflow are run in fp32 for the decode, as SDXL does."""
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float32)
+        vae_dtype = next(iter(self.vae.post_quant_conv.parameters())).dtype
+        latents = latents.to(vae_dtype)
+        config = self.vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        return image
