@@ -5,9 +5,10 @@ Design rules, each for a reason users notice:
 - An output's file name depends only on its job: ``job-<line>-<k>.png`` (line number in the JSONL file, as an
   editor shows it, and output index k from 0). So a re-run, or a run on another number of processes, writes the
   same files, and a finished file can be recognised and skipped (resume).
-- Output k of a job is generated on its own with seed ``seed + k``; its pixels therefore depend neither on how
-  outputs are grouped nor on which process runs them. A job without ``seed`` gets one derived from its content,
-  never a random one, so a batch can always be reproduced.
+- Output k of a job is generated on its own with seed ``seed + k`` (with best-of-B: the best of the candidates
+  ``seed + k*B ... seed + k*B + B-1``, so outputs never share a candidate); its pixels therefore depend neither
+  on how outputs are grouped nor on which process runs them. A job without ``seed`` gets one derived from its
+  content, never a random one, so a batch can always be reproduced.
 - Files are written under a temporary name and renamed into place, so a killed run never leaves a half-written
   PNG under a final name (which would then be skipped as done).
 - A bad job (invalid JSON, unknown field, missing photo, a prompt the service refuses) is reported and the
@@ -26,10 +27,11 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from photomaker.errors import InvalidRequestError, ModelLoadError, PhotoMakerError
 from photomaker.presets import OUTPUTS_MAX, OUTPUTS_MIN, SEED_MAX
@@ -71,9 +73,10 @@ def output_name(line: int, index: int) -> str:
     return f"job-{line:04d}-{index}.png"
 
 
-def output_seed(seed: int, index: int) -> int:
-    """Seed of output `index`: seed + index, wrapping like the service so that it stays a valid seed."""
-    return (seed + index) % (SEED_MAX + 1)
+def output_seed(seed: int, index: int, best_of: int = 1) -> int:
+    """Seed of output `index`: seed + index (times best_of, so candidate sets stay disjoint), wrapping like
+    the service so that it stays a valid seed."""
+    return (seed + index * best_of) % (SEED_MAX + 1)
 
 
 @dataclass
@@ -258,7 +261,7 @@ def run_work(
 ) -> BatchReport:
     """Generate and save every missing output of `work`; a failing job is recorded and the next one runs.
 
-    Output k is requested alone with seed ``seed + k`` (see the module docstring). The first failure of a job
+    Output k is requested alone with `output_seed` (see the module docstring). The first failure of a job
     ends that job: its remaining outputs would fail the same way.
     """
     report = BatchReport()
@@ -269,7 +272,8 @@ def run_work(
             continue
         assert job.request is not None
         for index in item.missing:
-            request = dataclasses.replace(job.request, seed=output_seed(job.request.seed, index), num_outputs=1)
+            seed = output_seed(job.request.seed, index, job.request.best_of)
+            request = dataclasses.replace(job.request, seed=seed, num_outputs=1)
             target = out_dir / output_name(job.line, index)
             try:
                 result = generate(request)
@@ -278,7 +282,7 @@ def run_work(
             except PhotoMakerError as error:
                 _record_failure(report, job.line, str(error), type(error).__name__)
                 break
-            except Exception as error:  # noqa: BLE001 - one broken job must not stop the batch
+            except Exception as error:  # one broken job must not stop the batch
                 logger.exception("job on line %d failed unexpectedly", job.line)
                 _record_failure(report, job.line, f"{type(error).__name__}: {error}", type(error).__name__)
                 break
@@ -359,7 +363,7 @@ def run_batch(
         generate = make_generate() if total else _no_images_to_generate
     except PhotoMakerError as error:
         report.fatal.append(str(error))
-    except Exception as error:  # noqa: BLE001 - reported to every process below instead of hanging them
+    except Exception as error:  # reported to every process below instead of leaving them waiting
         logger.exception("process %d could not load the model", state.process_index)
         report.fatal.append(f"{type(error).__name__}: {error}")
     else:

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Self
 
 from photomaker.errors import InvalidRequestError, PhotoMakerError
+from photomaker.presets import DEFAULT_FAST_PRESET, FAST_PRESETS
 
 if TYPE_CHECKING:
     from photomaker.service import GenerationRequest, GenerationResult, PhotoMakerService, ServiceConfig
@@ -43,7 +45,8 @@ class ProgressBar:
 
         if self._bar is None or self._bar.total != total:
             self.close()
-            self._bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, disable=not self._enabled,
+            self._bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True,
+                             disable=not self._enabled,
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         self._bar.set_description_str(description, refresh=False)
         self._bar.n = min(step, total)
@@ -54,7 +57,7 @@ class ProgressBar:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> ProgressBar:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -94,26 +97,30 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     """The generation parameters; unset ones keep `GenerationRequest`'s defaults (the app's)."""
     parser.add_argument("--id-image", action="append", required=True, metavar="PHOTO", dest="id_images",
                         help="photo of the person (repeat for 1-4 photos)")
-    parser.add_argument("--prompt", required=True,
+    parser.add_argument("--prompt", required=True, metavar="TEXT",
                         help="e.g. 'a photo of a woman img as an astronaut' (class word, then the trigger 'img')")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--style", help="style template name, e.g. 'Photographic (Default)' or '(No style)'")
-    parser.add_argument("--aspect", dest="aspect_ratio", help="aspect-ratio preset name, e.g. 'Instagram (1:1)'")
-    parser.add_argument("--width", type=int, help="with --height: explicit size, overrides --aspect")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--steps", type=int, dest="num_steps", help="sampling steps (default 50)")
-    parser.add_argument("--style-strength", type=float, help="percent, 15-50 (default 20)")
-    parser.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale (default 5)")
-    parser.add_argument("--seed", type=int, help="default: random; output k uses seed + k")
-    parser.add_argument("--num-outputs", type=int, help="images to make, 1-4 (default 2)")
-    parser.add_argument("--fast", nargs="?", const="hyper-sd-8", metavar="PRESET",
-                        help="few-step mode: lcm-4, hyper-sd-8 (the default preset), hyper-sd-12, lightning-8")
+    parser.add_argument("--negative-prompt", metavar="TEXT")
+    parser.add_argument("--style", metavar="NAME",
+                        help="style template name, e.g. 'Photographic (Default)' or '(No style)'")
+    parser.add_argument("--aspect", dest="aspect_ratio", metavar="NAME",
+                        help="aspect-ratio preset name, e.g. 'Instagram (1:1)'")
+    parser.add_argument("--width", type=int, metavar="PX", help="with --height: explicit size, overrides --aspect")
+    parser.add_argument("--height", type=int, metavar="PX")
+    parser.add_argument("--steps", type=int, dest="num_steps", metavar="N", help="sampling steps (default 50)")
+    parser.add_argument("--style-strength", type=float, metavar="PCT", help="percent, 15-50 (default 20)")
+    parser.add_argument("--guidance", type=float, dest="guidance_scale", metavar="G", help="guidance scale (default 5)")
+    parser.add_argument("--seed", type=int, metavar="N", help="default: random; output k uses seed + k")
+    parser.add_argument("--num-outputs", type=int, metavar="N", help="images to make, 1-4 (default 2)")
+    parser.add_argument("--fast", nargs="?", const=DEFAULT_FAST_PRESET, metavar="PRESET",
+                        help=f"few-step mode with a distilled LoRA: {', '.join(FAST_PRESETS)} "
+                             f"(--fast alone: {DEFAULT_FAST_PRESET})")
     parser.add_argument("--no-crop", action="store_false", dest="crop_faces", default=None,
                         help="use the photos as they are instead of cropping around the face")
     parser.add_argument("--mix-image", action="append", dest="mix_images", metavar="PHOTO",
                         help="photo of a second person to blend in (repeatable)")
-    parser.add_argument("--mix-strength", type=float, help="0 = first person only, 1 = second only (default 0.5)")
-    parser.add_argument("--best-of", type=int, help="make N candidates per output, keep the most alike")
+    parser.add_argument("--mix-strength", type=float, metavar="M",
+                        help="0 = first person only, 1 = second only (default 0.5)")
+    parser.add_argument("--best-of", type=int, metavar="N", help="make N candidates per output, keep the most alike")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "num_outputs, style, aspect_ratio, ...). Outputs are DIR/job-<line>-<k>.png; finished ones "
                     "are skipped on a re-run. Run on several GPUs with: accelerate launch -m photomaker batch ...")
     batch.add_argument("jobs", metavar="JOBS.jsonl")
-    batch.add_argument("--out", required=True, metavar="DIR")
+    batch.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and errors.jsonl")
     _add_model_options(batch)
     batch.set_defaults(handler=_cmd_batch)
 
@@ -203,6 +210,8 @@ def wait_until_loaded(service: PhotoMakerService, progress: Callable[[int, int, 
     if not logger.isEnabledFor(logging.INFO):
         diffusers_logging.disable_progress_bar()
     service.wait_ready(progress=progress)
+    if progress is not None:
+        progress(100, 100, "Model loaded")
     service.pipeline.set_progress_bar_config(disable=True)
 
 

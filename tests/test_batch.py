@@ -6,6 +6,7 @@ The model-free tests drive `photomaker.batch` with a stand-in generate function;
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -108,18 +109,21 @@ def test_outputs_use_seed_plus_k_are_named_by_job_and_a_bad_job_does_not_stop_th
         {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 10, "num_outputs": 2},
         {"id_images": ["photos/me.png"], "prompt": "fail img", "seed": 3, "num_outputs": 2},
         {"id_images": ["photos/me.png"], "prompt": "a man img", "seed": 20, "num_outputs": 1},
+        {"id_images": ["photos/me.png"], "prompt": "a man img", "seed": 30, "num_outputs": 2, "best_of": 3},
     ])
     out = tmp_path / "out"
     out.mkdir()
     calls: list[GenerationRequest] = []
-    work, done = batch.remaining_work(batch.parse_jobs(jobs_file), out)
+    work, _ = batch.remaining_work(batch.parse_jobs(jobs_file), out)
     report = batch.run_work(work, out, fake_generate(calls))
 
-    assert sorted(os.listdir(out)) == ["job-0001-0.png", "job-0001-1.png", "job-0003-0.png"]
-    assert [read_parameters(out / name)["seed"] for name in sorted(os.listdir(out))] == [10, 11, 20]
+    names = ["job-0001-0.png", "job-0001-1.png", "job-0003-0.png", "job-0004-0.png", "job-0004-1.png"]
+    assert sorted(os.listdir(out)) == names
+    assert [read_parameters(out / name)["seed"] for name in names] == [10, 11, 20, 30, 33]
     assert all(call.num_outputs == 1 for call in calls)
-    # The failing job stops at its first output instead of failing the same way twice.
-    assert [call.seed for call in calls] == [10, 11, 3, 20]
+    # The failing job stops at its first output instead of failing the same way twice; best-of-3 outputs
+    # draw from disjoint candidate seeds (30-32 and 33-35), so they can never come out identical.
+    assert [call.seed for call in calls] == [10, 11, 3, 20, 30, 33]
     assert report.failures == [{"line": 2, "error": "the prompt has no class word before 'img'", "type": "PromptError"}]
 
 
@@ -142,7 +146,7 @@ def test_a_write_killed_midway_leaves_no_file_that_counts_as_done(
 def test_shards_split_the_remaining_work_exactly_once() -> None:
     items = list(range(7))
     shards = [batch.shard(items, index, 3) for index in range(3)]
-    assert sorted(sum(shards, [])) == items
+    assert sorted(itertools.chain.from_iterable(shards)) == items
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
 
 
@@ -224,7 +228,7 @@ def test_two_accelerate_processes_write_the_same_pixels_once_each(batch_case: di
               "-m", "photomaker", "--verbose", "batch", str(batch_case["jobs"]), "--out", str(out),
               "--tiny", str(batch_case["tiny"]), "--face-backend", "none"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(launch, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     assert "2 images written, 1 already done; 1 of 3 jobs failed" in run.stderr, run.stderr[-3000:]
     # Job 1 went to process 0, job 2 to process 1 (job 3 is the bad one): both generated.

@@ -54,7 +54,8 @@ def test_a_user_mistake_exits_2_with_the_message_and_no_traceback(tmp_path: Path
     run = subprocess.run(
         [sys.executable, "-m", "photomaker", "generate", "--id-image", str(ASTRONAUT), "--prompt", "a man img",
          "--style", "Nope", "--out", str(tmp_path / "out"), "--tiny", str(tmp_path / "tiny")],
-        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+        check=False, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=300,
     )
     assert run.returncode == 2
     assert run.stderr.startswith("error: ") and "Nope" in run.stderr
