@@ -1,0 +1,484 @@
+"""PhotoMaker web app: Gradio Blocks layout and event wiring around `photomaker.service`.
+
+Runs locally (`python app.py`, see `--help`) and unchanged as a Hugging Face Space, ZeroGPU included.
+All generation logic lives in the library; this file only builds the page and connects it to the service.
+"""
+
+from __future__ import annotations
+
+# `spaces` must be imported before torch so that ZeroGPU can patch CUDA placement.
+import spaces  # noqa: I001
+
+import argparse
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import gradio as gr
+from spaces.config import Config as SpacesConfig
+
+from aspect_ratio_template import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from photomaker import presets
+from photomaker.errors import PhotoMakerError
+from photomaker.faces import get_face_analyzer, prepare_id_photos
+from photomaker.images import MAX_UPLOAD_BYTES
+from photomaker.metadata import read_parameters
+from photomaker.service import (
+    DEFAULT_BASE_MODEL,
+    GenerationRequest,
+    GenerationResult,
+    PhotoMakerService,
+    ServiceConfig,
+    ServiceStatus,
+)
+from style_template import DEFAULT_STYLE_NAME, STYLE_NAMES
+
+log = logging.getLogger("photomaker.app")
+
+APP_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = APP_DIR / "examples"
+DEFAULT_TINY_DIR = APP_DIR / "tiny-models"
+FAST_MODE_OFF = "Off (standard sampling)"
+# ZeroGPU reservation: fixed overhead plus per denoising step of one 1-megapixel image (SDXL fp16, with CFG,
+# ID encoding and face scoring amortised), generous so that a slow step does not cut a generation short.
+GPU_BASE_SECONDS = 20
+GPU_SECONDS_PER_STEP_MEGAPIXEL = 0.12
+
+TITLE = "PhotoMaker: your face in any picture"
+DESCRIPTION = """\
+Upload 1 to 4 photos of **one person**, write a prompt in which the class word (man, woman, boy, girl,
+person, ...) is followed by the trigger word **`img`**, e.g. *"a photo of a woman img as an astronaut"*, and
+press **Generate**. Based on [PhotoMaker](https://github.com/TencentARC/PhotoMaker) (stacked ID embedding) on SDXL.
+"""
+TIPS = """\
+**Tips**
+- More photos of the same person (2-4, different angles and lighting) give a more faithful identity.
+- The word before `img` must be a class word: *a man img*, *a woman img*, *a girl img*. If you forget `img`,
+  it is added after the first class word and you are told.
+- Style strength: higher keeps the style and composition of the prompt, lower follows the face more closely.
+- The identity score under each result is the face similarity to your photos (higher is closer).
+- Click a result to enlarge it; its PNG download carries every setting. Drop such a PNG under
+  *Reproduce from a PNG* to restore them.
+- Identity mixing: add photos of a second person in *Advanced* and move the slider to blend the two faces.
+"""
+EXAMPLE_SOURCES = """\
+Example photos are public domain: `astronaut.png` is NASA's portrait of astronaut Eileen Collins (shipped with
+scikit-image as `skimage/data/astronaut.png`); `grace_hopper.jpg` is the U.S. Navy portrait of Rear Admiral
+Grace Hopper (shipped with matplotlib as `mpl-data/sample_data/grace_hopper.jpg`).
+"""
+TINY_BANNER = (
+    "**Test mode (`--tiny`)**: tiny random-weight models, fully offline. "
+    "The outputs are noise; use this mode to try every control, not to make pictures."
+)
+CSS = """
+#tiny-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}
+#tiny-banner p {color: #5c4400;}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration: CLI flags with environment-variable defaults
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "")
+    return value if value else default
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags. Model flags left out fall back to the PHOTOMAKER_* variables read by
+    `ServiceConfig.from_env`; server flags read the variables named in their help."""
+    parser = argparse.ArgumentParser(
+        description="PhotoMaker web app (Gradio). Each flag can also be set with the environment variable "
+                    "in brackets; a flag given here wins.",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--base-model", help="SDXL base model: Hub id, diffusers folder or .safetensors file "
+                                            f"[PHOTOMAKER_BASE_MODEL, default {DEFAULT_BASE_MODEL}]")
+    model.add_argument("--adapter", help="PhotoMaker checkpoint: Hub repo, folder or file; default: the official "
+                                         "repo of --pm-version [PHOTOMAKER_ADAPTER]")
+    model.add_argument("--pm-version", type=int, choices=(1, 2),
+                       help="PhotoMaker version; v2 needs the insightface face backend [PHOTOMAKER_VERSION, default 1]")
+    model.add_argument("--device", help="cuda, cuda:N, mps or cpu; default: the best available [PHOTOMAKER_DEVICE]")
+    model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                       help="weights dtype; default: float16 on GPU, bfloat16 on CPU [PHOTOMAKER_DTYPE]")
+    model.add_argument("--offload", choices=("none", "model", "sequential"),
+                       help="low-VRAM CPU offload [PHOTOMAKER_OFFLOAD, default none]")
+    model.add_argument("--face-backend", choices=("dlib", "insightface", "none"),
+                       help="face cropping and identity scores; default: dlib for v1, insightface for v2 "
+                            "[PHOTOMAKER_FACE_BACKEND]")
+    model.add_argument("--tiny", nargs="?", const=str(DEFAULT_TINY_DIR), metavar="DIR",
+                       help="offline test mode on tiny random-weight models kept in DIR (written if missing; "
+                            f"default ./{DEFAULT_TINY_DIR.name}). The outputs are noise [PHOTOMAKER_TINY_DIR]")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default=_env("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on; 0.0.0.0 for every interface [GRADIO_SERVER_NAME, default %(default)s]")
+    server.add_argument("--port", type=int, default=int(_env("GRADIO_SERVER_PORT", "7860")),
+                        help="port [GRADIO_SERVER_PORT, default %(default)s]")
+    server.add_argument("--share", action="store_true",
+                        default=_env("PHOTOMAKER_SHARE", "0").lower() in ("1", "true", "yes", "on"),
+                        help="also create a public gradio.live link [PHOTOMAKER_SHARE=1]")
+    server.add_argument("--max-queue", type=int, default=int(_env("PHOTOMAKER_MAX_QUEUE", "20")),
+                        help="requests allowed to wait; more are told the queue is full "
+                             "[PHOTOMAKER_MAX_QUEUE, default %(default)s]")
+    server.add_argument("--concurrency", type=int, default=int(_env("PHOTOMAKER_CONCURRENCY", "1")),
+                        help="generations running at the same time [PHOTOMAKER_CONCURRENCY, default %(default)s]")
+    return parser.parse_args(argv)
+
+
+def service_config(args: argparse.Namespace) -> ServiceConfig:
+    """Environment variables overridden by the flags given; on ZeroGPU the model goes to CUDA at startup."""
+    config = ServiceConfig.from_env({
+        "base_model": args.base_model, "adapter": args.adapter, "pm_version": args.pm_version,
+        "device": args.device, "dtype": args.dtype, "offload": args.offload, "face_backend": args.face_backend,
+        "tiny_dir": args.tiny,
+    })
+    if SpacesConfig.zero_gpu and config.device is None:
+        config.device = "cuda"
+    return config
+
+
+def status_markdown(status: ServiceStatus) -> str:
+    """The model status line shown at the top of the page."""
+    if status.state == "ready":
+        return f"**Model ready.** {status.message} Upload photos and press Generate."
+    if status.state == "error":
+        return (
+            f"**The model could not be loaded.** {status.message}\n\n"
+            "The page keeps running; fix the setting named above and restart the app."
+        )
+    if status.state == "loading":
+        return f"**Loading the model ({status.progress:.0%})**: {status.message} The page works meanwhile."
+    return "**The model is not loaded yet.** It loads with the first generation."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Event handlers (thin: convert widget values, call the library, convert results)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gallery_paths(value: Sequence[Any] | None) -> list[str]:
+    """File paths from a Gallery input value (a list of (path, caption) tuples, or None)."""
+    if not value:
+        return []
+    return [item[0] if isinstance(item, (tuple, list)) else item for item in value]
+
+
+def _identity_caption(identity: dict[str, Any] | None) -> str | None:
+    """The text under a result: its face similarity to the ID photos."""
+    if not identity:
+        return None
+    if not identity.get("face_found", True):
+        return "identity: no face found"
+    verdict = "same person" if identity.get("same_person") else "different person"
+    return f"identity {identity['similarity']:.2f} ({verdict})"
+
+
+def gpu_duration(request: GenerationRequest, progress: Any = None) -> int:
+    """Seconds of GPU to reserve on ZeroGPU for `request`: grows with steps, images and pixels.
+
+    Runs before the request is validated, so odd values fall back to the defaults instead of raising.
+    """
+    width, height = ASPECT_RATIOS.get(request.aspect_ratio, ASPECT_RATIOS[DEFAULT_ASPECT_RATIO])
+    if request.width and request.height:
+        width, height = request.width, request.height
+
+    def bounded(value: Any, low: float, high: float) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return low
+        return min(max(number, low), high) if math.isfinite(number) else low
+
+    steps = bounded(request.num_steps, presets.STEPS_MIN, presets.STEPS_MAX)
+    images = bounded(request.num_outputs, 1, presets.OUTPUTS_MAX) * bounded(request.best_of, 1, presets.BEST_OF_MAX)
+    megapixels = bounded(width * height / 1e6, 0.1, 4.0)
+    return int(GPU_BASE_SECONDS + GPU_SECONDS_PER_STEP_MEGAPIXEL * steps * images * megapixels)
+
+
+def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
+    """The page: controls, results, examples, and the events wired to `service`."""
+
+    @spaces.GPU(duration=gpu_duration)
+    def run_on_gpu(request: GenerationRequest, progress: gr.Progress) -> GenerationResult:
+        """The only step that needs the GPU. On ZeroGPU it runs in a worker process with a GPU attached for
+        `gpu_duration` seconds; arguments and result are pickled and only `gr.Error` keeps its message on the
+        way back, so errors are converted here."""
+
+        def report(step: int, total: int, description: str) -> None:
+            progress((step, total), desc=description)
+
+        try:
+            return service.generate(request, report)
+        except PhotoMakerError as error:
+            raise gr.Error(str(error)) from error
+        except Exception as error:
+            log.exception("Generation failed unexpectedly")
+            raise gr.Error(
+                f"Generation failed unexpectedly ({type(error).__name__}). The app is still running: try again, "
+                "and report the problem if it persists."
+            ) from error
+
+    def generate(
+        id_photos: list | None,
+        prompt: str,
+        negative_prompt: str,
+        style: str,
+        aspect_ratio: str,
+        num_steps: int,
+        style_strength: float,
+        num_outputs: int,
+        guidance_scale: float,
+        seed: int | None,
+        randomize_seed: bool,
+        crop_faces: bool = True,
+        mix_photos: list | None = None,
+        mix_strength: float = presets.MIX_STRENGTH_DEFAULT,
+        fast_mode: str = "",
+        best_of: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[list, int, list, str]:
+        """Generate images of the person in `id_photos`; returns (images with identity captions, seed used,
+        face crops used, notes)."""
+        request = GenerationRequest(
+            id_images=_gallery_paths(id_photos),
+            prompt=prompt or "",
+            negative_prompt=negative_prompt or "",
+            style=style,
+            aspect_ratio=aspect_ratio,
+            num_steps=num_steps,
+            style_strength=style_strength,
+            num_outputs=num_outputs,
+            guidance_scale=guidance_scale,
+            seed=None if randomize_seed or seed is None else int(seed),
+            mix_images=_gallery_paths(mix_photos),
+            mix_strength=mix_strength,
+            crop_faces=bool(crop_faces),
+            fast=fast_mode or None,
+            best_of=best_of,
+            width=width,
+            height=height,
+        )
+
+        if SpacesConfig.zero_gpu:
+            # Refuse a bad request before a GPU is reserved for it (off ZeroGPU, `generate` checks it first).
+            try:
+                service.validate(request)
+            except PhotoMakerError as error:
+                raise gr.Error(str(error)) from error
+        result = run_on_gpu(request, progress)
+        for warning in result.warnings:
+            gr.Warning(warning)
+        images = [(item.image, _identity_caption(item.identity)) for item in result.images]
+        notes = f"**Prompt used:** {result.prompt_used}" if result.prompt_used else ""
+        if result.warnings:
+            notes += "\n\n" + "\n".join(f"- {warning}" for warning in result.warnings)
+        return images, result.seed, result.crops, notes
+
+    def preview_crops(id_photos: list | None, crop_faces: bool) -> list:
+        """The ID photos as the encoder will see them (face crops), shown as soon as photos are uploaded."""
+        paths = _gallery_paths(id_photos)
+        backend = service.config.resolved_face_backend
+        if not paths or backend == "none":
+            return paths
+        try:
+            analyzer = get_face_analyzer(backend, model_dir=service.config.face_model_dir)
+            prepared = prepare_id_photos(paths, analyzer, crop=crop_faces)
+        except PhotoMakerError as error:
+            gr.Warning(str(error))
+            return []
+        for warning in prepared.warnings:
+            gr.Warning(warning)
+        return prepared.images
+
+    def model_status() -> tuple[str, gr.Timer]:
+        """The status line; polling stops once loading has finished or failed."""
+        status = service.status()
+        return status_markdown(status), gr.Timer(active=status.state in ("idle", "loading"))
+
+    def reproduce(png_path: str | None) -> dict:
+        """Fill the controls from the parameters stored in a PNG made by this app (one output, its seed)."""
+        if not png_path:
+            return {}
+        try:
+            parameters = read_parameters(png_path)
+        except PhotoMakerError as error:
+            raise gr.Error(str(error)) from error
+        updates: dict[gr.components.Component, Any] = {
+            component: parameters[key] for key, component in restorable.items() if parameters.get(key) is not None
+        }
+        updates.update({randomize_seed: False, num_outputs: 1, best_of: 1, fast_mode: parameters.get("fast") or ""})
+        size = (parameters.get("width"), parameters.get("height"))
+        custom = None not in size and size != ASPECT_RATIOS.get(parameters.get("aspect_ratio"))
+        updates.update({width: size[0] if custom else None, height: size[1] if custom else None})
+        made_with = (parameters.get("base_model"), parameters.get("pm_version"))
+        if made_with != (service.config.base_model, service.config.pm_version):
+            gr.Warning(
+                f"This image was made with {made_with[0]} and PhotoMaker v{made_with[1]}; this app runs "
+                f"{service.config.base_model} and PhotoMaker v{service.config.pm_version}, so the result will differ."
+            )
+        gr.Info("Settings restored from the PNG. Add the same ID photos and press Generate to remake it.")
+        return updates
+
+    with gr.Blocks(title="PhotoMaker", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
+        if tiny:
+            gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
+        status_line = gr.Markdown("Model: starting…", elem_id="model-status")
+        status_timer = gr.Timer(1.0)
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                id_photos = gr.Gallery(
+                    label=f"ID photos: {presets.ID_IMAGES_MIN} to {presets.ID_IMAGES_MAX} photos of the same person",
+                    type="filepath", interactive=True, file_types=["image"], columns=4, height=260,
+                    format="png", elem_id="id-photos",
+                )
+                crops = gr.Gallery(
+                    label="Faces that will be used", interactive=False, columns=4, height=170, object_fit="contain",
+                    format="png", elem_id="face-crops",
+                )
+                prompt = gr.Textbox(
+                    label="Prompt", lines=2, elem_id="prompt",
+                    info="Put the trigger word img right after the class word: "
+                         "'a photo of a man img', 'a woman img in a garden'.",
+                    placeholder="portrait photo of a woman img, golden hour, 85mm",
+                )
+                with gr.Row():
+                    style = gr.Dropdown(STYLE_NAMES, value=DEFAULT_STYLE_NAME, label="Style template")
+                    aspect_ratio = gr.Dropdown(
+                        [(f"{name} ({w}×{h})", name) for name, (w, h) in ASPECT_RATIOS.items()],
+                        value=DEFAULT_ASPECT_RATIO, label="Output size",
+                    )
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Advanced options", open=False):
+                    negative_prompt = gr.Textbox(label="Negative prompt", lines=2,
+                                                 placeholder="what you do not want to see")
+                    num_steps = gr.Slider(label="Sampling steps", elem_id="num-steps", minimum=service.config.steps_min,
+                                          maximum=presets.STEPS_MAX, step=1, value=presets.STEPS_DEFAULT)
+                    style_strength = gr.Slider(
+                        label="Style strength (%)", minimum=presets.STYLE_STRENGTH_MIN,
+                        maximum=presets.STYLE_STRENGTH_MAX, step=1, value=presets.STYLE_STRENGTH_DEFAULT,
+                        info="Higher: more style and prompt; lower: more identity.",
+                    )
+                    num_outputs = gr.Slider(label="Number of images", elem_id="num-outputs", minimum=presets.OUTPUTS_MIN, maximum=presets.OUTPUTS_MAX,
+                                            step=1, value=presets.OUTPUTS_DEFAULT)
+                    guidance_scale = gr.Slider(label="Guidance scale", minimum=presets.GUIDANCE_MIN,
+                                               maximum=presets.GUIDANCE_MAX, step=0.1,
+                                               value=presets.GUIDANCE_DEFAULT)
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=0, precision=0, minimum=presets.SEED_MIN,
+                                         maximum=presets.SEED_MAX)
+                        randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
+                    crop_faces = gr.Checkbox(label="Crop to the face", value=True,
+                                             info="Off: use the whole photos as they are.")
+                    fast_mode = gr.Dropdown([(FAST_MODE_OFF, "")] + [(p.label, p.key) for p in presets.FAST_PRESETS.values()], value="",
+                                            label="Fast mode", info="Few-step sampling presets.")
+                    best_of = gr.Slider(label="Best of N", minimum=presets.BEST_OF_MIN, maximum=presets.BEST_OF_MAX, step=1,
+                                        value=1, info="Make N candidates per image, keep the most similar face.")
+                    with gr.Row():
+                        width = gr.Number(label="Custom width", value=None, precision=0, minimum=presets.SIZE_MIN,
+                                          maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="width",
+                                          info=f"Empty: from Output size. A multiple of {presets.SIZE_MULTIPLE}.")
+                        height = gr.Number(label="Custom height", value=None, precision=0, minimum=presets.SIZE_MIN,
+                                           maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="height",
+                                           info="Set both width and height to use a custom size.")
+                    gr.Markdown("**Identity mixing**: photos of a second person, blended with the first.")
+                    mix_photos = gr.Gallery(label="Second person's photos (optional)", type="filepath",
+                                            interactive=True, file_types=["image"], columns=4, height=130,
+                                            format="png")
+                    mix_strength = gr.Slider(label="Mix (0 = first person only, 1 = second person only)",
+                                             minimum=presets.MIX_STRENGTH_MIN, maximum=presets.MIX_STRENGTH_MAX, step=0.05,
+                                             value=presets.MIX_STRENGTH_DEFAULT)
+                with gr.Accordion("Reproduce from a PNG", open=False):
+                    png_file = gr.File(label="A PNG made by this app", file_types=[".png"], type="filepath")
+            with gr.Column(scale=1):
+                results = gr.Gallery(
+                    label="Results", format="png", columns=2, height="auto", interactive=False,
+                    buttons=["download", "fullscreen"], elem_id="results",
+                )
+                with gr.Row():
+                    seed_used = gr.Number(label="Seed used", value=None, precision=0, interactive=False, elem_id="seed-used")
+                    reuse_seed = gr.Button("Reuse this seed", size="sm")
+                notes = gr.Markdown(elem_id="notes")
+                gr.Markdown(TIPS)
+
+        gr.Examples(
+            label="Examples (click one, then press Generate)",
+            examples=[
+                [[str(EXAMPLES_DIR / "astronaut.png")], None,
+                 "a photo of a woman img in a spacesuit walking on the moon, earth in the sky",
+                 "Photographic (Default)"],
+                [[str(EXAMPLES_DIR / "grace_hopper.jpg")], None,
+                 "portrait of a woman img as a 1950s computer scientist at a mainframe console", "Cinematic"],
+                [[str(EXAMPLES_DIR / "astronaut.png")], [str(EXAMPLES_DIR / "grace_hopper.jpg")],
+                 "a woman img as a knight in shining armour, castle in the background", "Fantasy Art"],
+            ],
+            example_labels=[
+                "Astronaut on the moon (photographic)",
+                "Grace Hopper at a mainframe (cinematic)",
+                "Identity mixing: astronaut + Grace Hopper as a knight (fantasy art)",
+            ],
+            inputs=[id_photos, mix_photos, prompt, style],
+        )
+        gr.Markdown(EXAMPLE_SOURCES)
+
+        restorable = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "style": style, "aspect_ratio": aspect_ratio,
+            "num_steps": num_steps, "style_strength": style_strength, "guidance_scale": guidance_scale,
+            "seed": seed, "crop_faces": crop_faces, "mix_strength": mix_strength,
+        }
+        generate_inputs = [id_photos, prompt, negative_prompt, style, aspect_ratio, num_steps, style_strength,
+                           num_outputs, guidance_scale, seed, randomize_seed, crop_faces, mix_photos,
+                           mix_strength, fast_mode, best_of, width, height]
+        generate_outputs = [results, seed_used, crops, notes]
+        gr.on([generate_button.click, prompt.submit], generate, generate_inputs, generate_outputs,
+              api_name="generate")
+
+        demo.load(model_status, None, [status_line, status_timer], api_visibility="private")
+        status_timer.tick(model_status, None, [status_line, status_timer], api_visibility="private",
+                          show_progress="hidden")
+        gr.on([id_photos.change, crop_faces.change], preview_crops, [id_photos, crop_faces], crops,
+              api_visibility="private", show_progress="minimal")
+        png_file.upload(reproduce, png_file,
+                        [*restorable.values(), randomize_seed, num_outputs, best_of, fast_mode, width, height],
+                        api_visibility="private")
+        reuse_seed.click(lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private")
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse flags, start loading the model in the background, serve the page at once."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        config = service_config(args)
+    except PhotoMakerError as error:
+        raise SystemExit(f"app.py: error: {error}") from None
+    service = PhotoMakerService(config)
+    service.start_loading()
+    if SpacesConfig.zero_gpu:
+        # ZeroGPU moves weights to the GPU only if they are placed on CUDA at startup, outside @spaces.GPU.
+        try:
+            service.wait_ready()
+        except PhotoMakerError as error:
+            log.error("The model could not be loaded; the page will say so: %s", error)
+    if config.tiny_dir:
+        log.warning("TEST MODE: tiny random-weight models from %s; the outputs are noise.", config.tiny_dir)
+    demo = build_demo(service, tiny=bool(config.tiny_dir))
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share,
+        # Uploads larger than the library accepts are refused before they are stored; only the app's own
+        # cache is served (no extra allowed_paths).
+        max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[], theme=gr.themes.Soft(), css=CSS,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The web app in a real browser (headless Debian chromium via playwright) against `python app.py --tiny`.
+
+A person uploads two photos, types a prompt, presses Generate and sees the requested number of images and the
+seed used; a prompt without a class word shows the library's message. Screenshots go to `artifacts/`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("app_server")
+from app_server import REPO_ROOT, AppServer  # noqa: E402
+
+pytest_plugins = ["app_server"]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+ARTIFACTS = REPO_ROOT / "artifacts"
+EXAMPLES = REPO_ROOT / "examples"
+LOAD_TIMEOUT_MS = 240_000
+GENERATE_TIMEOUT_MS = 240_000
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian chromium is not installed (apt-get install -y chromium chromium-driver); CI installs it",
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_server: AppServer):
+    """A fresh tab on the app, once the page says the model is ready."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1250})
+    page.goto(app_server.url)
+    expect(page.locator("#model-status")).to_contain_text("ready", timeout=LOAD_TIMEOUT_MS)
+    yield page
+    page.close()
+
+
+def type_number(page, elem_id: str, value: int) -> None:
+    """Type a value into a number field (or a slider's number box), as a user would."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_upload_two_photos_generate_shows_images_and_seed(page) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#tiny-banner")).to_contain_text("noise")
+    page.locator("#id-photos input[type=file]").set_input_files(
+        [str(EXAMPLES / "astronaut.png"), str(EXAMPLES / "grace_hopper.jpg")]
+    )
+    expect(page.locator("#id-photos img")).to_have_count(2)
+    expect(page.locator("#face-crops img")).to_have_count(2, timeout=60_000)  # the crops preview
+
+    page.locator("#prompt textarea").fill("a photo of a woman img as an astronaut, studio portrait")
+    page.get_by_text("Advanced options").click()
+    type_number(page, "num-outputs", 3)
+    # The tiny CPU models are quick only when small: 2 steps (allowed in --tiny mode) at 128x128.
+    type_number(page, "num-steps", 2)
+    type_number(page, "width", 128)
+    type_number(page, "height", 128)
+    page.locator("#generate").click()
+
+    results = page.locator("#results .grid-container img")
+    expect(results).to_have_count(3, timeout=GENERATE_TIMEOUT_MS)
+    expect(page.locator("#results .caption-label").first).to_contain_text("identity")
+    seed_box = page.locator("#seed-used input")
+    expect(seed_box).to_have_value(re.compile(r"^\d+$"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app_generate.png"), full_page=True)
+
+
+def test_prompt_without_class_word_shows_its_error(page) -> None:
+    from playwright.sync_api import expect
+
+    page.locator("#id-photos input[type=file]").set_input_files([str(EXAMPLES / "astronaut.png")])
+    expect(page.locator("#id-photos img")).to_have_count(1)
+    page.locator("#prompt textarea").fill("a beautiful landscape with mountains at dawn")
+    page.locator("#generate").click()
+
+    error = page.locator(".toast-body", has_text="class word")
+    expect(error).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
+    expect(page.locator("#results .grid-container img")).to_have_count(0)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app_prompt_error.png"))
