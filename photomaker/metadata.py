@@ -10,7 +10,8 @@ import io
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin
 

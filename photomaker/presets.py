@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from photomaker.errors import InvalidRequestError, ModelLoadError
 
@@ -210,6 +211,7 @@ def apply_fast_preset(pipe: Any, preset: FastPreset, adapter_name: str = FAST_AD
     for the same reason and unfused again by `restore_standard_mode`.
     """
     import diffusers
+    from peft.utils.error import NoMatchingPeftModuleError
 
     scheduler_cls = getattr(diffusers, preset.scheduler)
     merged_before = _merged_adapters(pipe.unet)
@@ -219,20 +221,26 @@ def apply_fast_preset(pipe: Any, preset: FastPreset, adapter_name: str = FAST_AD
     source, weight_name = _lora_source(preset)
     kwargs = {"weight_name": weight_name} if weight_name else {}
     logger.info("Loading fast-mode LoRA %s (%s)", preset.key, preset.lora_path or preset.adapter_repo)
-    pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-    if adapter_name not in pipe.get_list_adapters().get("unet", []):
-        pipe.delete_adapters([adapter_name])
-        raise ModelLoadError(
-            f"The fast-mode LoRA of {preset.key!r} ({preset.lora_path or preset.adapter_repo}) has no weights "
-            "that match this UNet. Use an SDXL LoRA in diffusers, peft or kohya format."
-        )
-    unfused_active = [name for name in active_before if name not in merged_before and name != adapter_name]
-    if unfused_active:
-        pipe.fuse_lora(components=["unet"], adapter_names=unfused_active)
-    pipe.fuse_lora(components=["unet"], adapter_names=[adapter_name], lora_scale=preset.lora_scale)
-
+    mismatch = ModelLoadError(
+        f"The fast-mode LoRA of {preset.key!r} ({preset.lora_path or preset.adapter_repo}) has no weights that "
+        "match this UNet. Use an SDXL LoRA in diffusers, peft or kohya format."
+    )
     state = FastModeState(preset, adapter_name, pipe.scheduler, merged_before, active_before)
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **dict(preset.scheduler_overrides))
+    try:
+        pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+    except NoMatchingPeftModuleError as exc:
+        raise mismatch from exc
+    try:
+        if adapter_name not in pipe.get_list_adapters().get("unet", []):
+            raise mismatch
+        unfused_active = [name for name in active_before if name not in merged_before and name != adapter_name]
+        if unfused_active:
+            pipe.fuse_lora(components=["unet"], adapter_names=unfused_active)
+        pipe.fuse_lora(components=["unet"], adapter_names=[adapter_name], lora_scale=preset.lora_scale)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **dict(preset.scheduler_overrides))
+    except BaseException:
+        restore_standard_mode(pipe, state)  # a half-applied preset would break the next one
+        raise
     return state
 
 

@@ -67,8 +67,16 @@ def test_human_readable_chunk(tmp_path: Path, image: Image.Image) -> None:
     first, second, third = text.split("\n")
     assert first == PARAMS["prompt_used"]
     assert second == "Negative prompt: flat lighting blurry"
-    for part in ("Steps: 30", "Seed: 1234567", "Guidance: 4.5", "Style: Cinematic", "Size: 1024x768",
-                 "Fast: hyper-sd-8", "PhotoMaker: v1 (TencentARC/PhotoMaker)", "Identity similarity: 0.8123"):
+    for part in (
+        "Steps: 30",
+        "Seed: 1234567",
+        "Guidance: 4.5",
+        "Style: Cinematic",
+        "Size: 1024x768",
+        "Fast: hyper-sd-8",
+        "PhotoMaker: v1 (TencentARC/PhotoMaker)",
+        "Identity similarity: 0.8123",
+    ):
         assert part in third
 
 
@@ -107,8 +115,11 @@ def test_request_from_parameters_reproduces_the_request(image: Image.Image) -> N
     request = metadata.request_from_parameters(read, id_images=["me.jpg"])
     assert isinstance(request, GenerationRequest)
     assert request.id_images == ["me.jpg"]
-    assert (request.prompt, request.negative_prompt, request.style) == ("a woman img astronaut, ✨ 宇宙", "blurry",
-                                                                        "Cinematic")
+    assert (request.prompt, request.negative_prompt, request.style) == (
+        "a woman img astronaut, ✨ 宇宙",
+        "blurry",
+        "Cinematic",
+    )
     assert (request.seed, request.num_outputs, request.best_of) == (1234567, 1, 1)
     assert (request.width, request.height, request.aspect_ratio) == (1024, 768, PARAMS["aspect_ratio"])
     assert (request.num_steps, request.guidance_scale, request.style_strength) == (30, 4.5, 25.0)

@@ -43,8 +43,12 @@ def test_fast_preset_table_is_complete() -> None:
         "lcm-4": ("latent-consistency/lcm-lora-sdxl", "pytorch_lora_weights.safetensors", "LCMScheduler", 4),
         "hyper-sd-8": ("ByteDance/Hyper-SD", "Hyper-SDXL-8steps-CFG-lora.safetensors", "DDIMScheduler", 8),
         "hyper-sd-12": ("ByteDance/Hyper-SD", "Hyper-SDXL-12steps-CFG-lora.safetensors", "DDIMScheduler", 12),
-        "lightning-8": ("ByteDance/SDXL-Lightning", "sdxl_lightning_8step_lora.safetensors",
-                        "EulerDiscreteScheduler", 8),
+        "lightning-8": (
+            "ByteDance/SDXL-Lightning",
+            "sdxl_lightning_8step_lora.safetensors",
+            "EulerDiscreteScheduler",
+            8,
+        ),
     }
     assert presets.DEFAULT_FAST_PRESET in presets.FAST_PRESETS
     for preset in presets.FAST_PRESETS.values():
@@ -100,7 +104,7 @@ def test_with_weights_points_a_copy_at_a_local_file(tmp_path: Path) -> None:
 def tiny_pipe(tiny_models_dir: Path):
     from photomaker.pipeline import PhotoMakerStableDiffusionXLPipeline
 
-    pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(tiny_models_dir / "base", torch_dtype=torch.float32)
+    pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(tiny_models_dir / "base", dtype=torch.float32)
     pipe.load_photomaker_adapter(tiny_models_dir / "photomaker-v1.bin")
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -128,7 +132,9 @@ def test_apply_then_restore_fast_mode(tiny_pipe, tmp_path: Path) -> None:
     state = presets.apply_fast_preset(tiny_pipe, presets.FAST_PRESETS["lcm-4"].with_weights(lora))
     assert type(tiny_pipe.scheduler).__name__ == "LCMScheduler"
     assert presets.FAST_ADAPTER_NAME in tiny_pipe.get_list_adapters()["unet"]
-    during = {name.replace(".base_layer", ""): t for name, t in tiny_pipe.unet.state_dict().items() if "lora_" not in name}
+    during = {
+        name.replace(".base_layer", ""): t for name, t in tiny_pipe.unet.state_dict().items() if "lora_" not in name
+    }
     changed = [name for name in before if not torch.equal(before[name], during[name])]
     assert changed and all(".attn" in name for name in changed)  # the LoRA is in the attention weights
 
@@ -165,12 +171,13 @@ def test_fast_mode_next_to_an_unfused_photomaker_lora(tiny_models_dir: Path, tmp
     """With PhotoMaker kept as a live adapter, fast mode fuses both and restoring brings back the live adapter."""
     from photomaker.pipeline import PhotoMakerStableDiffusionXLPipeline
 
-    pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(tiny_models_dir / "base", torch_dtype=torch.float32)
+    pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(tiny_models_dir / "base", dtype=torch.float32)
     pipe.load_photomaker_adapter(tiny_models_dir / "photomaker-v1.bin", fuse=False)
     before = unet_weights(pipe)
 
-    state = presets.apply_fast_preset(pipe, presets.FAST_PRESETS["lcm-4"].with_weights(
-        write_fast_lora(tmp_path / "fast.safetensors")))
+    state = presets.apply_fast_preset(
+        pipe, presets.FAST_PRESETS["lcm-4"].with_weights(write_fast_lora(tmp_path / "fast.safetensors"))
+    )
     assert state.active_before == ("photomaker",) and state.merged_before == ()
     presets.restore_standard_mode(pipe, state)
 
@@ -180,3 +187,22 @@ def test_fast_mode_next_to_an_unfused_photomaker_lora(tiny_models_dir: Path, tmp
     assert after.keys() == before.keys()
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
+
+
+def test_lora_for_another_model_is_refused_and_nothing_changes(tiny_pipe, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file(
+        {
+            "unet.some.other.model.to_q.lora_A.weight": torch.zeros(4, 8),
+            "unet.some.other.model.to_q.lora_B.weight": torch.zeros(8, 4),
+        },
+        str(path),
+    )
+    scheduler = tiny_pipe.scheduler
+    before = unet_weights(tiny_pipe)
+    with pytest.raises(ModelLoadError, match="has no weights that match this UNet"):
+        presets.apply_fast_preset(tiny_pipe, presets.FAST_PRESETS["lcm-4"].with_weights(path))
+    assert tiny_pipe.scheduler is scheduler and not tiny_pipe.get_list_adapters().get("unet")
+    assert all(torch.equal(before[name], tensor) for name, tensor in unet_weights(tiny_pipe).items())

@@ -6,9 +6,20 @@ import re
 
 import pytest
 
-from aspect_ratio_template import ASPECT_RATIO_NAMES, ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, get_size
+from aspect_ratio_template import (
+    ASPECT_RATIO_NAMES,
+    ASPECT_RATIOS,
+    DEFAULT_ASPECT_RATIO,
+    get_size,
+)
 from photomaker.errors import InvalidRequestError
-from style_template import DEFAULT_STYLE_NAME, NO_STYLE_NAME, STYLE_NAMES, STYLES, apply_style
+from style_template import (
+    DEFAULT_STYLE_NAME,
+    NO_STYLE_NAME,
+    STYLE_NAMES,
+    STYLES,
+    apply_style,
+)
 
 
 def test_at_least_eleven_styles_plus_no_style_and_default() -> None:
