@@ -192,6 +192,14 @@ class WorkItem:
     missing: list[int]
 
 
+def make_output_dir(path: Path) -> None:
+    """Create the output folder (and its parents); say so plainly when that is impossible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidRequestError(f"cannot create the output folder {str(path)!r}: {error.strerror}.") from None
+
+
 def remaining_work(jobs: Sequence[Job], out_dir: Path) -> tuple[list[WorkItem], list[str]]:
     """(work to do, names of outputs already present). Must be computed before any process writes."""
     work, done = [], []
@@ -334,7 +342,6 @@ def run_batch(
     out_dir: str | os.PathLike[str],
     state: PartialState,
     make_generate: Callable[[], Generate],
-    show_progress: bool = True,
 ) -> BatchReport:
     """Run this process's share of the batch; return the merged report of all processes (on every process).
 
@@ -348,8 +355,7 @@ def run_batch(
 
     out = Path(out_dir)
     jobs = parse_jobs(jobs_file)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)  # in every process, so that a failure stops them all rather than one
     work, done = remaining_work(jobs, out)
     # Nobody writes before everyone has listed what is done: all processes then agree on `work`.
     state.wait_for_everyone()
@@ -368,7 +374,7 @@ def run_batch(
         report.fatal.append(f"{type(error).__name__}: {error}")
     else:
         with tqdm(total=total, unit="image", file=sys.stderr, desc="batch",
-                  disable=not (show_progress and state.is_main_process)) as bar:
+                  disable=not state.is_main_process) as bar:
 
             def on_output(path: Path) -> None:
                 print(path, flush=True)

@@ -231,6 +231,7 @@ def _free_path(out_dir: Path, seed: int) -> Path:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from photomaker.batch import make_output_dir
     from photomaker.metadata import save_png
     from photomaker.service import PhotoMakerService
 
@@ -239,7 +240,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # Check the request before the model loads, so a mistake is reported in a second, not after the load.
     service.validate(request)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     with ProgressBar() as bar:
         wait_until_loaded(service, bar)
         result: GenerationResult = service.generate(request, bar)
