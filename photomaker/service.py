@@ -757,7 +757,9 @@ class PhotoMakerService:
             pipe.vae.enable_tiling()
             pipe.vae.enable_slicing()
         if config.compile_unet:
-            pipe.unet.compile(mode="max-autotune-no-cudagraphs")
+            # In place (nn.Module.compile), so LoRA loading for fast mode still finds the UNet's own modules;
+            # the default mode, not CUDA graphs, because fast mode changes the weights between calls.
+            pipe.unet.compile()
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -19,6 +19,7 @@ from photomaker.errors import (
     ModelLoadError,
     PromptError,
 )
+from photomaker.faces.base import FaceAnalyzer
 from photomaker.service import (
     GenerationRequest,
     PhotoMakerService,
@@ -436,3 +437,67 @@ def test_best_of_keeps_the_most_similar(face_service: PhotoMakerService, monkeyp
     result = face_service.generate(request(id_images=[ASTRONAUT], num_outputs=2, best_of=2, seed=50))
     assert [item.seed for item in result.images] == [51, 52]
     assert [item.identity["similarity"] for item in result.images] == [0.9, 0.5]
+
+
+# ------------------------------------------------------------------------------------------ PhotoMaker v2
+
+
+class FakeArcFace(FaceAnalyzer):
+    """Stands in for the InsightFace models (not downloadable here): one centred face, a 512-d embedding."""
+
+    name = "insightface"
+    embedding_dim = 512
+    threshold_metric = "similarity"
+    same_person_threshold = 0.3
+    licence = "test only"
+
+    def detect(self, rgb: np.ndarray) -> list:
+        from photomaker.faces import Face
+
+        h, w = rgb.shape[:2]
+        points = np.array(
+            [[0.4 * w, 0.4 * h], [0.6 * w, 0.4 * h], [0.5 * w, 0.5 * h], [0.42 * w, 0.6 * h], [0.58 * w, 0.6 * h]],
+            dtype=np.float32,
+        )
+        return [Face((0.25 * w, 0.25 * h, 0.75 * w, 0.75 * h), 0.99, points)]
+
+    def embed(self, rgb: np.ndarray, face) -> np.ndarray:
+        return np.random.default_rng(int(rgb.mean() * 1000)).standard_normal(512).astype(np.float32)
+
+
+def test_v2_uses_face_embeddings(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import photomaker.faces
+
+    fake = FakeArcFace()
+    monkeypatch.setattr(photomaker.faces, "get_face_analyzer", lambda backend, model_dir=None: fake)
+    service = PhotoMakerService(ServiceConfig(tiny_dir=str(tiny_models_dir), pm_version=2, device="cpu"))
+    service.wait_ready(timeout=300)
+    assert service.pipeline.pm_version == 2 and service.config.resolved_face_backend == "insightface"
+    encoder = service.pipeline.id_encoder
+    seen: list[torch.Tensor | None] = []
+    original = encoder.encode_images
+    monkeypatch.setattr(
+        encoder, "encode_images", lambda pixels, embeds=None: (seen.append(embeds), original(pixels, embeds))[1]
+    )
+
+    photos = [small_photo(60), small_photo(61)]
+    result = service.generate(request(id_images=photos))
+    assert len(result.images) == 1 and metadata.read_parameters(result.images[0].image)["pm_version"] == 2
+    assert len(seen) == 1 and tuple(seen[0].shape) == (2, 512)  # one embedding per photo, in order
+    assert service.generate(request(id_images=photos, seed=8)).cache_hit and len(seen) == 1
+
+
+def test_missing_face_models_are_a_load_error_with_the_fix(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import photomaker.faces
+    from photomaker.errors import FaceModelUnavailableError
+
+    def unavailable(backend, model_dir=None):
+        raise FaceModelUnavailableError("buffalo_l models missing in /x; to fix: download buffalo_l.zip")
+
+    monkeypatch.setattr(photomaker.faces, "get_face_analyzer", unavailable)
+    service = PhotoMakerService(ServiceConfig(tiny_dir=str(tiny_models_dir), pm_version=2, device="cpu"))
+    with pytest.raises(ModelLoadError, match="Cannot load the face analyser: buffalo_l models missing .* to fix"):
+        service.wait_ready(timeout=300)
+    assert service.status().state == "error"
