@@ -6,21 +6,20 @@ All generation logic lives in the library; this file only builds the page and co
 
 from __future__ import annotations
 
-# `spaces` must be imported before torch so that ZeroGPU can patch CUDA placement.
-import spaces  # noqa: I001
-
 import argparse
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gradio as gr
+import spaces  # before anything imports torch (the photomaker modules below), so that ZeroGPU can patch CUDA
 from spaces.config import Config as SpacesConfig
 
 from aspect_ratio_template import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
-from photomaker import presets
+from photomaker import fault_injection, presets
 from photomaker.errors import PhotoMakerError
 from photomaker.faces import get_face_analyzer, prepare_id_photos
 from photomaker.images import MAX_UPLOAD_BYTES
@@ -45,6 +44,8 @@ FAST_MODE_OFF = "Off (standard sampling)"
 # ID encoding and face scoring amortised), generous so that a slow step does not cut a generation short.
 GPU_BASE_SECONDS = 20
 GPU_SECONDS_PER_STEP_MEGAPIXEL = 0.12
+# Uploads and results in Gradio's cache: checked every 30 minutes, deleted once older than an hour.
+CACHE_CLEANUP = (1800, 3600)
 
 TITLE = "PhotoMaker: your face in any picture"
 DESCRIPTION = """\
@@ -79,7 +80,7 @@ CSS = """
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configuration: CLI flags with environment-variable defaults
+# Configuration: CLI flags over environment variables
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -101,7 +102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--adapter", help="PhotoMaker checkpoint: Hub repo, folder or file; default: the official "
                                          "repo of --pm-version [PHOTOMAKER_ADAPTER]")
     model.add_argument("--pm-version", type=int, choices=(1, 2),
-                       help="PhotoMaker version; v2 needs the insightface face backend [PHOTOMAKER_VERSION, default 1]")
+                       help="PhotoMaker version; v2 needs the insightface face backend "
+                            "[PHOTOMAKER_VERSION, default 1]")
     model.add_argument("--device", help="cuda, cuda:N, mps or cpu; default: the best available [PHOTOMAKER_DEVICE]")
     model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                        help="weights dtype; default: float16 on GPU, bfloat16 on CPU [PHOTOMAKER_DTYPE]")
@@ -115,7 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             f"default ./{DEFAULT_TINY_DIR.name}). The outputs are noise [PHOTOMAKER_TINY_DIR]")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=_env("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to listen on; 0.0.0.0 for every interface [GRADIO_SERVER_NAME, default %(default)s]")
+                        help="address to listen on; 0.0.0.0 for every interface "
+                             "[GRADIO_SERVER_NAME, default %(default)s]")
     server.add_argument("--port", type=int, default=int(_env("GRADIO_SERVER_PORT", "7860")),
                         help="port [GRADIO_SERVER_PORT, default %(default)s]")
     server.add_argument("--share", action="store_true",
@@ -210,6 +213,8 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
 
         def report(step: int, total: int, description: str) -> None:
             progress((step, total), desc=description)
+        if tiny:  # test hook, honoured in --tiny mode only: PHOTOMAKER_FAULT_INJECT (photomaker/fault_injection.py)
+            report = fault_injection.inject(report)
 
         try:
             return service.generate(request, report)
@@ -239,8 +244,8 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         mix_strength: float = presets.MIX_STRENGTH_DEFAULT,
         fast_mode: str = "",
         best_of: int = 1,
-        width: int | None = None,
-        height: int | None = None,
+        width: int = 0,
+        height: int = 0,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[list, int, list, str]:
         """Generate images of the person in `id_photos`; returns (images with identity captions, seed used,
@@ -261,8 +266,8 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             crop_faces=bool(crop_faces),
             fast=fast_mode or None,
             best_of=best_of,
-            width=width,
-            height=height,
+            width=width or None,  # 0 or empty: the size comes from aspect_ratio
+            height=height or None,
         )
 
         if SpacesConfig.zero_gpu:
@@ -314,18 +319,18 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         }
         updates.update({randomize_seed: False, num_outputs: 1, best_of: 1, fast_mode: parameters.get("fast") or ""})
         size = (parameters.get("width"), parameters.get("height"))
-        custom = None not in size and size != ASPECT_RATIOS.get(parameters.get("aspect_ratio"))
-        updates.update({width: size[0] if custom else None, height: size[1] if custom else None})
-        made_with = (parameters.get("base_model"), parameters.get("pm_version"))
-        if made_with != (service.config.base_model, service.config.pm_version):
-            gr.Warning(
-                f"This image was made with {made_with[0]} and PhotoMaker v{made_with[1]}; this app runs "
-                f"{service.config.base_model} and PhotoMaker v{service.config.pm_version}, so the result will differ."
-            )
-        gr.Info("Settings restored from the PNG. Add the same ID photos and press Generate to remake it.")
+        aspect = parameters.get("aspect_ratio")
+        custom = None not in size and size != (ASPECT_RATIOS.get(aspect) if isinstance(aspect, str) else None)
+        updates.update({width: size[0] if custom else 0, height: size[1] if custom else 0})
+        made_with = f"{parameters.get('base_model')}, PhotoMaker v{parameters.get('pm_version')}"
+        if parameters.get("pm_version") != service.config.pm_version:
+            gr.Warning(f"This image was made with PhotoMaker v{parameters.get('pm_version')}; this app runs "
+                       f"v{service.config.pm_version}, so the result will differ.")
+        gr.Info(f"Settings restored from the PNG (made with {made_with}). Add the same ID photos and press "
+                "Generate to remake it.")
         return updates
 
-    with gr.Blocks(title="PhotoMaker", delete_cache=(1800, 3600)) as demo:
+    with gr.Blocks(title="PhotoMaker", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
         if tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
@@ -340,8 +345,8 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                     format="png", elem_id="id-photos",
                 )
                 crops = gr.Gallery(
-                    label="Faces that will be used", interactive=False, columns=4, height=170, object_fit="contain",
-                    format="png", elem_id="face-crops",
+                    label="Faces that will be used", interactive=False, columns=4, fit_columns=False, height=170,
+                    object_fit="contain", format="png", elem_id="face-crops",
                 )
                 prompt = gr.Textbox(
                     label="Prompt", lines=2, elem_id="prompt",
@@ -356,54 +361,64 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                         value=DEFAULT_ASPECT_RATIO, label="Output size",
                     )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Accordion("Advanced options", open=False):
+                with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
                     negative_prompt = gr.Textbox(label="Negative prompt", lines=2,
                                                  placeholder="what you do not want to see")
-                    num_steps = gr.Slider(label="Sampling steps", elem_id="num-steps", minimum=service.config.steps_min,
-                                          maximum=presets.STEPS_MAX, step=1, value=presets.STEPS_DEFAULT)
+                    num_steps = gr.Slider(
+                        label="Sampling steps", minimum=service.config.steps_min, maximum=presets.STEPS_MAX, step=1,
+                        value=presets.STEPS_DEFAULT, elem_id="num-steps",
+                    )
                     style_strength = gr.Slider(
                         label="Style strength (%)", minimum=presets.STYLE_STRENGTH_MIN,
                         maximum=presets.STYLE_STRENGTH_MAX, step=1, value=presets.STYLE_STRENGTH_DEFAULT,
                         info="Higher: more style and prompt; lower: more identity.",
                     )
-                    num_outputs = gr.Slider(label="Number of images", elem_id="num-outputs", minimum=presets.OUTPUTS_MIN, maximum=presets.OUTPUTS_MAX,
-                                            step=1, value=presets.OUTPUTS_DEFAULT)
+                    num_outputs = gr.Slider(
+                        label="Number of images", minimum=presets.OUTPUTS_MIN, maximum=presets.OUTPUTS_MAX, step=1,
+                        value=presets.OUTPUTS_DEFAULT, elem_id="num-outputs",
+                    )
                     guidance_scale = gr.Slider(label="Guidance scale", minimum=presets.GUIDANCE_MIN,
                                                maximum=presets.GUIDANCE_MAX, step=0.1,
                                                value=presets.GUIDANCE_DEFAULT)
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=0, precision=0, minimum=presets.SEED_MIN,
-                                         maximum=presets.SEED_MAX)
+                                         maximum=presets.SEED_MAX, elem_id="seed")
                         randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
                     crop_faces = gr.Checkbox(label="Crop to the face", value=True,
                                              info="Off: use the whole photos as they are.")
-                    fast_mode = gr.Dropdown([(FAST_MODE_OFF, "")] + [(p.label, p.key) for p in presets.FAST_PRESETS.values()], value="",
-                                            label="Fast mode", info="Few-step sampling presets.")
-                    best_of = gr.Slider(label="Best of N", minimum=presets.BEST_OF_MIN, maximum=presets.BEST_OF_MAX, step=1,
-                                        value=1, info="Make N candidates per image, keep the most similar face.")
+                    fast_mode = gr.Dropdown(
+                        [(FAST_MODE_OFF, "")] + [(fast.label, fast.key) for fast in presets.FAST_PRESETS.values()],
+                        value="", label="Fast mode", info="Few-step LoRA presets: much faster, slightly less detail.",
+                    )
+                    best_of = gr.Slider(
+                        label="Best of N", minimum=presets.BEST_OF_MIN, maximum=presets.BEST_OF_MAX, step=1, value=1,
+                        info="Make N candidates per image and keep the one whose face is most similar.",
+                    )
                     with gr.Row():
-                        width = gr.Number(label="Custom width", value=None, precision=0, minimum=presets.SIZE_MIN,
+                        width = gr.Number(label="Custom width", value=0, precision=0, minimum=0,
                                           maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="width",
-                                          info=f"Empty: from Output size. A multiple of {presets.SIZE_MULTIPLE}.")
-                        height = gr.Number(label="Custom height", value=None, precision=0, minimum=presets.SIZE_MIN,
+                                          info=f"0: from Output size. A multiple of {presets.SIZE_MULTIPLE}.")
+                        height = gr.Number(label="Custom height", value=0, precision=0, minimum=0,
                                            maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="height",
-                                           info="Set both width and height to use a custom size.")
+                                           info="Set both to use a custom size.")
                     gr.Markdown("**Identity mixing**: photos of a second person, blended with the first.")
                     mix_photos = gr.Gallery(label="Second person's photos (optional)", type="filepath",
                                             interactive=True, file_types=["image"], columns=4, height=130,
                                             format="png")
-                    mix_strength = gr.Slider(label="Mix (0 = first person only, 1 = second person only)",
-                                             minimum=presets.MIX_STRENGTH_MIN, maximum=presets.MIX_STRENGTH_MAX, step=0.05,
-                                             value=presets.MIX_STRENGTH_DEFAULT)
-                with gr.Accordion("Reproduce from a PNG", open=False):
-                    png_file = gr.File(label="A PNG made by this app", file_types=[".png"], type="filepath")
+                    mix_strength = gr.Slider(
+                        label="Mix (0 = first person only, 1 = second person only)", minimum=presets.MIX_STRENGTH_MIN,
+                        maximum=presets.MIX_STRENGTH_MAX, step=0.05, value=presets.MIX_STRENGTH_DEFAULT,
+                    )
+                with gr.Accordion("Reproduce from a PNG", open=False, elem_id="reproduce"):
+                    png_file = gr.File(label="A PNG made by this app", file_types=[".png"], type="filepath",
+                                       elem_id="png-file")
             with gr.Column(scale=1):
                 results = gr.Gallery(
                     label="Results", format="png", columns=2, height="auto", interactive=False,
                     buttons=["download", "fullscreen"], elem_id="results",
                 )
-                with gr.Row():
-                    seed_used = gr.Number(label="Seed used", value=None, precision=0, interactive=False, elem_id="seed-used")
+                with gr.Row(visible=False) as seed_row:  # shown once there is a result
+                    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
                     reuse_seed = gr.Button("Reuse this seed", size="sm")
                 notes = gr.Markdown(elem_id="notes")
                 gr.Markdown(TIPS)
@@ -422,7 +437,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             example_labels=[
                 "Astronaut on the moon (photographic)",
                 "Grace Hopper at a mainframe (cinematic)",
-                "Identity mixing: astronaut + Grace Hopper as a knight (fantasy art)",
+                "Mixing astronaut + Grace Hopper: a knight",
             ],
             inputs=[id_photos, mix_photos, prompt, style],
         )
@@ -437,18 +452,21 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                            num_outputs, guidance_scale, seed, randomize_seed, crop_faces, mix_photos,
                            mix_strength, fast_mode, best_of, width, height]
         generate_outputs = [results, seed_used, crops, notes]
-        gr.on([generate_button.click, prompt.submit], generate, generate_inputs, generate_outputs,
-              api_name="generate")
+        generation = gr.on([generate_button.click, prompt.submit], generate, generate_inputs, generate_outputs,
+                           api_name="generate", show_progress_on=results)
+        generation.success(lambda: gr.Row(visible=True), None, seed_row, api_visibility="private", queue=False)
 
-        demo.load(model_status, None, [status_line, status_timer], api_visibility="private")
-        status_timer.tick(model_status, None, [status_line, status_timer], api_visibility="private",
+        # Status polls skip the queue: they are instant, and must not take places a generation could use.
+        demo.load(model_status, None, [status_line, status_timer], api_visibility="private", queue=False)
+        status_timer.tick(model_status, None, [status_line, status_timer], api_visibility="private", queue=False,
                           show_progress="hidden")
         gr.on([id_photos.change, crop_faces.change], preview_crops, [id_photos, crop_faces], crops,
               api_visibility="private", show_progress="minimal")
         png_file.upload(reproduce, png_file,
                         [*restorable.values(), randomize_seed, num_outputs, best_of, fast_mode, width, height],
                         api_visibility="private")
-        reuse_seed.click(lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private")
+        reuse_seed.click(lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private",
+                         queue=False)
     return demo
 
 

@@ -28,9 +28,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Sequence
 
 import pytest
 
@@ -74,7 +74,7 @@ class AppServer:
         env: dict[str, str] | None = None,
         work_dir: str | Path | None = None,
         timeout: float = START_TIMEOUT_S,
-    ) -> "AppServer":
+    ) -> AppServer:
         """Start ``python app.py --tiny [tiny_dir] --port N`` offline and wait until the page answers.
 
         ``work_dir`` holds the log and Gradio's upload/output cache (``GRADIO_TEMP_DIR``), so tests can check
@@ -162,7 +162,7 @@ class AppServer:
                 self.process.wait(timeout)
         log.info("stopped app.py (pid %d)", self.process.pid)
 
-    def __enter__(self) -> "AppServer":
+    def __enter__(self) -> AppServer:
         return self
 
     def __exit__(

@@ -16,7 +16,7 @@ from PIL import Image
 from photomaker.metadata import read_parameters
 
 pytest.register_assert_rewrite("app_server")
-from app_server import AppServer, photos_payload  # noqa: E402
+from app_server import AppServer, photos_payload
 
 pytest_plugins = ["app_server"]
 
@@ -107,8 +107,9 @@ BAD_INPUTS = {
     "guidance too high": (dict(guidance_scale=50), r"50"),
     "guidance negative": (dict(guidance_scale=-1), r"-1"),
     "unknown style": (dict(style="Baroque Nightmare"), r"Baroque Nightmare"),
-    "unknown aspect ratio": (dict(aspect_ratio="Square (1:1)", width=None, height=None), r"Square \(1:1\)"),
+    "unknown aspect ratio": (dict(aspect_ratio="Square (1:1)", width=0, height=0), r"Square \(1:1\)"),
     "size not a multiple of 8": (dict(width=100), r"multiple of 8"),
+    "size too small": (dict(width=16), r"width.*16"),
     "no class word": (dict(prompt="a beautiful landscape with mountains"), r"class word"),
     "two triggers": (dict(prompt="a man img and a woman img"), r"img"),
     "empty prompt": (dict(prompt="   "), r"[Pp]rompt"),

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from photomaker.metadata import read_parameters
+
 pytest.register_assert_rewrite("app_server")
-from app_server import REPO_ROOT, AppServer  # noqa: E402
+from app_server import REPO_ROOT, AppServer
 
 pytest_plugins = ["app_server"]
 
@@ -72,7 +74,7 @@ def test_upload_two_photos_generate_shows_images_and_seed(page) -> None:
     expect(page.locator("#face-crops img")).to_have_count(2, timeout=60_000)  # the crops preview
 
     page.locator("#prompt textarea").fill("a photo of a woman img as an astronaut, studio portrait")
-    page.get_by_text("Advanced options").click()
+    page.locator("#advanced").get_by_text("Advanced options").click()
     type_number(page, "num-outputs", 3)
     # The tiny CPU models are quick only when small: 2 steps (allowed in --tiny mode) at 128x128.
     type_number(page, "num-steps", 2)
@@ -102,3 +104,27 @@ def test_prompt_without_class_word_shows_its_error(page) -> None:
     expect(page.locator("#results .grid-container img")).to_have_count(0)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app_prompt_error.png"))
+
+
+def test_png_download_restores_its_settings(page, app_server: AppServer) -> None:
+    from gradio_client import handle_file
+    from playwright.sync_api import expect
+
+    images, _, _, _ = app_server.client().predict(
+        id_photos=[{"image": handle_file(str(EXAMPLES / "astronaut.png"))}],
+        prompt="a photo of a woman img on a sailing boat", negative_prompt="rain", style="Cinematic",
+        aspect_ratio="Instagram (1:1)", num_steps=3, style_strength=30, num_outputs=2, guidance_scale=7.5,
+        seed=99, randomize_seed=False, width=64, height=64, api_name="/generate",
+    )
+    second = images[1]["image"]  # a downloaded result; image k of a request was made from seed + k
+    stored_seed = read_parameters(second)["seed"]
+    assert stored_seed in (99, 100)
+    page.locator("#reproduce").get_by_text("Reproduce from a PNG").click()
+    page.locator("#png-file input[type=file]").set_input_files(second)
+
+    expect(page.locator("#prompt textarea")).to_have_value("a photo of a woman img on a sailing boat")
+    page.locator("#advanced").get_by_text("Advanced options").click()
+    expect(page.locator("#num-steps input[type=number]")).to_have_value("3")
+    expect(page.locator("#num-outputs input[type=number]")).to_have_value("1")
+    expect(page.locator("#width input[type=number]")).to_have_value("64")
+    expect(page.locator("#seed input[type=number]")).to_have_value(str(stored_seed))
