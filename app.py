@@ -114,7 +114,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             "[PHOTOMAKER_FACE_BACKEND]")
     model.add_argument("--tiny", nargs="?", const=str(DEFAULT_TINY_DIR), metavar="DIR",
                        help="offline test mode on tiny random-weight models kept in DIR (written if missing; "
-                            f"default ./{DEFAULT_TINY_DIR.name}). The outputs are noise [PHOTOMAKER_TINY_DIR]")
+                            f"default {DEFAULT_TINY_DIR.name}/ next to app.py). The outputs are noise "
+                            "[PHOTOMAKER_TINY_DIR]")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=_env("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on; 0.0.0.0 for every interface "

@@ -91,6 +91,19 @@ def test_upload_two_photos_generate_shows_images_and_seed(page) -> None:
     page.screenshot(path=str(ARTIFACTS / "app_generate.png"), full_page=True)
 
 
+def test_removing_a_photo_updates_the_face_preview(page) -> None:
+    from playwright.sync_api import expect
+
+    page.locator("#id-photos input[type=file]").set_input_files(
+        [str(EXAMPLES / "astronaut.png"), str(EXAMPLES / "grace_hopper.jpg")]
+    )
+    expect(page.locator("#face-crops img")).to_have_count(2, timeout=60_000)
+    page.locator("#id-photos img").first.hover()
+    page.locator("#id-photos").get_by_role("button", name="Delete image").first.click()
+    expect(page.locator("#id-photos img")).to_have_count(1)
+    expect(page.locator("#face-crops img")).to_have_count(1, timeout=60_000)
+
+
 def test_prompt_without_class_word_shows_its_error(page) -> None:
     from playwright.sync_api import expect
 
@@ -102,6 +115,7 @@ def test_prompt_without_class_word_shows_its_error(page) -> None:
     error = page.locator(".toast-body", has_text="class word")
     expect(error).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
     expect(page.locator("#results .grid-container img")).to_have_count(0)
+    page.wait_for_timeout(800)  # let the message finish fading in before the screenshot
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app_prompt_error.png"))
 
