@@ -16,7 +16,7 @@ from PIL import Image
 from photomaker.metadata import read_parameters
 
 pytest.register_assert_rewrite("app_server")
-from app_server import AppServer, photos_payload
+from app_server import AppServer, photos_payload  # noqa: E402 (after register_assert_rewrite)
 
 pytest_plugins = ["app_server"]
 

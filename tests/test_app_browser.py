@@ -14,7 +14,7 @@ import pytest
 from photomaker.metadata import read_parameters
 
 pytest.register_assert_rewrite("app_server")
-from app_server import REPO_ROOT, AppServer
+from app_server import REPO_ROOT, AppServer  # noqa: E402 (after register_assert_rewrite)
 
 pytest_plugins = ["app_server"]
 
