@@ -21,6 +21,7 @@ import re
 import secrets
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -943,6 +944,10 @@ class PhotoMakerService:
             try:
                 return self._run(plan, progress)
             except BaseException as exc:
+                # The traceback's finished frames hold every tensor of the failed run (latents, activations, the
+                # allocation that failed); whoever receives the error keeps them alive, so clear them before freeing.
+                for error in _chain(exc):
+                    traceback.clear_frames(error.__traceback__)
                 self._free_memory()
                 if _is_out_of_memory(exc):
                     raise InvalidRequestError(
