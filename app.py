@@ -363,7 +363,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                     )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
-                    negative_prompt = gr.Textbox(label="Negative prompt", lines=2,
+                    negative_prompt = gr.Textbox(label="Negative prompt", value="", lines=2,
                                                  placeholder="what you do not want to see")
                     num_steps = gr.Slider(
                         label="Sampling steps", minimum=service.config.steps_min, maximum=presets.STEPS_MAX, step=1,
