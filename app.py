@@ -10,12 +10,14 @@ import argparse
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import spaces  # before anything imports torch (the photomaker modules below), so that ZeroGPU can patch CUDA
+from gradio import processing_utils
 from spaces.config import Config as SpacesConfig
 
 from aspect_ratio_template import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
@@ -35,6 +37,32 @@ from photomaker.service import (
 from style_template import DEFAULT_STYLE_NAME, STYLE_NAMES
 
 log = logging.getLogger("photomaker.app")
+
+
+def _save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """Gradio's `processing_utils.save_pil_to_cache`, but written under a temporary name and renamed into place.
+
+    Gradio 6 rewrites an image output in place at a path named by its content hash, so when two requests return
+    the same picture (the face crop of the same example photo) one request truncates the file while another
+    client is downloading it, and that client fails ("peer closed connection ... received 0 bytes"). Gradio's
+    `save_file_to_cache` already writes this way.
+    """
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    handle, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return str(path)
+
+
+processing_utils.save_pil_to_cache = _save_pil_to_cache_atomically
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
