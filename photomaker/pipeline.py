@@ -259,9 +259,12 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _warn_dropped(self, tokenizer, ids: list[int], dropped: int) -> None:
+        """Log the words cut from the end of a prompt; `ids` is the tokenizer's full, untruncated output."""
         if dropped:
             cut = tokenizer.decode(ids[-1 - dropped:-1])
-            logger.warning("The prompt is longer than %d tokens; this end was cut: %r", len(ids) - dropped, cut)
+            logger.warning(
+                "The prompt is longer than %d tokens; this end was cut: %r", tokenizer.model_max_length, cut
+            )
 
     def _surgery(
         self, prompts: list[str], num_id_tokens: int
@@ -278,7 +281,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                     ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=eos_id, pad_id=pad_id,
                     max_length=max_length, trigger_word=self.trigger_word, prompt=prompt, decode=tokenizer.decode,
                 )
-                self._warn_dropped(tokenizer, expanded.input_ids, expanded.num_dropped_tokens)
+                self._warn_dropped(tokenizer, ids, expanded.num_dropped_tokens)
                 text_only, _ = pad_or_truncate(
                     remove_trigger(ids, trigger_id), eos_id=eos_id, pad_id=pad_id, max_length=max_length
                 )
