@@ -383,3 +383,16 @@ def test_catalogue_is_complete() -> None:
     assert sum(not case.accepted for case in CASES.values()) >= 25
     used = {name for case in CASES.values() for name in case.fields.get("id_images", [])}
     assert set(bad_inputs.BUILDERS) <= used
+
+
+def test_cut_prompt_is_logged_with_the_real_token_limit(
+    library_service: PhotoMakerService, photos: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prompt longer than SDXL's 77 tokens is cut at the end; the log says where, with the right numbers."""
+    with caplog.at_level("WARNING", logger="photomaker.pipeline"):
+        run_library(library_service, {"prompt": ALLOWED_LONG_PROMPT}, photos, seed=9)
+    cut = [record.getMessage() for record in caplog.records if "this end was cut" in record.getMessage()]
+    assert cut, "a cut prompt was not logged"
+    assert all(message.startswith("The prompt is longer than 77 tokens; this end was cut: ") for message in cut), cut
+    # The words that were dropped: the end of the styled prompt, not its beginning.
+    assert all("skin texture" in message and "startoftext" not in message for message in cut), cut
