@@ -8,7 +8,6 @@ server's memory is back near its baseline and temporary files stay within the ap
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -103,9 +102,9 @@ def test_forty_concurrent_calls_complete_or_are_told_the_queue_is_full(robust_se
             client.close()
 
 
-def test_the_app_declares_a_cache_policy(tiny_models_dir: Path) -> None:
+def test_the_app_declares_a_cache_policy(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Uploads and outputs are deleted on a schedule (and at shutdown): Gradio's delete_cache is set and bounded."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     import app
     from photomaker.service import PhotoMakerService, ServiceConfig
 
