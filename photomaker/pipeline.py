@@ -243,6 +243,15 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             )
         return self.id_encoder
 
+    @staticmethod
+    def _as_photo_list(input_id_images: Any) -> list:
+        """One photo or many (a list, or a tensor batch [N,C,H,W]) as a list of photos."""
+        if isinstance(input_id_images, torch.Tensor) and input_id_images.ndim == 4:
+            return list(input_id_images)
+        if isinstance(input_id_images, (str, bytes)) or not isinstance(input_id_images, Sequence):
+            return [input_id_images]
+        return list(input_id_images)
+
     @torch.no_grad()
     def encode_id_images(
         self,
@@ -260,10 +269,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         from .images import load_image  # light; kept local so the module imports fast
 
         id_encoder = self._require_adapter()
-        if isinstance(input_id_images, torch.Tensor) and input_id_images.ndim == 4:
-            input_id_images = list(input_id_images)
-        if isinstance(input_id_images, (str, bytes)) or not isinstance(input_id_images, Sequence):
-            input_id_images = [input_id_images]
+        input_id_images = self._as_photo_list(input_id_images)
         if len(input_id_images) == 0:
             raise IDImageError("No ID photos were given: pass at least one photo of the person.")
         images = [load_image(image, name=f"ID photo {i + 1}") for i, image in enumerate(input_id_images)]
@@ -296,19 +302,20 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     def _pad_id(tokenizer) -> int:
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def _warn_dropped(self, tokenizer, ids: list[int], dropped: int) -> None:
-        """Log the words cut from the end of a prompt; `ids` is the tokenizer's full, untruncated output."""
-        if dropped:
-            cut = tokenizer.decode(ids[-1 - dropped:-1])
-            logger.warning(
-                "The prompt is longer than %d tokens; this end was cut: %r", tokenizer.model_max_length, cut
-            )
+    @staticmethod
+    def _dropped_note(tokenizer, ids: list[int], dropped: int) -> str | None:
+        """What a too-long prompt loses at its end; `ids` is the tokenizer's full, untruncated output."""
+        if not dropped:
+            return None
+        cut = tokenizer.decode(ids[-1 - dropped:-1])
+        return f"The prompt is longer than {tokenizer.model_max_length} tokens; these last words were cut: {cut!r}"
 
     def _surgery(
         self, prompts: list[str], num_id_tokens: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per tokenizer: ids with class copies [B,77], their mask [B,77], and text-only ids [B,77]."""
-        id_ids, masks, text_ids = [], [], []
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[str]]:
+        """Per tokenizer: ids with class copies [B,77], their mask [B,77], text-only ids [B,77]; and notes on
+        words cut from too-long prompts."""
+        id_ids, masks, text_ids, notes = [], [], [], []
         for tokenizer, batch in zip(self._tokenizers(), prompts):
             trigger_id = tokenizer.convert_tokens_to_ids(self.trigger_word)
             eos_id, pad_id = tokenizer.eos_token_id, self._pad_id(tokenizer)
@@ -319,7 +326,9 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                     ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=eos_id, pad_id=pad_id,
                     max_length=max_length, trigger_word=self.trigger_word, prompt=prompt, decode=tokenizer.decode,
                 )
-                self._warn_dropped(tokenizer, ids, expanded.num_dropped_tokens)
+                note = self._dropped_note(tokenizer, ids, expanded.num_dropped_tokens)
+                if note and note not in notes:
+                    notes.append(note)
                 text_only, _ = pad_or_truncate(
                     remove_trigger(ids, trigger_id), eos_id=eos_id, pad_id=pad_id, max_length=max_length
                 )
@@ -329,7 +338,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             id_ids.append(torch.tensor(rows_ids))
             masks.append(torch.tensor(rows_mask, dtype=torch.bool))
             text_ids.append(torch.tensor(rows_text))
-        return id_ids, masks, text_ids
+        return id_ids, masks, text_ids, notes
 
     def _tokenizers(self) -> list:
         return [self.tokenizer, self.tokenizer_2]
@@ -346,12 +355,17 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             pooled = output[0]  # the last encoder (text_encoder_2) gives SDXL's pooled text embedding
         return hidden, pooled
 
-    def check_prompt(self, prompt: str | list[str], prompt_2: PromptInput = None, num_id_images: int = 1) -> None:
-        """Raise `PromptError` now, before any model runs, if the prompt cannot be used with these photos."""
+    def check_prompt(
+        self, prompt: str | list[str], prompt_2: PromptInput = None, num_id_images: int = 1
+    ) -> list[str]:
+        """Raise `PromptError` now, before any model runs, if the prompt cannot be used with these photos.
+
+        Returns notes for the user (words a too-long prompt loses), so that nothing is dropped silently.
+        """
         self._require_adapter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
-        self._surgery([prompts, prompts_2], num_id_images * self.id_encoder.tokens_per_image)
+        return self._surgery([prompts, prompts_2], num_id_images * self.id_encoder.tokens_per_image)[3]
 
     @torch.no_grad()
     def encode_photomaker_prompt(
@@ -374,7 +388,9 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
         if len(prompts_2) != len(prompts):
             raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}.")
-        id_ids, masks, text_ids = self._surgery([prompts, prompts_2], id_encoding.num_id_tokens)
+        id_ids, masks, text_ids, notes = self._surgery([prompts, prompts_2], id_encoding.num_id_tokens)
+        for note in notes:
+            logger.warning(note)
 
         hidden, pooled = self._encode_ids(id_ids, device, clip_skip)
         batch = len(prompts)
@@ -545,9 +561,9 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         if isinstance(input_id_images, IDEncoding):
             id_encoding = input_id_images
         else:
+            input_id_images = self._as_photo_list(input_id_images)
             if prompt is not None:  # refuse a bad prompt before spending time on the photos
-                self.check_prompt(prompt, prompt_2, len(input_id_images) if isinstance(input_id_images, Sequence)
-                                  and not isinstance(input_id_images, (str, bytes)) else 1)
+                self.check_prompt(prompt, prompt_2, len(input_id_images))
             id_encoding = self.encode_id_images(input_id_images, id_embeds)
         weights = None
         if id_weights is not None:

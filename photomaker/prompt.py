@@ -152,6 +152,21 @@ def add_trigger_token(tokenizer, trigger_word: str = DEFAULT_TRIGGER_WORD) -> in
     return tokenizer.convert_tokens_to_ids(trigger_word)
 
 
+def check_prompt_text(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> None:
+    """The token-level checks of `expand_class_tokens`, on the user's own text, before any model runs.
+
+    Run it before a style template wraps the prompt: a template's last word ("... of {prompt}") must not
+    become the class word of a prompt that starts with the trigger.
+    """
+    occurrences = list(re.finditer(rf"(?<![\w]){re.escape(trigger_word)}(?![\w])", prompt))
+    find_trigger([0] * len(occurrences), 0, trigger_word=trigger_word, prompt=prompt)
+    if not re.search(r"\w", prompt[: occurrences[0].start()]):
+        raise PromptError(
+            f"The trigger word '{trigger_word}' must follow a class word that names the subject, "
+            f"e.g. \"a man {trigger_word}\" or \"a woman {trigger_word}\"; here nothing comes before it."
+        )
+
+
 def has_trigger_word(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> bool:
     """Whether ``prompt`` contains the trigger as a word of its own (case-sensitive, like the tokenizer)."""
     return re.search(rf"(?<![\w]){re.escape(trigger_word)}(?![\w])", prompt) is not None

@@ -45,7 +45,7 @@ from photomaker.errors import (
     PromptError,
 )
 from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image
-from photomaker.prompt import DEFAULT_TRIGGER_WORD, find_trigger, insert_trigger_word
+from photomaker.prompt import DEFAULT_TRIGGER_WORD, check_prompt_text, insert_trigger_word
 
 logger = logging.getLogger(__name__)
 
@@ -388,13 +388,6 @@ def _clean_text(name: str, value: Any, warnings: list[str]) -> str:
             "the first 77 tokens (about 60 words), so shorten it to the words that matter."
         )
     return cleaned.strip()
-
-
-def _check_trigger_count(prompt: str, trigger_word: str) -> None:
-    """Refuse a prompt with no trigger or several, using the pipeline's own messages, before any model runs."""
-    occurrences = re.findall(rf"(?<![\w]){re.escape(trigger_word)}(?![\w])", prompt)
-    # find_trigger works on token ids; one marker per whole-word occurrence gives it the same count.
-    find_trigger([1] * len(occurrences), 1, trigger_word=trigger_word, prompt=prompt)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -798,8 +791,8 @@ class PhotoMakerService:
         prompt, note = insert_trigger_word(prompt, config.trigger_word)
         if note:
             warnings.append(note)
+        check_prompt_text(prompt, config.trigger_word)
         positive, full_negative = style_template.apply_style(request.style, prompt, negative)
-        _check_trigger_count(positive, config.trigger_word)
         width, height = self._validate_size(request)
 
         fast = None
@@ -1041,7 +1034,7 @@ class PhotoMakerService:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         num_photos = len(plan.id_images) + len(plan.mix_images)
-        pipe.check_prompt(plan.positive, num_id_images=num_photos)
+        prompt_notes = pipe.check_prompt(plan.positive, num_id_images=num_photos)
         self._set_fast_mode(pipe, plan.fast)
 
         report = progress or (lambda step, total, description: None)
@@ -1105,7 +1098,7 @@ class PhotoMakerService:
         return GenerationResult(
             images=images,
             seed=plan.seed,
-            warnings=plan.warnings + entry.warnings,
+            warnings=plan.warnings + prompt_notes + entry.warnings,
             prompt_used=plan.positive,
             crops=list(entry.crops),
             negative_prompt_used=plan.negative,

@@ -131,3 +131,17 @@ def test_has_trigger_word_matches_whole_words_only():
     assert has_trigger_word("a man img, smiling")
     assert not has_trigger_word("a man on imgur")
     assert not has_trigger_word("a man Img")
+
+
+def test_text_check_runs_before_any_model():
+    from photomaker.prompt import check_prompt_text
+
+    check_prompt_text("a man img smiling")
+    with pytest.raises(PromptError, match="must follow a class word"):
+        check_prompt_text("img smiling")
+    with pytest.raises(PromptError, match="must follow a class word"):
+        check_prompt_text(", img smiling")
+    with pytest.raises(PromptError, match="'img' 2 times"):
+        check_prompt_text("a man img and a woman img")
+    with pytest.raises(PromptError, match="no trigger word 'img'.*'man'"):
+        check_prompt_text("a man on imgur")

@@ -137,6 +137,10 @@ CASES: dict[str, Case] = {
         {"prompt": "img in a garden", "style": "(No style)"},
         r"The trigger word 'img' must follow a class word that names the subject.*nothing comes before it",
     ),
+    "trigger with no class word, inside a style template": Case(
+        {"prompt": "img in a garden"},
+        r"The trigger word 'img' must follow a class word that names the subject.*nothing comes before it",
+    ),
     "neither class word nor trigger": Case(
         {"prompt": "a beautiful landscape at dawn"}, r"The prompt has no trigger word 'img', so the ID photos"
     ),
@@ -385,14 +389,17 @@ def test_catalogue_is_complete() -> None:
     assert set(bad_inputs.BUILDERS) <= used
 
 
-def test_cut_prompt_is_logged_with_the_real_token_limit(
+def test_cut_prompt_is_told_to_the_user_and_logged_with_the_real_token_limit(
     library_service: PhotoMakerService, photos: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A prompt longer than SDXL's 77 tokens is cut at the end; the log says where, with the right numbers."""
+    """A prompt longer than SDXL's 77 tokens is cut at the end; the user and the log are told which words went."""
     with caplog.at_level("WARNING", logger="photomaker.pipeline"):
-        run_library(library_service, {"prompt": ALLOWED_LONG_PROMPT}, photos, seed=9)
-    cut = [record.getMessage() for record in caplog.records if "this end was cut" in record.getMessage()]
-    assert cut, "a cut prompt was not logged"
-    assert all(message.startswith("The prompt is longer than 77 tokens; this end was cut: ") for message in cut), cut
-    # The words that were dropped: the end of the styled prompt, not its beginning.
-    assert all("skin texture" in message and "startoftext" not in message for message in cut), cut
+        outcome = run_library(library_service, {"prompt": ALLOWED_LONG_PROMPT}, photos, seed=9)
+    expected_start = "The prompt is longer than 77 tokens; these last words were cut: "
+    logged = [record.getMessage() for record in caplog.records if "last words were cut" in record.getMessage()]
+    told = [line for line in outcome.warnings.splitlines() if "last words were cut" in line]
+    assert logged and told, (logged, outcome.warnings)
+    for message in logged + told:
+        assert message.startswith(expected_start), message
+        # The words that were dropped: the end of the styled prompt, not its beginning.
+        assert "skin texture" in message and "startoftext" not in message, message
