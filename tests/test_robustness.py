@@ -80,11 +80,11 @@ def _range(name: str, low: float, high: float, got: str) -> str:
 
 
 def _gradio_low(value: str, low: str) -> str:
-    return re.escape(f"Value {value} is less than minimum value {low}.")
+    return r"^[A-Z][^:]+: " + re.escape(f"Value {value} is less than minimum value {low}.")
 
 
 def _gradio_high(value: str, high: str) -> str:
-    return re.escape(f"Value {value} is greater than maximum value {high}.")
+    return r"^[A-Z][^:]+: " + re.escape(f"Value {value} is greater than maximum value {high}.")
 
 
 CASES: dict[str, Case] = {
