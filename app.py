@@ -65,27 +65,22 @@ def _save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image",
 processing_utils.save_pil_to_cache = _save_pil_to_cache_atomically
 
 
-class _NamesItselfInErrors:
+def named_in_errors(component: gr.components.Component) -> gr.components.Component:
     """Gradio checks slider, number and dropdown values sent through the API before any app code runs, with
-    messages such as "Value 0 is less than minimum value 1."; prefix the control's label so the user knows which."""
+    messages such as "Value 0 is less than minimum value 1."; prefix the control's label so the user knows which.
 
-    def preprocess(self, payload: Any) -> Any:
+    Wraps the instance's method: subclassing a Gradio component would make Gradio write an `app.pyi` file.
+    """
+    check = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
         try:
-            return super().preprocess(payload)
+            return check(payload)
         except gr.Error as error:
-            raise gr.Error(f"{self.label}: {error.message}") from error
+            raise gr.Error(f"{component.label}: {error.message}") from error
 
-
-class Slider(_NamesItselfInErrors, gr.Slider):
-    pass
-
-
-class Number(_NamesItselfInErrors, gr.Number):
-    pass
-
-
-class Dropdown(_NamesItselfInErrors, gr.Dropdown):
-    pass
+    component.preprocess = preprocess
+    return component
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
@@ -407,8 +402,8 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                     placeholder="portrait photo of a woman img, golden hour, 85mm",
                 )
                 with gr.Row():
-                    style = Dropdown(STYLE_NAMES, value=DEFAULT_STYLE_NAME, label="Style template")
-                    aspect_ratio = Dropdown(
+                    style = gr.Dropdown(STYLE_NAMES, value=DEFAULT_STYLE_NAME, label="Style template")
+                    aspect_ratio = gr.Dropdown(
                         [(f"{name} ({w}×{h})", name) for name, (w, h) in ASPECT_RATIOS.items()],
                         value=DEFAULT_ASPECT_RATIO, label="Output size",
                     )
@@ -416,48 +411,48 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                 with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
                     negative_prompt = gr.Textbox(label="Negative prompt", value="", lines=2,
                                                  placeholder="what you do not want to see")
-                    num_steps = Slider(
+                    num_steps = gr.Slider(
                         label="Sampling steps", minimum=service.config.steps_min, maximum=presets.STEPS_MAX, step=1,
                         value=presets.STEPS_DEFAULT, elem_id="num-steps",
                     )
-                    style_strength = Slider(
+                    style_strength = gr.Slider(
                         label="Style strength (%)", minimum=presets.STYLE_STRENGTH_MIN,
                         maximum=presets.STYLE_STRENGTH_MAX, step=1, value=presets.STYLE_STRENGTH_DEFAULT,
                         info="Higher: more style and prompt; lower: more identity.",
                     )
-                    num_outputs = Slider(
+                    num_outputs = gr.Slider(
                         label="Number of images", minimum=presets.OUTPUTS_MIN, maximum=presets.OUTPUTS_MAX, step=1,
                         value=presets.OUTPUTS_DEFAULT, elem_id="num-outputs",
                     )
-                    guidance_scale = Slider(label="Guidance scale", minimum=presets.GUIDANCE_MIN,
+                    guidance_scale = gr.Slider(label="Guidance scale", minimum=presets.GUIDANCE_MIN,
                                                maximum=presets.GUIDANCE_MAX, step=0.1,
                                                value=presets.GUIDANCE_DEFAULT)
                     with gr.Row():
-                        seed = Number(label="Seed", value=0, precision=0, minimum=presets.SEED_MIN,
+                        seed = gr.Number(label="Seed", value=0, precision=0, minimum=presets.SEED_MIN,
                                          maximum=presets.SEED_MAX, elem_id="seed")
                         randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
                     crop_faces = gr.Checkbox(label="Crop to the face", value=True,
                                              info="Off: use the whole photos as they are.")
-                    fast_mode = Dropdown(
+                    fast_mode = gr.Dropdown(
                         [(FAST_MODE_OFF, "")] + [(fast.label, fast.key) for fast in presets.FAST_PRESETS.values()],
                         value="", label="Fast mode", info="Few-step LoRA presets: much faster, slightly less detail.",
                     )
-                    best_of = Slider(
+                    best_of = gr.Slider(
                         label="Best of N", minimum=presets.BEST_OF_MIN, maximum=presets.BEST_OF_MAX, step=1, value=1,
                         info="Make N candidates per image and keep the one whose face is most similar.",
                     )
                     with gr.Row():
-                        width = Number(label="Custom width", value=0, precision=0, minimum=0,
+                        width = gr.Number(label="Custom width", value=0, precision=0, minimum=0,
                                           maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="width",
                                           info=f"0: from Output size. A multiple of {presets.SIZE_MULTIPLE}.")
-                        height = Number(label="Custom height", value=0, precision=0, minimum=0,
+                        height = gr.Number(label="Custom height", value=0, precision=0, minimum=0,
                                            maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="height",
                                            info="Set both to use a custom size.")
                     gr.Markdown("**Identity mixing**: photos of a second person, blended with the first.")
                     mix_photos = gr.Gallery(label="Second person's photos (optional)", type="filepath",
                                             interactive=True, file_types=["image"], columns=4, height=130,
                                             format="png")
-                    mix_strength = Slider(
+                    mix_strength = gr.Slider(
                         label="Mix (0 = first person only, 1 = second person only)", minimum=presets.MIX_STRENGTH_MIN,
                         maximum=presets.MIX_STRENGTH_MAX, step=0.05, value=presets.MIX_STRENGTH_DEFAULT,
                     )
@@ -470,7 +465,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                     buttons=["download", "fullscreen"], elem_id="results",
                 )
                 with gr.Row(visible=False) as seed_row:  # shown once there is a result
-                    seed_used = Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
+                    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
                     reuse_seed = gr.Button("Reuse this seed", size="sm")
                 notes = gr.Markdown(elem_id="notes")
                 gr.Markdown(TIPS)
@@ -504,6 +499,9 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                            num_outputs, guidance_scale, seed, randomize_seed, crop_faces, mix_photos,
                            mix_strength, fast_mode, best_of, width, height]
         generate_outputs = [results, seed_used, crops, notes]
+        for control in generate_inputs:
+            if isinstance(control, (gr.Slider, gr.Number, gr.Dropdown)):
+                named_in_errors(control)
         generation = gr.on([generate_button.click, prompt.submit], generate, generate_inputs, generate_outputs,
                            api_name="generate", show_progress_on=results)
         generation.success(lambda: gr.Row(visible=True), None, seed_row, api_visibility="private", queue=False)
