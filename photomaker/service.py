@@ -999,24 +999,11 @@ class PhotoMakerService:
             from photomaker.faces import prepare_id_photos
 
             people = [
-                prepare_id_photos(
-                    plan.id_images,
-                    self._analyzer,
-                    crop=plan.request.crop_faces,
-                    need_embeddings=True,
-                    names=plan.id_names,
-                )
+                prepare_id_photos(photos, self._analyzer, crop=plan.request.crop_faces, need_embeddings=True,
+                                  names=names)
+                for photos, names in ((plan.id_images, plan.id_names), (plan.mix_images, plan.mix_names))
+                if photos
             ]
-            if plan.mix_images:
-                people.append(
-                    prepare_id_photos(
-                        plan.mix_images,
-                        self._analyzer,
-                        crop=plan.request.crop_faces,
-                        need_embeddings=True,
-                        names=plan.mix_names,
-                    )
-                )
             crops = [image for person in people for image in person.images]
             warnings = [warning for person in people for warning in person.warnings]
             # The likeness is measured against the person who dominates the mix.
