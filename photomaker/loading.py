@@ -33,8 +33,10 @@ __all__ = [
     "build_id_encoder",
     "check_lora_applied",
     "detect_version",
+    "PreparedAdapterCache",
     "fuse_lora_into_unet",
     "load_checkpoint",
+    "lora_target_modules",
     "resolve_checkpoint_file",
 ]
 
@@ -460,17 +462,8 @@ def check_lora_applied(
     return len(lora_state_dict)
 
 
-FUSED_CACHE_FORMAT = 1
-
-
 @torch.no_grad()
-def fuse_lora_into_unet(
-    unet: nn.Module,
-    lora_state_dict: Mapping[str, torch.Tensor],
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    adapter_file: str | os.PathLike[str] | None = None,
-) -> int:
+def fuse_lora_into_unet(unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor]) -> int:
     """Add ``up @ down`` (scale 1, as PhotoMaker's LoRA has no alphas) to every targeted UNet weight; return how
     many weights changed.
 
@@ -480,25 +473,8 @@ def fuse_lora_into_unet(
     ``unet.`` prefix, an existing linear layer, complete down/up pairs, matching shapes); nothing is changed
     unless all are valid. The product is accumulated in fp32 and rounded once into the weight's dtype (fp16 on a
     CPU is computed in fp32, where half-precision matrix products are slow).
-
-    With ``cache_dir`` and the checkpoint's ``adapter_file``, the fused weights are also saved there
-    (safetensors, about 1.9 GB for SDXL in fp16/bf16) and the next load of the same adapter onto the same base
-    weights maps that file instead of fusing again. The cache key covers the adapter file and the UNet's weight
-    files (path, size, modification time), the dtype, and a sample of the current values of every targeted
-    weight (so a UNet changed in memory after loading does not match); when the UNet was not loaded from local
-    files nothing is cached.
     """
     targets = _fuse_targets(unet, lora_state_dict)
-    cache_file = None
-    if cache_dir is not None and adapter_file is not None:
-        key = _fused_cache_key(unet, targets, Path(adapter_file))
-        if key is None:
-            logger.info("Not caching the fused UNet: its weights were not loaded from local files")
-        else:
-            cache_file = Path(cache_dir).expanduser() / f"photomaker-fused-{key}.safetensors"
-            if cache_file.is_file() and _load_fused(targets, cache_file):
-                logger.info("Fused UNet weights mapped from %s", cache_file)
-                return len(targets)
     for _, module, down, up in targets:
         weight = module.weight
         if weight.dtype == torch.float16 and weight.device.type == "cpu":
@@ -506,9 +482,12 @@ def fuse_lora_into_unet(
         else:
             weight.addmm_(up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype))
     logger.info("Fused %d LoRA weight pairs into the UNet", len(targets))
-    if cache_file is not None:
-        _save_fused(targets, cache_file)
     return len(targets)
+
+
+def lora_target_modules(unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The UNet module paths a PhotoMaker LoRA changes (validated as `fuse_lora_into_unet` does)."""
+    return [path for path, _, _, _ in _fuse_targets(unet, lora_state_dict)]
 
 
 _Target = tuple[str, nn.Linear, torch.Tensor, torch.Tensor]  # module path, layer, down, up
@@ -564,62 +543,120 @@ def _fuse_targets(unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor]) 
     return targets
 
 
-def _fused_cache_key(unet: nn.Module, targets: list[_Target], adapter_file: Path) -> str | None:
-    import hashlib
-    import json
-
-    config = getattr(unet, "config", None)
-    unet_dir = config.get("_name_or_path") if isinstance(config, Mapping) else None
-    if not unet_dir or not os.path.isdir(unet_dir) or not adapter_file.is_file():
-        return None
-    weight_files = sorted(p for p in Path(unet_dir).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    if not weight_files or not targets:
-        return None
-    hasher = hashlib.sha256()
-    hasher.update(json.dumps([FUSED_CACHE_FORMAT, str(targets[0][1].weight.dtype)]).encode())
-    for path in (adapter_file, *weight_files):
-        stat = path.stat()
-        hasher.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns};".encode())
-    for module_path, module, _, _ in targets:
-        flat = module.weight.detach().reshape(-1)
-        sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float32)
-        hasher.update(module_path.encode())
-        hasher.update(sample.numpy().tobytes())
-    return hasher.hexdigest()[:32]
+PREPARED_CACHE_FORMAT = 1
 
 
-def _load_fused(targets: list[_Target], cache_file: Path) -> bool:
-    from safetensors.torch import load_file
+class PreparedAdapterCache:
+    """The adapter as it ends up after loading with ``fuse=True``, saved once: the fused UNet weights and the ID
+    encoder in the model's dtype, in one safetensors file (about 2.6 GB for SDXL in fp16/bf16).
 
-    try:
-        cached = load_file(str(cache_file), device="cpu")
-    except Exception as exc:  # a damaged file is rebuilt
-        logger.warning("Ignoring the unreadable fused-weight cache %s (%s)", cache_file, exc)
-        return False
-    expected = {path: module.weight for path, module, _, _ in targets}
-    if set(cached) != set(expected) or any(
-        cached[path].shape != weight.shape or cached[path].dtype != weight.dtype for path, weight in expected.items()
-    ):
-        logger.warning("The fused-weight cache %s does not match this UNet; fusing again", cache_file)
-        return False
-    for path, module, _, _ in targets:
-        module.weight.data = cached[path].to(module.weight.device)
-    return True
+    A later load of the same adapter file onto the same base weights maps that file instead of reading the
+    checkpoint and fusing: a cold start then costs about what loading the base model costs, and, since the file
+    holds only what is used, no memory beyond the ID encoder. The file name is derived from the adapter file and
+    the UNet's weight files (resolved path, size, modification time) and the dtype; inside, a sample of the values
+    every targeted weight had before fusing must match the UNet being loaded (so a UNet changed in memory after
+    loading does not match). When the UNet was not loaded from local files there is no cache.
+    """
 
+    def __init__(self, cache_dir: str | os.PathLike[str], unet: nn.Module, adapter_file: Path | None) -> None:
+        self.unet = unet
+        self.path: Path | None = None
+        key = self._key(unet, adapter_file) if adapter_file is not None else None
+        if key is None:
+            logger.info("No prepared-adapter cache: the adapter or the UNet was not loaded from local files")
+        else:
+            self.path = Path(cache_dir).expanduser() / f"photomaker-prepared-{key}.safetensors"
 
-def _save_fused(targets: list[_Target], cache_file: Path) -> None:
-    from safetensors.torch import save_file
+    @staticmethod
+    def _key(unet: nn.Module, adapter_file: Path) -> str | None:
+        import hashlib
+        import json
 
-    partial = cache_file.with_name(cache_file.name + f".{os.getpid()}.partial")
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({path: module.weight.detach().to("cpu").contiguous() for path, module, _, _ in targets},
-                  str(partial), metadata={"format": f"photomaker-fused-unet-{FUSED_CACHE_FORMAT}"})
-        os.replace(partial, cache_file)
-        logger.info("Saved the fused UNet weights to %s", cache_file)
-    except OSError as exc:  # a full disk or a read-only folder only costs the next start its fuse
-        partial.unlink(missing_ok=True)
-        logger.warning("Could not save the fused-weight cache %s: %s", cache_file, exc)
+        config = getattr(unet, "config", None)
+        unet_dir = config.get("_name_or_path") if isinstance(config, Mapping) else None
+        if not unet_dir or not os.path.isdir(unet_dir) or not adapter_file.is_file():
+            return None
+        files = sorted(p for p in Path(unet_dir).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+        if not files:
+            return None
+        hasher = hashlib.sha256(json.dumps([PREPARED_CACHE_FORMAT, str(unet.dtype)]).encode())
+        for path in (adapter_file, *files):
+            stat = path.stat()
+            hasher.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns};".encode())
+        return hasher.hexdigest()[:32]
+
+    def fingerprint(self, modules: list[str]) -> str:
+        """A hash of the first and last values of each module's weight (reads two pages per weight)."""
+        import hashlib
+
+        hasher = hashlib.sha256()
+        for path in modules:
+            flat = self.unet.get_submodule(path).weight.detach().reshape(-1)
+            hasher.update(path.encode())
+            hasher.update(torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float32).numpy().tobytes())
+        return hasher.hexdigest()
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """(ID encoder state dict, fused weights by module path) when the cache matches this UNet, else None."""
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            modules = json.loads(metadata.get("modules", "[]"))
+            if metadata.get("format") != str(PREPARED_CACHE_FORMAT) or not modules:
+                raise ValueError("unknown format")
+            if metadata.get("fingerprint") != self.fingerprint(modules):
+                logger.info("The prepared-adapter cache %s was made from other base weights", self.path)
+                return None
+            tensors = load_file(str(self.path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is rebuilt, never trusted
+            logger.warning("Ignoring the prepared-adapter cache %s (%s)", self.path, exc)
+            return None
+        fused = {key[len("unet."):]: value for key, value in tensors.items() if key.startswith("unet.")}
+        encoder = {key[len("id_encoder."):]: value for key, value in tensors.items() if key.startswith("id_encoder.")}
+        for path in modules:
+            weight = self.unet.get_submodule(path).weight
+            if path not in fused or fused[path].shape != weight.shape or fused[path].dtype != weight.dtype:
+                logger.warning("The prepared-adapter cache %s does not fit this UNet; loading again", self.path)
+                return None
+        return encoder, fused
+
+    def apply(self, fused: Mapping[str, torch.Tensor]) -> None:
+        """Put the cached fused weights into the UNet (mapped from the file: nothing is copied on the CPU)."""
+        for path, tensor in fused.items():
+            weight = self.unet.get_submodule(path).weight
+            weight.data = tensor.to(weight.device)
+        logger.info("Fused UNet weights and ID encoder mapped from %s", self.path)
+
+    def save(self, modules: list[str], base_fingerprint: str, id_encoder: nn.Module) -> None:
+        """Write the fused weights of ``modules`` and the encoder (after fusing, with the pre-fuse fingerprint)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        if self.path is None:
+            return
+        tensors = {f"unet.{path}": self.unet.get_submodule(path).weight.detach().to("cpu").contiguous()
+                   for path in modules}
+        tensors.update({f"id_encoder.{name}": value.detach().to("cpu").contiguous()
+                        for name, value in id_encoder.state_dict().items()})
+        metadata = {"format": str(PREPARED_CACHE_FORMAT), "modules": json.dumps(modules),
+                    "fingerprint": base_fingerprint}
+        partial = self.path.with_name(self.path.name + f".{os.getpid()}.partial")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(partial), metadata=metadata)
+            os.replace(partial, self.path)
+            logger.info("Saved the prepared adapter to %s", self.path)
+        except OSError as exc:  # a full disk or a read-only folder only costs the next start its fuse
+            partial.unlink(missing_ok=True)
+            logger.warning("Could not save the prepared-adapter cache %s: %s", self.path, exc)
 
 
 def resolve_checkpoint_file(

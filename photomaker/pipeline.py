@@ -29,10 +29,12 @@ from transformers import CLIPImageProcessor
 from .errors import CheckpointError, IDImageError
 from .id_encoder import PhotoMakerIDEncoder
 from .loading import (
+    PreparedAdapterCache,
     build_id_encoder,
     check_lora_applied,
     fuse_lora_into_unet,
     load_checkpoint,
+    lora_target_modules,
     resolve_checkpoint_file,
 )
 from .prompt import (
@@ -124,9 +126,10 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             pm_version: 1 or 2; detected from the keys when None.
             fuse: bake the LoRA into the UNet weights (fastest). With `fuse=False` it stays a named adapter
                 (`adapter_name`) that can be mixed with other LoRAs through `set_adapters`.
-            fused_cache_dir: with `fuse=True`, a folder where the fused UNet weights are kept (about 1.9 GB per
-                base model, adapter and dtype): later loads of the same pair map that file instead of fusing, so
-                a cold start costs about what loading the base model costs. See `loading.fuse_lora_into_unet`.
+            fused_cache_dir: with `fuse=True`, a folder where the adapter is kept as loaded (fused UNet weights and
+                the ID encoder in the model's dtype, about 2.6 GB per base model, adapter and dtype): later loads
+                of the same pair map that file instead of reading the checkpoint and fusing, so a cold start costs
+                about what loading the base model costs. See `loading.PreparedAdapterCache`.
             hub_kwargs: passed to `huggingface_hub.hf_hub_download` (cache_dir, revision, token, ...).
         """
         if self.id_encoder is not None:
@@ -140,10 +143,22 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 f"The UNet already has LoRA adapters {existing_adapters}: load the PhotoMaker adapter first, "
                 "or pass fuse=False to keep it as a named adapter next to them."
             )
-        checkpoint = load_checkpoint(
-            pretrained_model_name_or_path_or_dict, weight_name=weight_name, subfolder=subfolder, **hub_kwargs
-        )
-        id_encoder = build_id_encoder(checkpoint["id_encoder"], version=pm_version, dtype=self.unet.dtype)
+        cache = None
+        if fuse and fused_cache_dir is not None:
+            adapter_file = resolve_checkpoint_file(
+                pretrained_model_name_or_path_or_dict, weight_name, subfolder, **hub_kwargs
+            )
+            cache = PreparedAdapterCache(fused_cache_dir, self.unet, adapter_file)
+        cached = cache.load() if cache is not None else None
+        if cached is not None:
+            encoder_state, fused_weights = cached
+            checkpoint = None
+        else:
+            checkpoint = load_checkpoint(
+                pretrained_model_name_or_path_or_dict, weight_name=weight_name, subfolder=subfolder, **hub_kwargs
+            )
+            encoder_state = checkpoint["id_encoder"]
+        id_encoder = build_id_encoder(encoder_state, version=pm_version, dtype=self.unet.dtype)
         cross_attention_dim = self.unet.config.cross_attention_dim
         if id_encoder.embed_dim != cross_attention_dim:
             raise CheckpointError(
@@ -151,23 +166,31 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 f"expects {cross_attention_dim}-d text embeddings: PhotoMaker needs an SDXL base model."
             )
 
-        lora_state_dict = checkpoint["lora_weights"]
-        if fuse:
+        if cached is not None:
+            cache.apply(fused_weights)
+        elif fuse:
             # Straight into the weights, no peft layers: what load + fuse + unload would leave, about 10x faster
             # (no layer injection, no random init, no copy check, one addmm per weight), and a plain UNet, so
             # LoRAs loaded later (fast-mode adapters) are not shadowed by a merged one.
-            adapter_file = None
-            if fused_cache_dir is not None:
-                adapter_file = resolve_checkpoint_file(
-                    pretrained_model_name_or_path_or_dict, weight_name, subfolder, **hub_kwargs
-                )
-            fuse_lora_into_unet(self.unet, lora_state_dict, cache_dir=fused_cache_dir, adapter_file=adapter_file)
+            lora_state_dict = checkpoint["lora_weights"]
+            modules = lora_target_modules(self.unet, lora_state_dict) if cache is not None else []
+            base_fingerprint = cache.fingerprint(modules) if cache is not None else ""
+            fuse_lora_into_unet(self.unet, lora_state_dict)
+            if cache is not None:
+                cache.save(modules, base_fingerprint, id_encoder)
         else:
             # PhotoMaker's LoRA targets the UNet only; loading just there also avoids diffusers' warnings about
             # text encoders without LoRA keys. Diffusers skips unmatched keys with a log line: check them all.
+            lora_state_dict = checkpoint["lora_weights"]
             state_dict, network_alphas = self.lora_state_dict(dict(lora_state_dict), unet_config=self.unet.config)
             self.load_lora_into_unet(state_dict, network_alphas, self.unet, adapter_name=adapter_name, _pipeline=self)
             check_lora_applied(self.unet, lora_state_dict, adapter_name)
+        if checkpoint is not None:
+            # The checkpoint is memory-mapped: weights that still view it would keep all of it mapped (the LoRA's
+            # pages too, once read); own copies let the mapping go when the checkpoint is dropped.
+            for parameter in id_encoder.parameters():
+                parameter.data = parameter.data.clone()
+            del checkpoint
 
         self.id_encoder = id_encoder.to(device=self.unet.device, dtype=self.unet.dtype).eval()
         image_size = id_encoder.config.image_size
