@@ -70,8 +70,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     standard_steps = args.steps  # the app's default, 50
     measure = lambda steps: min(steps, args.measure_steps) if args.measure_steps else steps
 
-    def standard(seed: int) -> common.Run:
-        steps = measure(standard_steps)
+    def standard(seed: int, steps: int | None = None) -> common.Run:
+        steps = steps or measure(standard_steps)
         return run_mode(
             pipe,
             encoding,
@@ -83,8 +83,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             seed=seed,
         )
 
-    for warm in range(args.warmup):
-        standard(900 + warm)
+    for warm in range(args.warmup):  # warm-up calls: 1 step is enough to set kernels and caches up
+        standard(900 + warm, 1)
     standard_runs = [standard(r) for r in range(args.repeats)]
     chosen = [key.strip() for key in args.presets.split(",")] if args.presets else list(presets.FAST_PRESETS)
     results: dict[str, Any] = {}
@@ -99,9 +99,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     pipe,
                     encoding,
                     clock,
-                    steps=steps,
+                    steps=1,
                     guidance=preset.guidance_scale,
-                    merge=merge,
+                    merge=0,
                     size=args.size,
                     seed=800 + warm,
                 )
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--presets", help="comma list of preset keys (default: all)")
     parser.add_argument("--num-photos", type=int, default=1)
     args = parser.parse_args(argv)
-    common.setup_logging(args.verbose)
+    common.setup_logging(args.verbose, getattr(args, "threads", None))
     started = time.perf_counter()
     models = common.prepare_models(args.models, args.dir, args.dtype)
     result: dict[str, Any] = {

@@ -146,6 +146,8 @@ def run_children(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         command += ["--dir", args.dir]
     if args.dtype:
         command += ["--dtype", args.dtype]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     for repeat in range(args.repeats):
         for which in common.rotated(["plain", "photomaker"], repeat):
             completed = subprocess.run(
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to measure max_memory_allocated on a GPU")
     parser.add_argument("--child", choices=("plain", "photomaker"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    common.setup_logging(args.verbose)
+    common.setup_logging(args.verbose, getattr(args, "threads", None))
     if args.child:
         child(args)
         return {}

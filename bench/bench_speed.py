@@ -35,6 +35,25 @@ TARGETS = {"first_call": 1.03, "reuse": 1.01, "cold_start": 1.15}
 EXTRAPOLATE_STEPS = 50
 
 
+def unet_arguments(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Inputs of one denoising step as the pipelines make them (batch 2 with guidance, else 1)."""
+    batch = 2 if args.guidance > 1 else 1
+    dtype = pipe.unet.dtype
+    latent = args.size // pipe.vae_scale_factor
+    generator = torch.Generator().manual_seed(0)
+    config = pipe.unet.config
+    return {
+        "sample": torch.randn(batch, config.in_channels, latent, latent, generator=generator).to(dtype),
+        "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, generator=generator).to(dtype),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, pipe.text_encoder_2.config.projection_dim, generator=generator).to(dtype),
+            "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * batch, dtype=dtype),
+        },
+        "return_dict": False,
+    }
+
+
 def call_arguments(args: argparse.Namespace, seed: int, steps: int | None = None) -> tuple[dict[str, Any], int]:
     """Keyword arguments shared by both pipelines, and PhotoMaker's merge step (the app's rule)."""
     from photomaker import presets
@@ -130,6 +149,8 @@ def cold_start(args: argparse.Namespace) -> dict[str, Any]:
         base_cmd += ["--dtype", args.dtype]
     if args.fused_cache:
         base_cmd += ["--fused-cache", args.fused_cache]
+    if args.threads:
+        base_cmd += ["--threads", str(args.threads)]
     for repeat in range(args.cold_repeats + 1):
         for which in common.rotated(variants, repeat):
             completed = subprocess.run(
@@ -226,7 +247,19 @@ def per_image(args: argparse.Namespace) -> dict[str, Any]:
     deltas = {name: [a - b for a, b in zip(pre[name], pre["plain"])] for name in ("first_call", "reuse")}
     common.logger.info("pre-UNet medians: %s", {k: round(common.median(v), 3) for k, v in pre.items()})
 
-    # 2. Whole calls, alternated: the per-step cost and what follows the last step (VAE decode).
+    # 2. One UNet forward of each pipeline, alternated: the per-step cost, paired (the UNets are separate objects
+    #    unless --unet shared; the PhotoMaker one holds the fused weights).
+    unet_s: dict[str, list[float]] = {"plain": [], "photomaker": []}
+    unet_inputs = unet_arguments(pm, args)
+    for repeat in range(-1, args.step_repeats):  # round -1 warms both UNets up and is not recorded
+        for name in common.rotated(list(unet_s), repeat):
+            unet = plain.unet if name == "plain" else pm.unet
+            seconds = common.timed(lambda unet=unet: unet(**unet_inputs))[0]
+            if repeat >= 0:
+                unet_s[name].append(seconds)
+    common.logger.info("UNet forward medians: %s", {k: round(common.median(v), 3) for k, v in unet_s.items()})
+
+    # 3. Whole calls, alternated: a check of the model below, and what follows the last step (VAE decode).
     runs: dict[str, list[common.Run]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         names = common.rotated(list(variants), repeat)
@@ -243,14 +276,24 @@ def per_image(args: argparse.Namespace) -> dict[str, Any]:
     pre_med = {name: common.median(values) for name, values in pre.items()}
     delta_med = {name: common.median(values) for name, values in deltas.items()}
 
+    # Both pipelines run the same UNet architecture on the same inputs; the paired ratio (reported) shows the
+    # per-step costs agree within noise, so the model charges both the pooled per-step cost and only the measured
+    # fixed-cost difference is PhotoMaker's (a few percent of noise on 50 steps would otherwise swamp it).
+    unet_step = common.median(unet_s["plain"] + unet_s["photomaker"])
+    unet_ratio = common.median(unet_s["photomaker"]) / common.median(unet_s["plain"])
+
     def model(name: str, steps: int) -> float:
-        """pre-UNet (plain's + the paired difference) + steps x per-step + post."""
+        """pre-UNet (plain's + the paired difference) + steps x UNet forward (pooled) + post (pooled)."""
         extra = 0.0 if name == "plain" else delta_med[name]
-        return pre_med["plain"] + extra + steps * per_step + post
+        return pre_med["plain"] + extra + steps * unet_step + post
 
     at_n = {name: model(name, n) for name in variants}
     return {
         "runs_s": {name: [run.total for run in runs[name]] for name in variants},
+        "run_steps_s": {name: [run.steps for run in runs[name]] for name in variants},
+        "unet_forward_s": unet_s,
+        "unet_forward_ratio": unet_ratio,
+        "unet_forward_pooled_s": unet_step,
         "pre_unet_s": pre,
         "pre_unet_extra_s": deltas,
         "per_step_s": per_step,
@@ -335,7 +378,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
                 "what",
                 "plain SDXL",
                 "PhotoMaker",
-                f"measured ratio ({args.steps} steps)",
+                f"whole calls' ratio ({args.steps} steps, noisy)",
                 f"model ratio ({args.steps} steps)",
                 f"model ratio ({EXTRAPOLATE_STEPS} steps)",
                 "target",
@@ -360,9 +403,14 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
                         "PhotoMaker's extra before the UNet (paired): first call / reuse",
                         " / ".join(common.spread(r["pre_unet_extra_s"][k]) for k in ("first_call", "reuse")),
                     ],
-                    ["per denoising step (pooled median)", common.spread([r["per_step_s"]])],
                     [
-                        "per-step ratio, first call / reuse vs plain",
+                        "one UNet forward, paired: plain / PhotoMaker (ratio)",
+                        " / ".join(common.spread(r["unet_forward_s"][k]) for k in ("plain", "photomaker"))
+                        + f" ({r['unet_forward_ratio']:.3f})",
+                    ],
+                    ["per denoising step in whole calls (pooled median)", common.spread([r["per_step_s"]])],
+                    [
+                        "per-step ratio in whole calls, first call / reuse vs plain",
                         f"{r['per_step_ratio']['first_call']:.3f} / {r['per_step_ratio']['reuse']:.3f}",
                     ],
                     [
@@ -400,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=15,
         help="calls of each variant stopped at the first UNet call (prompt + ID encoding only)",
     )
+    parser.add_argument("--step-repeats", type=int, default=9, help="single UNet forwards of each pipeline")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--warmup-steps", type=int, help="steps of the warm-up calls (default: --steps)")
     parser.add_argument("--cold-repeats", type=int, default=3, help="fresh-process loads of each pipeline")
@@ -420,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--cold-child", choices=("plain", "photomaker", "photomaker-cached"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    common.setup_logging(args.verbose)
+    common.setup_logging(args.verbose, getattr(args, "threads", None))
     if args.cold_child:
         cold_child(args)
         return {}

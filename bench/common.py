@@ -351,10 +351,13 @@ def quiet_libraries() -> Iterator[None]:
     yield
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, threads: int | None = None) -> None:
+    """Logging, no autograd, and optionally the number of CPU threads torch uses."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
     torch.set_grad_enabled(False)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def common_arguments(parser: Any, *, default_size: int, default_steps: int) -> None:
@@ -365,3 +368,4 @@ def common_arguments(parser: Any, *, default_size: int, default_steps: int) -> N
     parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores)")
