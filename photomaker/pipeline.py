@@ -86,7 +86,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
     Example:
         >>> pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(
-        ...     "SG161222/RealVisXL_V4.0", torch_dtype=torch.float16).to("cuda")
+        ...     "SG161222/RealVisXL_V4.0", dtype=torch.float16).to("cuda")
         >>> pipe.load_photomaker_adapter("TencentARC/PhotoMaker", weight_name="photomaker-v1.bin")
         >>> image = pipe("a photo of a man img", input_id_images=["me1.jpg", "me2.jpg"],
         ...              start_merge_step=10).images[0]
