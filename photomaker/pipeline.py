@@ -170,7 +170,8 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 pretrained_model_name_or_path_or_dict, weight_name=weight_name, subfolder=subfolder, **hub_kwargs
             )
             encoder_state = checkpoint["id_encoder"]
-        id_encoder = build_id_encoder(encoder_state, version=pm_version, dtype=self.unet.dtype)
+        unet_dtype = self.unet.dtype  # a walk over the parameters in diffusers: once
+        id_encoder = build_id_encoder(encoder_state, version=pm_version, dtype=unet_dtype)
         cross_attention_dim = self.unet.config.cross_attention_dim
         if id_encoder.embed_dim != cross_attention_dim:
             raise CheckpointError(
@@ -207,7 +208,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             del checkpoint
         _return_freed_memory()
 
-        self.id_encoder = id_encoder.to(device=self.unet.device, dtype=self.unet.dtype).eval()
+        self.id_encoder = id_encoder.to(device=self.unet.device, dtype=unet_dtype).eval()
         image_size = id_encoder.config.image_size
         self.id_image_processor = CLIPImageProcessor(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
