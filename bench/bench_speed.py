@@ -319,15 +319,18 @@ def per_image(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
-    lines = common.header(
-        f"Speed ({args.models} models, {result['dtype']}, {args.size}x{args.size}, {args.steps} "
-        f"steps, guidance {args.guidance}, {args.num_photos} ID photo(s))",
-        result,
-    )
-    rows = []
+    if "per_image" in result:
+        title = (
+            f"Speed ({args.models} models, {result['dtype']}, {args.size}x{args.size}, {args.steps} steps, "
+            f"guidance {args.guidance}, {args.num_photos} ID photo(s))"
+        )
+    else:
+        title = f"Cold start ({args.models} models, {result['dtype']}, fresh processes, {args.cold_repeats} each)"
+    lines = common.header(title, result)
     if "per_image" in result:
         r = result["per_image"]
         n = EXTRAPOLATE_STEPS
+        rows = []
         for name, label in (("first_call", "(a) first call, new photos"), ("reuse", "(b) same photos again")):
             rows.append(
                 [
@@ -341,52 +344,40 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
                     common.verdict(r[f"ratio_{n}_steps"][name], TARGETS[name]),
                 ]
             )
+        headers = [
+            "what",
+            "plain SDXL (whole call)",
+            "PhotoMaker (whole call)",
+            f"whole calls' ratio ({args.steps} steps, noisy)",
+            f"model ratio ({args.steps} steps)",
+            f"model ratio ({n} steps)",
+            "target",
+            "verdict",
+        ]
+        lines.append(common.table(headers, rows))
     if "cold_start" in result:
         c = result["cold_start"]
-        for name, label in (
-            ("photomaker", "(c) cold start: load + adapter + fuse"),
-            ("photomaker-cached", "(c) cold start, fused weights cached"),
-        ):
-            if name in c["ratio"]:
+        rows = []
+        for name, label in (("photomaker", "load + adapter + fuse"), ("photomaker-cached", "load + cached adapter")):
+            if name not in c["ratio"]:
+                continue
+            for key, ratio, suffix in (
+                ("load_s", "ratio", ""),
+                ("ready_s", "ready_ratio", " + page-in of all weights"),
+            ):
                 rows.append(
                     [
-                        label,
-                        common.spread(c["load_s"]["plain"]),
-                        common.spread(c["load_s"][name]),
-                        f"{c['ratio'][name]:.3f}",
-                        "-",
-                        "-",
+                        f"(c) {label}{suffix}",
+                        common.spread(c[key]["plain"]),
+                        common.spread(c[key][name]),
+                        f"{c[ratio][name]:.3f}",
                         f"<= {TARGETS['cold_start']}",
-                        common.verdict(c["ratio"][name], TARGETS["cold_start"]),
+                        common.verdict(c[ratio][name], TARGETS["cold_start"]),
                     ]
                 )
-                rows.append(
-                    [
-                        label.replace("(c) cold start", "(c) ready to run") + " + page-in of all weights",
-                        common.spread(c["ready_s"]["plain"]),
-                        common.spread(c["ready_s"][name]),
-                        f"{c['ready_ratio'][name]:.3f}",
-                        "-",
-                        "-",
-                        f"<= {TARGETS['cold_start']}",
-                        common.verdict(c["ready_ratio"][name], TARGETS["cold_start"]),
-                    ]
-                )
-    lines.append(
-        common.table(
-            [
-                "what",
-                "plain SDXL",
-                "PhotoMaker",
-                f"whole calls' ratio ({args.steps} steps, noisy)",
-                f"model ratio ({args.steps} steps)",
-                f"model ratio ({EXTRAPOLATE_STEPS} steps)",
-                "target",
-                "verdict",
-            ],
-            rows,
-        )
-    )
+        if "per_image" in result:
+            lines.append("")
+        lines.append(common.table(["cold start", "plain SDXL", "PhotoMaker", "ratio", "target", "verdict"], rows))
     if "per_image" in result:
         r = result["per_image"]
         pre = r["pre_unet_s"]

@@ -136,6 +136,7 @@ def test_bench_memory_children_and_table(tiny_models_dir: Path, capsys) -> None:
             steps=1,
             size=64,
             num_photos=1,
+            lazy=False,
         )
         bench_memory.child(namespace)
         line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("MEM ")][-1]
@@ -143,7 +144,7 @@ def test_bench_memory_children_and_table(tiny_models_dir: Path, capsys) -> None:
     assert {"imports", "load base", "generate"} <= set(runs["plain"][0]["phases"])
     assert "adapter + fuse" in runs["photomaker"][0]["phases"]
     assert runs["photomaker"][0]["rss_peak"] > 0
-    settings = argparse.Namespace(models="tiny", device="cpu", size=64, steps=1, num_photos=1, repeats=1)
+    settings = argparse.Namespace(models="tiny", device="cpu", size=64, steps=1, num_photos=1, repeats=1, lazy=False)
     result = {
         "machine": common.machine_info(),
         "dtype": "float32",
