@@ -37,7 +37,6 @@ DEFAULT_TINY_DIR = REPO_ROOT / "tiny-models"  # git-ignored
 PROMPT = "candid photograph of a man img, natural window light, 50mm lens, shallow depth of field"
 PLAIN_PROMPT = PROMPT.replace(" img", "")  # the same words without the trigger, for plain SDXL
 NEGATIVE_PROMPT = "painting, drawing, cartoon, cgi render, oversaturated, blurry, low resolution, watermark, text"
-TINY_FAST_LORA_RANK = 4
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -61,15 +60,10 @@ class Models:
 def prepare_models(kind: str, directory: str | os.PathLike[str] | None = None, dtype: str | None = None) -> Models:
     """Build (once) and locate the ``kind`` models. Real-size ones must have been written by make_real_size."""
     if kind == "tiny":
-        from bench import sdxl
-        from photomaker.testing import make_tiny, tiny_unet_config
+        from photomaker.testing import make_tiny
 
-        root = Path(directory) if directory else DEFAULT_TINY_DIR
-        paths = make_tiny(root)
-        fast = sdxl.write_fast_loras(
-            root / "fast-loras", sdxl.build_unet(tiny_unet_config()), rank=TINY_FAST_LORA_RANK, dtype=torch.float32
-        )
-        return Models("tiny", paths["base"], paths["v1"], fast, _dtype(dtype, torch.float32))
+        paths = make_tiny(Path(directory) if directory else DEFAULT_TINY_DIR)
+        return Models("tiny", paths["base"], paths["v1"], paths["fast_loras"], _dtype(dtype, torch.float32))
     if kind == "real":
         if directory is None:
             raise SystemExit("--dir is required with --models real (write it with: python -m bench.make_real_size DIR)")

@@ -10,7 +10,7 @@ writes (about 10 GB; never commit it):
                               nesting; encoder = photomaker.id_encoder default config (CLIP ViT-L/14 + fuse module),
                               LoRA rank 64 in the legacy format on q/k/v/out of attn1/attn2 of all 70 blocks
     DIR/fast-loras/           one random few-step LoRA per fast preset, under its official file name, in its key
-                              format (see bench.sdxl.FAST_LORA_FORMATS); usable as PHOTOMAKER_FAST_LORA_DIR
+                              format (see photomaker.testing.FAST_LORA_FORMATS); usable as PHOTOMAKER_FAST_LORA_DIR
 
 Parts already written are kept (delete DIR to rebuild). Everything is built on the meta device and materialised
 one component at a time in bf16, so the peak memory is about one UNet (5.1 GB).
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from bench import sdxl
+from photomaker.testing import write_fast_loras
 
 logger = logging.getLogger("bench.make_real_size")
 
@@ -144,7 +145,7 @@ def make_real_size(root: str | Path, seed: int = 0, fast_loras: bool = True) -> 
         )
         del checkpoint
     if fast_loras:
-        sdxl.write_fast_loras(paths["fast_loras"], sdxl.build_unet(), rank=64, dtype=DTYPE)
+        write_fast_loras(paths["fast_loras"], sdxl.build_unet(), rank=64, dtype=DTYPE)
     marker.write_text(json.dumps(stamp))
     return paths
 

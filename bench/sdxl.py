@@ -3,21 +3,19 @@
 Everything here can be built on the ``meta`` device (no memory, no time) to count parameters, or materialised
 in bf16 with cheap deterministic random weights for timing and memory benchmarks. Nothing is downloaded.
 
-Also: the few-step LoRAs of the fast presets, with random weights in each preset's key format, for any
-SDXL-shaped UNet config (real size or the tiny test models), so fast mode runs offline end to end.
+The LoRA builders (attention targets, the fast presets' LoRAs in their key formats) are photomaker.testing's,
+shared with the tiny models; this module only adds PhotoMaker's own LoRA at real size.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from photomaker.testing import legacy_lora_state_dict
 
 # --------------------------------------------------------------------------------------------- configs
 
@@ -208,112 +206,8 @@ def _fill_normal(parameter: torch.Tensor, std: float, generator: torch.Generator
 # --------------------------------------------------------------------------------------------- LoRAs
 
 
-def attention_lora_targets(unet: nn.Module) -> list[tuple[str, str, int, int]]:
-    """(attention path, projection name, in, out) for q/k/v/out of every attn1/attn2 of a UNet (any device)."""
-    from diffusers.models.attention_processor import Attention
-
-    targets = []
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in ("attn1", "attn2"):
-            for projection, linear in (
-                ("to_q", module.to_q),
-                ("to_k", module.to_k),
-                ("to_v", module.to_v),
-                ("to_out", module.to_out[0]),
-            ):
-                targets.append((name, projection, linear.in_features, linear.out_features))
-    return targets
-
-
 def photomaker_lora_state_dict(
     unet: nn.Module, rank: int = PHOTOMAKER_LORA_RANK, seed: int = 1, dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.Tensor]:
     """PhotoMaker's LoRA in the official legacy format: ``unet.<path>.processor.to_q_lora.down.weight`` ..."""
-    generator = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for path, projection, fan_in, fan_out in attention_lora_targets(unet):
-        prefix = f"unet.{path}.processor.{projection}_lora"
-        state[f"{prefix}.down.weight"] = (torch.randn(rank, fan_in, generator=generator) / fan_in**0.5).to(dtype)
-        state[f"{prefix}.up.weight"] = (torch.randn(fan_out, rank, generator=generator) * 0.02 / rank**0.5).to(dtype)
-    return state
-
-
-# Modules a few-step distillation LoRA adapts (the linear layers of every transformer; LCM-LoRA and Hyper-SD
-# also adapt convolutions, which change the file size but not the cost of a fused UNet).
-_FAST_LORA_SUFFIXES = (
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "proj_in",
-    "proj_out",
-)
-
-# Key format of each preset's published file, as used here: "peft" = diffusers/peft
-# (``unet.<path>.lora_A.weight``), "kohya" = ``lora_unet_<path with _>.lora_down.weight`` + ``.alpha``.
-FAST_LORA_FORMATS = {
-    "lcm-4": "peft",
-    "hyper-sd-8": "peft",
-    "hyper-sd-12": "peft",
-    "lightning-8": "kohya",
-}
-
-
-def fast_lora_state_dict(
-    unet: nn.Module, key_format: str, rank: int, seed: int = 7, dtype: torch.dtype = torch.bfloat16
-) -> dict[str, torch.Tensor]:
-    """A random few-step LoRA for ``unet`` (any device) in ``key_format`` ("peft" or "kohya")."""
-    if key_format not in ("peft", "kohya"):
-        raise ValueError(f"key_format must be 'peft' or 'kohya', got {key_format!r}")
-    generator = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for name, module in unet.named_modules():
-        if not isinstance(module, nn.Linear) or not name.endswith(_FAST_LORA_SUFFIXES):
-            continue
-        down = (torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5).to(dtype)
-        up = (torch.randn(module.out_features, rank, generator=generator) * 0.02 / rank**0.5).to(dtype)
-        if key_format == "peft":
-            state[f"unet.{name}.lora_A.weight"] = down
-            state[f"unet.{name}.lora_B.weight"] = up
-        else:
-            key = "lora_unet_" + name.replace(".", "_")
-            state[f"{key}.lora_down.weight"] = down
-            state[f"{key}.lora_up.weight"] = up
-            state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
-    if not state:
-        raise ValueError("The UNet has no linear layers to adapt")
-    return state
-
-
-def write_fast_loras(
-    folder: str | Path,
-    unet: nn.Module,
-    rank: int,
-    dtype: torch.dtype = torch.bfloat16,
-    presets_to_write: list[str] | None = None,
-) -> Path:
-    """Write one random LoRA per fast preset under its official file name (a ``PHOTOMAKER_FAST_LORA_DIR``)."""
-    from safetensors.torch import save_file
-
-    from photomaker import presets
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, (key, preset) in enumerate(presets.FAST_PRESETS.items()):
-        if presets_to_write is not None and key not in presets_to_write:
-            continue
-        target = folder / preset.weight_name
-        if target.is_file():
-            continue
-        state = fast_lora_state_dict(unet, FAST_LORA_FORMATS.get(key, "peft"), rank, seed=7 + index, dtype=dtype)
-        partial = target.with_name(target.name + ".partial")
-        save_file(state, str(partial))
-        partial.replace(target)
-        logger.info("Wrote %s (%d tensors)", target, len(state))
-    return folder
+    return legacy_lora_state_dict(unet, rank, seed, up_std=0.02, dtype=dtype)

@@ -39,13 +39,17 @@ from .id_encoder import PhotoMakerIDEncoderConfig, create_id_encoder
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "attention_lora_targets",
     "clip_tokenizer",
+    "fast_lora_state_dict",
+    "legacy_lora_state_dict",
     "make_tiny",
     "tiny_checkpoint",
     "tiny_id_encoder_config",
     "tiny_lora_state_dict",
     "tiny_sdxl_components",
     "tiny_unet_config",
+    "write_fast_loras",
 ]
 
 CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -58,9 +62,7 @@ CROSS_ATTENTION_DIM = (
     TEXT_HIDDEN_1 + TEXT_HIDDEN_2
 )  # 128: a multiple of 128 so the v2 resampler has 1 head
 LORA_RANK = 4
-TINY_FORMAT_VERSION = (
-    1  # bump when make_tiny's output changes, so stale folders are rebuilt
-)
+TINY_FORMAT_VERSION = 2  # bump when make_tiny's output changes, so stale folders are rebuilt
 _COMPLETE_MARKER = ".tiny-complete.json"
 
 
@@ -237,47 +239,132 @@ def tiny_id_encoder_config() -> PhotoMakerIDEncoderConfig:
     )
 
 
-def _lora_targets(unet_config: dict) -> list[tuple[str, str, int, int]]:
-    """(attention path, projection, in_features, out_features) for q/k/v/out of every attn1/attn2."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
+def attention_lora_targets(unet: nn.Module) -> list[tuple[str, str, int, int]]:
+    """(attention path, projection, in_features, out_features) for q/k/v/out of every attn1/attn2 of a UNet.
+
+    The UNet may live on the meta device: only the layer shapes are read.
+    """
     targets = []
     for name, module in unet.named_modules():
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in (
-            "attn1",
-            "attn2",
-        ):
+        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in ("attn1", "attn2"):
             for projection, linear in (
                 ("to_q", module.to_q),
                 ("to_k", module.to_k),
                 ("to_v", module.to_v),
                 ("to_out", module.to_out[0]),
             ):
-                targets.append(
-                    (name, projection, linear.in_features, linear.out_features)
-                )
+                targets.append((name, projection, linear.in_features, linear.out_features))
     return targets
 
 
-def tiny_lora_state_dict(
-    seed: int = 0, rank: int = LORA_RANK
-) -> dict[str, torch.Tensor]:
-    """A LoRA for the tiny UNet in the official legacy key format, bf16 like the official files.
+def _meta_unet(unet_config: dict) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        return UNet2DConditionModel(**unet_config)
 
-    Keys: ``unet.<attention path>.processor.to_{q,k,v,out}_lora.{down,up}.weight``; the up weights are
-    non-zero (unlike a fresh LoRA) so loading it visibly changes the UNet's output.
+
+def legacy_lora_state_dict(
+    unet: nn.Module, rank: int, seed: int, up_std: float, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """A random LoRA on every attention projection of ``unet`` in PhotoMaker's official (legacy) key format.
+
+    Keys: ``unet.<attention path>.processor.to_{q,k,v,out}_lora.{down,up}.weight``; the up weights are non-zero
+    (unlike a fresh LoRA) so that loading it visibly changes the UNet's output.
     """
     state_dict: dict[str, torch.Tensor] = {}
-    generator = torch.Generator().manual_seed(seed + 1)
-    for path, projection, in_features, out_features in _lora_targets(
-        tiny_unet_config()
-    ):
+    generator = torch.Generator().manual_seed(seed)
+    for path, projection, in_features, out_features in attention_lora_targets(unet):
         prefix = f"unet.{path}.processor.{projection}_lora"
         down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        up = torch.randn(out_features, rank, generator=generator) * 0.5 / rank**0.5
-        state_dict[f"{prefix}.down.weight"] = down.to(torch.bfloat16)
-        state_dict[f"{prefix}.up.weight"] = up.to(torch.bfloat16)
+        up = torch.randn(out_features, rank, generator=generator) * up_std / rank**0.5
+        state_dict[f"{prefix}.down.weight"] = down.to(dtype)
+        state_dict[f"{prefix}.up.weight"] = up.to(dtype)
     return state_dict
+
+
+def tiny_lora_state_dict(seed: int = 0, rank: int = LORA_RANK) -> dict[str, torch.Tensor]:
+    """PhotoMaker's LoRA for the tiny UNet in the official legacy key format, bf16 like the official files."""
+    return legacy_lora_state_dict(_meta_unet(tiny_unet_config()), rank, seed + 1, up_std=0.5)
+
+
+# Modules a few-step distillation LoRA adapts (the linear layers of every transformer; LCM-LoRA and Hyper-SD
+# also adapt convolutions, which change the file size but not the cost of a fused UNet).
+_FAST_LORA_SUFFIXES = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+)
+
+# Key format of each preset's published file, as used here: "peft" = diffusers/peft
+# (``unet.<path>.lora_A.weight``), "kohya" = ``lora_unet_<path with _>.lora_down.weight`` + ``.alpha``.
+FAST_LORA_FORMATS = {
+    "lcm-4": "peft",
+    "hyper-sd-8": "peft",
+    "hyper-sd-12": "peft",
+    "lightning-8": "kohya",
+}
+
+
+def fast_lora_state_dict(
+    unet: nn.Module, key_format: str, rank: int, seed: int = 7, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """A random few-step LoRA for ``unet`` (any device) in ``key_format`` ("peft" or "kohya")."""
+    if key_format not in ("peft", "kohya"):
+        raise ValueError(f"key_format must be 'peft' or 'kohya', got {key_format!r}")
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, nn.Linear) or not name.endswith(_FAST_LORA_SUFFIXES):
+            continue
+        down = (torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5).to(dtype)
+        up = (torch.randn(module.out_features, rank, generator=generator) * 0.02 / rank**0.5).to(dtype)
+        if key_format == "peft":
+            state[f"unet.{name}.lora_A.weight"] = down
+            state[f"unet.{name}.lora_B.weight"] = up
+        else:
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = down
+            state[f"{key}.lora_up.weight"] = up
+            state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    if not state:
+        raise ValueError("The UNet has no linear layers to adapt")
+    return state
+
+
+def write_fast_loras(
+    folder: str | os.PathLike[str],
+    unet: nn.Module,
+    rank: int,
+    dtype: torch.dtype = torch.bfloat16,
+    presets_to_write: list[str] | None = None,
+) -> Path:
+    """Write one random LoRA per fast preset under its official file name (a ``PHOTOMAKER_FAST_LORA_DIR``)."""
+    from safetensors.torch import save_file
+
+    from photomaker import presets
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (key, preset) in enumerate(presets.FAST_PRESETS.items()):
+        if presets_to_write is not None and key not in presets_to_write:
+            continue
+        target = folder / preset.weight_name
+        if target.is_file():
+            continue
+        state = fast_lora_state_dict(unet, FAST_LORA_FORMATS.get(key, "peft"), rank, seed=7 + index, dtype=dtype)
+        partial = target.with_name(target.name + ".partial")
+        save_file(state, str(partial))
+        partial.replace(target)
+        logger.info("Wrote %s (%d tensors)", target, len(state))
+    return folder
 
 
 def tiny_checkpoint(version: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
@@ -300,15 +387,18 @@ def tiny_checkpoint(version: int, seed: int = 0) -> dict[str, dict[str, torch.Te
 def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]:
     """Write a tiny SDXL pipeline folder and tiny v1/v2 PhotoMaker checkpoints; skip what is already complete.
 
-    Returns paths ``{"base": out_dir/base, "v1": out_dir/photomaker-v1.bin, "v2": out_dir/photomaker-v2.bin}``.
-    ``base`` loads with ``StableDiffusionXLPipeline.from_pretrained``; the ``.bin`` files are torch pickles
-    in the official format. The output is the same for the same seed.
+    Returns paths ``{"base": out_dir/base, "v1": out_dir/photomaker-v1.bin, "v2": out_dir/photomaker-v2.bin,
+    "fast_loras": out_dir/fast-loras}``. ``base`` loads with ``StableDiffusionXLPipeline.from_pretrained``; the
+    ``.bin`` files are torch pickles in the official format; ``fast-loras`` holds one random LoRA per fast-mode
+    preset under its official file name and key format, so fast mode runs offline. The output is the same for
+    the same seed.
     """
     root = Path(out_dir)
     paths = {
         "base": root / "base",
         "v1": root / "photomaker-v1.bin",
         "v2": root / "photomaker-v2.bin",
+        "fast_loras": root / "fast-loras",
     }
     marker = root / _COMPLETE_MARKER
     stamp = {"seed": seed, "format": TINY_FORMAT_VERSION}
@@ -337,6 +427,8 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
         partial = target.with_name(target.name + ".partial")
         torch.save(tiny_checkpoint(version, seed), partial)
         partial.replace(target)
+    shutil.rmtree(paths["fast_loras"], ignore_errors=True)
+    write_fast_loras(paths["fast_loras"], _meta_unet(tiny_unet_config()), LORA_RANK, torch.float32)
     marker.write_text(json.dumps(stamp))
     logger.info("Wrote tiny models to %s", root)
     return paths

@@ -28,7 +28,9 @@ def test_real_sdxl_configs_have_the_published_sizes() -> None:
     parts = sdxl.meta_components()
     for name, count in sdxl.SDXL_PARAMETER_COUNTS.items():
         assert sdxl.count_parameters(parts[name]) == count
-    targets = sdxl.attention_lora_targets(parts["unet"])
+    from photomaker.testing import attention_lora_targets
+
+    targets = attention_lora_targets(parts["unet"])
     assert len(targets) == sdxl.SDXL_TRANSFORMER_BLOCKS * 2 * 4
     lora = sdxl.photomaker_lora_state_dict(parts["unet"], rank=2)  # rank 2: cheap, same keys and layout
     assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight" in lora
@@ -38,14 +40,13 @@ def test_real_sdxl_configs_have_the_published_sizes() -> None:
     )
 
 
-def test_fast_loras_load_in_their_key_formats(tiny_models_dir: Path, tmp_path: Path) -> None:
+def test_fast_loras_load_in_their_key_formats(tiny_models_dir: Path) -> None:
+    from safetensors.torch import load_file
+
     from photomaker import presets
     from photomaker.pipeline import PhotoMakerStableDiffusionXLPipeline
-    from photomaker.testing import tiny_unet_config
 
-    unet = sdxl.build_unet(tiny_unet_config())
-    folder = sdxl.write_fast_loras(tmp_path, unet, rank=2, dtype=torch.float32)
-    from safetensors.torch import load_file
+    folder = tiny_models_dir / "fast-loras"  # written by make_tiny, as the real-size ones by make_real_size
 
     lightning = load_file(str(folder / presets.FAST_PRESETS["lightning-8"].weight_name))
     assert all(key.startswith("lora_unet_") for key in lightning)

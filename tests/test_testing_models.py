@@ -122,7 +122,11 @@ def test_make_tiny_writes_a_loadable_pipeline_and_official_files(
         "base": tiny_models_dir / "base",
         "v1": tiny_models_dir / "photomaker-v1.bin",
         "v2": tiny_models_dir / "photomaker-v2.bin",
+        "fast_loras": tiny_models_dir / "fast-loras",
     }
+    from photomaker.presets import FAST_PRESETS
+
+    assert sorted(p.name for p in paths["fast_loras"].iterdir()) == sorted(p.weight_name for p in FAST_PRESETS.values())
     stamp = paths["v1"].stat().st_mtime_ns
     make_tiny(tiny_models_dir)
     assert paths["v1"].stat().st_mtime_ns == stamp
