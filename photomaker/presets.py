@@ -144,8 +144,11 @@ FAST_PRESETS: dict[str, FastPreset] = {
         ),
     )
 }
-# Keeps CFG (so negative prompts and styles still work) and is what its authors recommend as a default.
-DEFAULT_FAST_PRESET = "hyper-sd-8"
+# The default must be fast first (issue 5: >= 6x a 50-step image). CFG-preserving 8-step presets cannot be:
+# at most 50/8 = 6.25x counting the UNet alone, 5.5x measured (BENCHMARKS.md). SDXL-Lightning's 8-step LoRA
+# runs without guidance, half the UNet batch (9.1x measured), at the cost of the negative prompt, which the
+# user is told; hyper-sd-8 and hyper-sd-12 keep guidance for those who need negatives.
+DEFAULT_FAST_PRESET = "lightning-8"
 
 
 def get_fast_preset(name: str) -> FastPreset:
@@ -161,23 +164,29 @@ def get_fast_preset(name: str) -> FastPreset:
 
 @dataclass
 class FastModeState:
-    """What `apply_fast_preset` changed, so that `restore_standard_mode` can put it back."""
+    """What `apply_fast_preset` changed, so that `restore_standard_mode` can put it back exactly."""
 
     preset: FastPreset
     adapter_name: str
     scheduler: Any
-    merged_before: tuple[str, ...]
     active_before: tuple[str, ...]
+    # LoRA layer name -> (its weight before fast mode, its merged adapters then). Fusing works on copies of the
+    # weights (peft's safe merge), so these are the untouched tensors: putting them back is exact, where
+    # subtracting the fast LoRA again would leave up to one rounding step (0.4 % in bf16) in every weight it
+    # touched, after every switch.
+    originals: dict[str, tuple[Any, list[str]]] = field(default_factory=dict)
 
 
-def _merged_adapters(unet: Any) -> tuple[str, ...]:
+def _lora_layer_weights(unet: Any) -> dict[str, tuple[Any, list[str]]]:
+    """(weight, merged adapters) of every LoRA layer of `unet`; weights kept on the CPU (no accelerator memory)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    names: dict[str, None] = {}
-    for module in unet.modules():
+    layers = {}
+    for name, module in unet.named_modules():
         if isinstance(module, BaseTunerLayer):
-            names.update(dict.fromkeys(module.merged_adapters))
-    return tuple(names)
+            weight = module.get_base_layer().weight.data
+            layers[name] = (weight if weight.device.type == "cpu" else weight.to("cpu"), list(module.merged_adapters))
+    return layers
 
 
 def _lora_source(preset: FastPreset) -> tuple[Any, str | None]:
@@ -206,17 +215,20 @@ def apply_fast_preset(pipe: Any, preset: FastPreset, adapter_name: str = FAST_AD
     """Load `preset`'s LoRA as adapter `adapter_name`, fuse it into the UNet and switch the scheduler.
 
     The LoRA is fused rather than left as a live adapter because peft skips unmerged adapters on any layer
-    that already holds a merged one (the fused PhotoMaker LoRA), which would drop the fast LoRA silently on
-    exactly the attention layers PhotoMaker uses. Adapters that were active but not fused are fused with it
-    for the same reason and unfused again by `restore_standard_mode`.
+    that already holds a merged one, which would drop the fast LoRA silently on layers a user's fused LoRA
+    shares. Adapters that were active but not fused are fused with it for the same reason. Fusing works on
+    copies of the weights, and `restore_standard_mode` puts the originals back.
     """
     import diffusers
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.error import NoMatchingPeftModuleError
 
     scheduler_cls = getattr(diffusers, preset.scheduler)
-    merged_before = _merged_adapters(pipe.unet)
     unet_adapters_before = set(pipe.get_list_adapters().get("unet", []))
     active_before = tuple(pipe.get_active_adapters()) if unet_adapters_before else ()
+    merged_before = {
+        name for module in pipe.unet.modules() if isinstance(module, BaseTunerLayer) for name in module.merged_adapters
+    }
 
     source, weight_name = _lora_source(preset)
     kwargs = {"weight_name": weight_name} if weight_name else {}
@@ -225,7 +237,7 @@ def apply_fast_preset(pipe: Any, preset: FastPreset, adapter_name: str = FAST_AD
         f"The fast-mode LoRA of {preset.key!r} ({preset.lora_path or preset.adapter_repo}) has no weights that "
         "match this UNet. Use an SDXL LoRA in diffusers, peft or kohya format."
     )
-    state = FastModeState(preset, adapter_name, pipe.scheduler, merged_before, active_before)
+    state = FastModeState(preset, adapter_name, pipe.scheduler, active_before)
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
     except NoMatchingPeftModuleError as exc:
@@ -233,10 +245,13 @@ def apply_fast_preset(pipe: Any, preset: FastPreset, adapter_name: str = FAST_AD
     try:
         if adapter_name not in pipe.get_list_adapters().get("unet", []):
             raise mismatch
+        state.originals = _lora_layer_weights(pipe.unet)
         unfused_active = [name for name in active_before if name not in merged_before and name != adapter_name]
         if unfused_active:
-            pipe.fuse_lora(components=["unet"], adapter_names=unfused_active)
-        pipe.fuse_lora(components=["unet"], adapter_names=[adapter_name], lora_scale=preset.lora_scale)
+            pipe.fuse_lora(components=["unet"], adapter_names=unfused_active, safe_fusing=True)
+        pipe.fuse_lora(
+            components=["unet"], adapter_names=[adapter_name], lora_scale=preset.lora_scale, safe_fusing=True
+        )
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **dict(preset.scheduler_overrides))
     except BaseException:
         restore_standard_mode(pipe, state)  # a half-applied preset would break the next one
@@ -245,17 +260,19 @@ def apply_fast_preset(pipe: Any, preset: FastPreset, adapter_name: str = FAST_AD
 
 
 def restore_standard_mode(pipe: Any, state: FastModeState) -> None:
-    """Undo `apply_fast_preset`: unfuse and delete the fast LoRA, re-fuse what was fused, restore the scheduler.
+    """Undo `apply_fast_preset`: the weights and merged adapters as they were (bit for bit), the fast LoRA
+    deleted, the active adapters and the scheduler restored."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    peft can only unmerge every merged adapter of a layer at once, so adapters fused before fast mode are
-    merged again afterwards (in half precision this re-rounds those weights once).
-    """
-    pipe.unfuse_lora(components=["unet"])
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, BaseTunerLayer) and name in state.originals:
+            weight, merged = state.originals[name]
+            base = module.get_base_layer()
+            base.weight.data = weight.to(base.weight.device)
+            module.merged_adapters[:] = merged
     others = {name for names in pipe.get_list_adapters().values() for name in names} - {state.adapter_name}
     if others:
         pipe.delete_adapters([state.adapter_name])
-        if state.merged_before:
-            pipe.fuse_lora(components=["unet"], adapter_names=list(state.merged_before))
         if state.active_before:
             pipe.set_adapters(list(state.active_before))
     else:

@@ -143,8 +143,8 @@ def test_apply_then_restore_fast_mode(tiny_pipe, tmp_path: Path) -> None:
     assert not tiny_pipe.get_list_adapters().get("unet")
     after = unet_weights(tiny_pipe)
     assert after.keys() == before.keys()
-    for name in before:
-        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
+    # Bit for bit: subtracting the LoRA again would leave rounding in these fp32 weights.
+    assert [name for name in before if not torch.equal(after[name], before[name])] == []
 
 
 def test_fast_lora_from_a_folder_by_its_official_name(tiny_pipe, tmp_path: Path) -> None:
@@ -178,15 +178,14 @@ def test_fast_mode_next_to_an_unfused_photomaker_lora(tiny_models_dir: Path, tmp
     state = presets.apply_fast_preset(
         pipe, presets.FAST_PRESETS["lcm-4"].with_weights(write_fast_lora(tmp_path / "fast.safetensors"))
     )
-    assert state.active_before == ("photomaker",) and state.merged_before == ()
+    assert state.active_before == ("photomaker",)
     presets.restore_standard_mode(pipe, state)
 
     assert pipe.get_list_adapters()["unet"] == ["photomaker"]
     assert pipe.get_active_adapters() == ["photomaker"]
     after = unet_weights(pipe)
     assert after.keys() == before.keys()
-    for name in before:
-        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
+    assert [name for name in before if not torch.equal(after[name], before[name])] == []
 
 
 def test_lora_for_another_model_is_refused_and_nothing_changes(tiny_pipe, tmp_path: Path) -> None:
