@@ -67,6 +67,7 @@ _DTYPES = {
     "float": torch.float32,
 }
 _OFFLOAD_MODES = ("none", "model", "sequential")
+_OFF = ("off", "none", "0", "false", "no")
 _FACE_BACKENDS = ("dlib", "insightface", "none")
 # C0/C1 control characters other than tab and newline: invisible in the UI, meaningless to the tokenizer.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -75,6 +76,11 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # --------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------
+
+
+def default_fused_cache_dir() -> str:
+    """The prepared-adapter cache's default folder: the user's cache folder (XDG_CACHE_HOME or ~/.cache)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "photomaker", "prepared")
 
 
 def _parse_bool(value: str) -> bool:
@@ -102,6 +108,7 @@ ENV_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PHOTOMAKER_FACE_BACKEND": ("face_backend", str),
     "PHOTOMAKER_FACE_MODEL_DIR": ("face_model_dir", str),
     "PHOTOMAKER_FAST_LORA_DIR": ("fast_lora_dir", str),
+    "PHOTOMAKER_FUSED_CACHE_DIR": ("fused_cache_dir", str),
     "PHOTOMAKER_CACHE_SIZE": ("cache_size", int),
     "PHOTOMAKER_MIN_STEPS": ("min_steps", int),
     "PHOTOMAKER_TRIGGER_WORD": ("trigger_word", str),
@@ -158,6 +165,9 @@ class ServiceConfig:
     face_backend: Literal["dlib", "insightface", "none"] | None = None  # None -> dlib (v1), insightface (v2)
     face_model_dir: str | None = None  # where the face backend finds its model files
     fast_lora_dir: str | None = None  # folder holding fast-mode LoRA files by their official names (offline)
+    # Where the adapter is kept as loaded (fused UNet weights + ID encoder), so that later starts skip the fuse.
+    # None -> default_fused_cache_dir() (no cache with the tiny models); "off" -> no cache.
+    fused_cache_dir: str | None = None
     cache_size: int = 16  # ID encodings kept (LRU)
     min_steps: int | None = None  # None -> presets.STEPS_MIN, or 1 with tiny models
     trigger_word: str = DEFAULT_TRIGGER_WORD
@@ -216,6 +226,20 @@ class ServiceConfig:
         if self.face_backend is not None:
             return self.face_backend
         return "insightface" if self.pm_version == 2 else "dlib"
+
+    @property
+    def resolved_fast_lora_dir(self) -> str | None:
+        """Where fast mode reads its LoRAs: the setting, else the tiny models' own, else the Hub (None)."""
+        if self.fast_lora_dir:
+            return self.fast_lora_dir
+        return os.path.join(self.tiny_dir, "fast-loras") if self.tiny_dir else None
+
+    @property
+    def resolved_fused_cache_dir(self) -> str | None:
+        """The prepared-adapter cache folder to use, or None for none (see `fused_cache_dir`)."""
+        if self.fused_cache_dir is None:
+            return None if self.tiny_dir else default_fused_cache_dir()
+        return None if self.fused_cache_dir.strip().lower() in _OFF else self.fused_cache_dir
 
     @property
     def steps_min(self) -> int:
@@ -688,7 +712,11 @@ class PhotoMakerService:
             _check_local_source(adapter, setting)
             kwargs = {"weight_name": weight_name} if weight_name else {}
             pipe.load_photomaker_adapter(
-                adapter, trigger_word=config.trigger_word, pm_version=config.pm_version, **kwargs
+                adapter,
+                trigger_word=config.trigger_word,
+                pm_version=config.pm_version,
+                fused_cache_dir=config.resolved_fused_cache_dir,
+                **kwargs,
             )
             from diffusers import EulerDiscreteScheduler
 
@@ -800,8 +828,8 @@ class PhotoMakerService:
             if not isinstance(request.fast, str):
                 raise InvalidRequestError(f"fast must be a preset name or None, got {request.fast!r}.")
             fast = presets.get_fast_preset(request.fast)
-            if config.fast_lora_dir:
-                fast = fast.with_weights(config.fast_lora_dir)
+            if config.resolved_fast_lora_dir:
+                fast = fast.with_weights(config.resolved_fast_lora_dir)
             if config.offload == "sequential":
                 raise InvalidRequestError(
                     "Fast mode cannot be used with PHOTOMAKER_OFFLOAD=sequential (its LoRA is fused into weights "
@@ -880,8 +908,10 @@ class PhotoMakerService:
         ]
 
         if fast is not None and not fast.uses_cfg and full_negative:
+            whose = "your negative prompt" if negative else f"the negative prompt of the style {request.style!r}"
             warnings.append(
-                f"{fast.label} samples without classifier-free guidance, so the negative prompt has no effect."
+                f"{fast.label} samples without classifier-free guidance, so {whose} has no effect; "
+                "the Hyper-SD presets keep it."
             )
         return GenerationPlan(
             request=request,

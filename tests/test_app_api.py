@@ -79,6 +79,15 @@ def test_valid_generate_returns_images_then_seed(client) -> None:
     assert "woman img smiling" in notes
 
 
+@pytest.mark.parametrize("preset", ["lightning-8", "hyper-sd-8"])
+def test_fast_mode_runs_offline_in_tiny_mode(client, preset: str) -> None:
+    images, seed, _, notes = client.predict(**generate_args(fast_mode=preset, num_outputs=1), api_name="/generate")
+    parameters = read_parameters(images[0]["image"])
+    assert (parameters["fast"], parameters["num_steps"], parameters["seed"]) == (preset, 8, seed)
+    # Only the guidance-free preset ignores the negative prompt, and the page says so.
+    assert ("negative prompt has no effect" in notes) == (preset == "lightning-8")
+
+
 def test_randomized_seed_is_reported(client) -> None:
     _, seed, _, _ = client.predict(**generate_args(num_outputs=1, randomize_seed=True), api_name="/generate")
     assert isinstance(seed, (int, float)) and 0 <= seed < 2**31

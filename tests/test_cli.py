@@ -50,6 +50,22 @@ def test_generate_writes_pngs_that_carry_their_parameters(
     assert "Denoising" in captured.err and "2/2" in captured.err
 
 
+def test_fast_mode_runs_offline_on_the_tiny_models(
+    tiny_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    status = main(["generate", "--tiny", str(tiny_models_dir), "--face-backend", "none", "--fast",
+                   "--id-image", str(ASTRONAUT), "--prompt", "a photo of a woman img", "--negative-prompt", "blurry",
+                   "--width", "64", "--height", "64", "--seed", "3", "--out", str(out)])
+    captured = capsys.readouterr()
+
+    assert status == 0, captured.err
+    params = read_parameters(out / "seed-3.png")
+    assert (params["fast"], params["num_steps"], params["guidance_scale"]) == ("lightning-8", 8, 0.0)
+    # The default preset samples without guidance: the user is told that the negative prompt does nothing.
+    assert "so your negative prompt has no effect" in captured.err
+
+
 def test_a_user_mistake_exits_2_with_the_message_and_no_traceback(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "photomaker", "generate", "--id-image", str(ASTRONAUT), "--prompt", "a man img",
@@ -107,5 +123,6 @@ def test_make_tiny_prints_the_model_paths(tiny_models_dir: Path, capsys: pytest.
         "base": str(tiny_models_dir / "base"),
         "v1": str(tiny_models_dir / "photomaker-v1.bin"),
         "v2": str(tiny_models_dir / "photomaker-v2.bin"),
+        "fast_loras": str(tiny_models_dir / "fast-loras"),
     }
     assert all(Path(path).exists() for path in printed.values())

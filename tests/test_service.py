@@ -91,6 +91,21 @@ def test_bad_configuration_names_the_variable(env: dict, fragment: str) -> None:
         ServiceConfig.from_env(environ=env)
 
 
+def test_prepared_adapter_cache_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ServiceConfig().resolved_fused_cache_dir == str(tmp_path / "photomaker" / "prepared")
+    assert ServiceConfig(tiny_dir="t").resolved_fused_cache_dir is None  # tests never fill the user's cache
+    assert ServiceConfig(tiny_dir="t", fused_cache_dir="/c").resolved_fused_cache_dir == "/c"
+    assert ServiceConfig.from_env(environ={"PHOTOMAKER_FUSED_CACHE_DIR": "off"}).resolved_fused_cache_dir is None
+    assert ServiceConfig.from_env(environ={"PHOTOMAKER_FUSED_CACHE_DIR": "/d"}).resolved_fused_cache_dir == "/d"
+
+
+def test_fast_mode_reads_the_tiny_models_loras_unless_told_otherwise() -> None:
+    assert ServiceConfig(tiny_dir="t").resolved_fast_lora_dir == str(Path("t") / "fast-loras")
+    assert ServiceConfig(tiny_dir="t", fast_lora_dir="/f").resolved_fast_lora_dir == "/f"
+    assert ServiceConfig().resolved_fast_lora_dir is None  # the Hub
+
+
 def test_face_backend_follows_the_version() -> None:
     assert ServiceConfig().resolved_face_backend == "dlib"
     assert ServiceConfig(pm_version=2).resolved_face_backend == "insightface"
@@ -229,7 +244,10 @@ def test_fast_mode_takes_steps_and_guidance_from_the_preset(unloaded: PhotoMaker
         request(num_steps=0, guidance_scale=math.nan, fast=preset.label, negative_prompt="blurry", style_strength=50)
     )
     assert (plan.num_steps, plan.guidance_scale, plan.start_merge_step) == (8, 0.0, preset.max_merge_step)
-    assert any("negative prompt has no effect" in warning for warning in plan.warnings)
+    assert any("so your negative prompt has no effect" in warning for warning in plan.warnings)
+    plan = unloaded.validate(request(fast=preset.key))  # only the default style's negative
+    assert any("the negative prompt of the style 'Photographic (Default)' has no effect" in w for w in plan.warnings)
+    assert not unloaded.validate(request(fast=preset.key, style="(No style)")).warnings
 
 
 # ------------------------------------------------------------------------------------ loading failures
@@ -261,24 +279,12 @@ def test_load_failure_is_explained_and_the_service_keeps_answering(base_model: s
 # --------------------------------------------------------------------------------- on the tiny models
 
 
-def write_fast_loras(folder: Path) -> Path:
-    from safetensors.torch import save_file
-
-    from photomaker.testing import tiny_lora_state_dict
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for preset in presets.FAST_PRESETS.values():
-        save_file(tiny_lora_state_dict(seed=11), str(folder / preset.weight_name))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_service(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> PhotoMakerService:
     config = ServiceConfig(
         tiny_dir=str(tiny_models_dir),
         face_backend="none",
         device="cpu",
-        fast_lora_dir=str(write_fast_loras(tmp_path_factory.mktemp("fast-loras"))),
     )
     service = PhotoMakerService(config)
     service.wait_ready(timeout=300)
@@ -369,6 +375,34 @@ def test_failure_inside_generation_frees_and_next_request_works(
         with pytest.raises(InvalidRequestError, match="Ran out of memory generating 1 image"):
             tiny_service.generate(request())
     assert len(tiny_service.generate(request()).images) == 1
+
+
+def test_second_start_maps_the_prepared_adapter_and_generates_the_same(
+    tiny_models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def start() -> PhotoMakerService:
+        config = ServiceConfig(
+            tiny_dir=str(tiny_models_dir), face_backend="none", device="cpu", fused_cache_dir=str(tmp_path)
+        )
+        service = PhotoMakerService(config)
+        service.wait_ready(timeout=300)
+        service.pipeline.set_progress_bar_config(disable=True)
+        return service
+
+    first = start()
+    (cache_file,) = tmp_path.glob("photomaker-prepared-*.safetensors")
+    stored = cache_file.read_bytes()
+    expected = first.generate(request(seed=9)).images[0]
+    del first
+
+    with caplog.at_level("INFO", logger="photomaker.loading"):
+        second = start()
+    assert "mapped from" in caplog.text
+    assert np.array_equal(pixels(second.generate(request(seed=9)).images[0].image), pixels(expected.image))
+    # Fast mode fuses into the mapped weights: the cache file on disk must stay as it was.
+    second.generate(request(seed=9, fast="lightning-8"))
+    assert np.array_equal(pixels(second.generate(request(seed=9)).images[0].image), pixels(expected.image))
+    assert cache_file.read_bytes() == stored
 
 
 def test_concurrent_start_loading_loads_once(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
