@@ -217,18 +217,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.setup_logging(args.verbose, getattr(args, "threads", None))
     started = time.perf_counter()
     models = common.prepare_models(args.models, args.dir, args.dtype)
-    result: dict[str, Any] = {
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "dtype": models.dtype_name,
-        "settings": vars(args),
-    }
+    result = common.new_result(args, models)
     result["fast"] = benchmark(args)
     result["seconds"] = time.perf_counter() - started
-    result["report"] = report(args, result)
-    print(result["report"])
-    common.write_result(args.json, result)
-    return result
+    return common.finish(args, result, report)
 
 
 if __name__ == "__main__":

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
-    result: dict[str, Any] = {"command": common.command_line(), "machine": common.machine_info()}
+    result = common.new_result(args)
     with common.quiet_libraries():
         result["computed"] = computed(args)
     if args.verify_tiny:
@@ -282,10 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["verify_real"] = verify(
             common.prepare_models("real", args.verify_dir), args.verify_size, args.verify_steps
         )
-    result["report"] = report(args, result)
-    print(result["report"])
-    common.write_result(args.json, result)
-    return result
+    return common.finish(args, result, report)
 
 
 if __name__ == "__main__":

@@ -282,17 +282,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         child(args)
         return {}
     models = common.prepare_models(args.models, args.dir, args.dtype)
-    result: dict[str, Any] = {
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "dtype": models.dtype_name,
-        "settings": vars(args),
-    }
+    result = common.new_result(args, models)
     result["memory"] = summarise(args, run_children(args))
-    result["report"] = report(args, result)
-    print(result["report"])
-    common.write_result(args.json, result)
-    return result
+    return common.finish(args, result, report)
 
 
 if __name__ == "__main__":

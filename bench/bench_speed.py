@@ -466,21 +466,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     parts = set(args.parts.split(","))
     models = common.prepare_models(args.models, args.dir, args.dtype)
-    result: dict[str, Any] = {
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "dtype": models.dtype_name,
-        "unet": args.unet,
-        "settings": vars(args),
-    }
+    result = common.new_result(args, models, unet=args.unet)
     if "per-image" in parts:
         result["per_image"] = per_image(args)
     if "cold" in parts:
         result["cold_start"] = cold_start(args)
-    result["report"] = report(args, result)
-    print(result["report"])
-    common.write_result(args.json, result)
-    return result
+    return common.finish(args, result, report)
 
 
 if __name__ == "__main__":

@@ -316,6 +316,24 @@ def command_line() -> str:
     return " ".join(sys.argv)
 
 
+def new_result(args: Any, models: Models | None = None, **fields: Any) -> dict[str, Any]:
+    """The header every benchmark result starts with: how it was run, where, and with which settings."""
+    result: dict[str, Any] = {"command": command_line(), "machine": machine_info()}
+    if models is not None:
+        result["dtype"] = models.dtype_name
+    result.update(fields)
+    result["settings"] = vars(args)
+    return result
+
+
+def finish(args: Any, result: dict[str, Any], report: Callable[[Any, dict[str, Any]], str]) -> dict[str, Any]:
+    """Add the printed report to ``result``, print it, and write everything to ``--json`` when given."""
+    result["report"] = report(args, result)
+    print(result["report"])
+    write_result(args.json, result)
+    return result
+
+
 def write_result(path: str | os.PathLike[str] | None, data: dict[str, Any]) -> None:
     if not path:
         return
