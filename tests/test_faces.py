@@ -27,7 +27,7 @@ from photomaker.faces import (
     score_images,
 )
 from photomaker.faces.dlib_backend import DlibFaceAnalyzer
-from photomaker.faces.geometry import similarity_transform, transform_points
+from photomaker.faces.geometry import ARCFACE_TEMPLATE_112, similarity_transform, transform_points
 from photomaker.images import load_image
 
 # Hand-checked face regions of the example portraits (x0, y0, x1, y1): forehead to chin, cheek to cheek.
@@ -106,8 +106,15 @@ def test_crop_box_invariants_on_random_faces() -> None:
         assert side == box[3] - box[1] > 0
         clamped = (max(x0, 0), max(y0, 0), min(x1, width), min(y1, height))
         assert _contains(box, clamped)
-        if side <= min(width, height):
-            assert box[0] >= 0 and box[1] >= 0 and box[2] <= width and box[3] <= height
+        # The documented size: face side / fraction, shrunk to the image's shorter side but never below the face.
+        fx0, fy0 = min(max(np.floor(x0), 0), width - 1), min(max(np.floor(y0), 0), height - 1)
+        face_side = max(max(min(np.ceil(x1), width), fx0 + 1) - fx0, max(min(np.ceil(y1), height), fy0 + 1) - fy0)
+        assert side == max(min(int(np.ceil(face_side / fraction)), width, height), face_side)
+        # Inside the image along every axis where the square fits.
+        if side <= width:
+            assert 0 <= box[0] and box[2] <= width
+        if side <= height:
+            assert 0 <= box[1] and box[3] <= height
 
 
 def test_face_fraction_out_of_range_is_rejected() -> None:
@@ -125,6 +132,21 @@ def test_similarity_transform_recovers_a_known_transform_and_never_reflects() ->
     assert np.allclose(transform_points(matrix, points), moved, atol=1e-9)
     mirrored = points * [-1, 1]
     assert np.linalg.det(similarity_transform(points, mirrored)[:, :2]) > 0
+
+
+def test_similarity_transform_is_the_least_squares_fit_on_noisy_points() -> None:
+    """With noise no transform is exact: the result must be the least-squares similarity (as ArcFace's alignment)."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        source = rng.uniform(0, 300, size=(5, 2))
+        target = np.asarray(ARCFACE_TEMPLATE_112) + rng.normal(0, 3, size=(5, 2))
+        # Unknowns (a, b, tx, ty) of [[a, -b, tx], [b, a, ty]]: a plain linear least-squares problem.
+        rows = np.zeros((10, 4))
+        rows[0::2] = np.column_stack([source[:, 0], -source[:, 1], np.ones(5), np.zeros(5)])
+        rows[1::2] = np.column_stack([source[:, 1], source[:, 0], np.zeros(5), np.ones(5)])
+        a, b, tx, ty = np.linalg.lstsq(rows, target.reshape(-1), rcond=None)[0]
+        expected = np.array([[a, -b, tx], [b, a, ty]])
+        assert np.allclose(similarity_transform(source, target), expected, atol=1e-9)
 
 
 # ---------------------------------------------------------------- dlib detection and landmarks
@@ -336,7 +358,7 @@ def test_score_images_for_the_cli(tmp_path: Path) -> None:
 
     blank = tmp_path / "blank.png"
     _no_face_image().save(blank)
-    with pytest.raises(NoFaceError, match=f"reference photo {blank}: no face found"):
+    with pytest.raises(NoFaceError, match=f"reference photo 2 \({blank}\): no face found"):
         score_images([GRACE_HOPPER, blank], mirrored)
     with pytest.raises(NoFaceError, match=f"image {blank}: no face found"):
         score_images([GRACE_HOPPER], blank)

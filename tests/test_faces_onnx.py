@@ -160,11 +160,30 @@ def test_network_sees_rgb_not_bgr(analyzer: InsightFaceAnalyzer) -> None:
     assert analyzer.detect(blue) == []
 
 
-def test_two_markers_give_two_faces_largest_first(analyzer: InsightFaceAnalyzer) -> None:
+def test_two_markers_give_two_faces(analyzer: InsightFaceAnalyzer) -> None:
     image = red_marker_image(320, 240, (20, 20, 28, 28))
     image[150:158, 200:208, 0] = 255
-    faces = analyzer.detect(image)
-    assert len(faces) == 2 and faces[0].area >= faces[1].area
+    assert len(analyzer.detect(image)) == 2
+
+
+def test_the_largest_face_comes_first_even_when_a_smaller_one_scores_higher(
+    analyzer: InsightFaceAnalyzer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keypoints = np.zeros((5, 2), np.float32)
+    small = Face((10.0, 10.0, 30.0, 30.0), 0.99, keypoints)
+    large = Face((100.0, 100.0, 180.0, 180.0), 0.60, keypoints)
+    twin = Face((200.0, 100.0, 280.0, 180.0), 0.70, keypoints)  # as large: the higher score wins the tie
+    decoded = (np.array([s.bbox for s in (small, large, twin)], np.float32), np.array([0.99, 0.6, 0.7], np.float32),
+               np.zeros((3, 5, 2), np.float32))
+    monkeypatch.setattr(backend, "decode_scrfd", lambda *args, **kwargs: decoded)
+    faces = analyzer.detect(red_marker_image(320, 240, (100, 100, 108, 108)))
+    assert [face.score for face in faces] == pytest.approx([0.70, 0.60, 0.99])
+
+
+def test_detection_sizes_must_fit_scrfd_strides(tmp_path: Path) -> None:
+    folder = _model_dir(tmp_path, SyntheticDetector())
+    with pytest.raises(ValueError, match=r"multiples of 32, got \(640, 600\)"):
+        InsightFaceAnalyzer(folder, download=False, detection_sizes=(640, 600))
 
 
 def test_detection_size_falls_back_until_a_face_is_found(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
