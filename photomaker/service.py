@@ -44,6 +44,7 @@ from photomaker.errors import (
     PhotoMakerError,
     PromptError,
 )
+from photomaker.faces.prepare import photo_label
 from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image
 from photomaker.prompt import DEFAULT_TRIGGER_WORD, check_prompt_text, insert_trigger_word
 
@@ -396,8 +397,12 @@ def _file_name(source: Any) -> str | None:
     return Path(source).name if isinstance(source, (str, os.PathLike)) else None
 
 
-def _label(index: int, name: str | None, person: str = "ID photo") -> str:
-    return f"{person} {index + 1} ({name})" if name else f"{person} {index + 1}"
+def _load_photos(sources: Sequence[Any], names: Sequence[str | None], noun: str) -> list[Image.Image]:
+    """Decode uploaded photos within the upload limits; errors name the photo ("ID photo 2 (me.jpg): ...")."""
+    return [
+        load_image(source, name=photo_label(index, name, noun), max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_IMAGE_PIXELS)
+        for index, (source, name) in enumerate(zip(sources, names, strict=True))
+    ]
 
 
 def _clean_text(name: str, value: Any, warnings: list[str]) -> str:
@@ -728,7 +733,9 @@ class PhotoMakerService:
             with self._state_lock:
                 self._pipe, self._analyzer, self._fast_state = pipe, analyzer, None
                 self._cache.clear()
-                self._state, self._message, self._progress = "ready", f"Ready ({device}).", 1.0
+                # The face models' licence is shown where they are in use: some forbid commercial use.
+                licence = f" Face models: {analyzer.licence}." if analyzer is not None else ""
+                self._state, self._message, self._progress = "ready", f"Ready ({device}).{licence}", 1.0
             logger.info("PhotoMaker ready on %s", device)
         except BaseException as exc:
             failed = True
@@ -893,19 +900,8 @@ class PhotoMakerService:
 
         id_names = [_file_name(src) for src in photos]
         mix_names = [f"second person, {name}" if name else "second person" for name in map(_file_name, mix_photos)]
-        id_images = [
-            load_image(src, name=_label(i, id_names[i]), max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_IMAGE_PIXELS)
-            for i, src in enumerate(photos)
-        ]
-        mix_images = [
-            load_image(
-                src,
-                name=_label(i, _file_name(src), "photo of the second person"),
-                max_bytes=MAX_UPLOAD_BYTES,
-                max_pixels=MAX_IMAGE_PIXELS,
-            )
-            for i, src in enumerate(mix_photos)
-        ]
+        id_images = _load_photos(photos, id_names, "ID photo")
+        mix_images = _load_photos(mix_photos, list(map(_file_name, mix_photos)), "photo of the second person")
 
         if fast is not None and not fast.uses_cfg and full_negative:
             whose = "your negative prompt" if negative else f"the negative prompt of the style {request.style!r}"

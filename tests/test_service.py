@@ -443,6 +443,7 @@ def face_service(tiny_models_dir: Path) -> PhotoMakerService:
 
 
 def test_face_crops_and_identity_scores(face_service: PhotoMakerService) -> None:
+    assert "Face models: dlib: Boost Software License" in face_service.status().message  # licence shown
     result = face_service.generate(request(id_images=[ASTRONAUT], num_outputs=2))
     assert len(result.crops) == 1 and result.crops[0].size != Image.open(ASTRONAUT).size  # cropped to the face
     for item in result.images:

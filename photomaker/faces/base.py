@@ -60,7 +60,7 @@ class FaceAnalyzer(ABC):
     """Which number decides "same person": ``distance < threshold`` or ``similarity >= threshold``."""
     same_person_threshold: float
     licence: str
-    """Licence of the model files, shown to users (some forbid commercial use)."""
+    """Licence of the model files, shown in the service's ready message (some forbid commercial use)."""
 
     @abstractmethod
     def detect(self, rgb: np.ndarray) -> list[Face]:

@@ -274,9 +274,19 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         self._recogniser_input = self._recogniser.get_inputs()[0]
         fixed = self._detector.get_inputs()[0].shape[2:]
         if all(isinstance(dim, int) for dim in fixed):  # a detector exported with a fixed input size
-            self.detection_sizes: tuple[int, ...] = (int(fixed[0]),)
-        else:
-            self.detection_sizes = tuple(detection_sizes)
+            if fixed[0] != fixed[1]:
+                raise FaceModelUnavailableError(
+                    f"{DETECTOR_FILE} takes a fixed {fixed[1]}x{fixed[0]} input; this backend letterboxes photos "
+                    f"into a square, so it needs a square or dynamic-size SCRFD such as the one in {BUFFALO_L_URL}"
+                )
+            detection_sizes = (int(fixed[0]),)
+        # SCRFD's feature maps are size / stride cells for strides 8, 16 and 32: other sizes round and misalign.
+        bad = [size for size in detection_sizes if not (isinstance(size, (int, np.integer)) and size > 0 and size % 32 == 0)]
+        if bad or not detection_sizes:
+            raise ValueError(
+                f"detection_sizes must be positive multiples of 32, got {tuple(detection_sizes)}"
+            )
+        self.detection_sizes: tuple[int, ...] = tuple(detection_sizes)
         height = self._recogniser_input.shape[2]
         self._chip_size = height if isinstance(height, int) else 112
         self.detection_threshold = detection_threshold

@@ -40,9 +40,9 @@ class PreparedPhotos:
     """Messages for the user (several faces, small face); the photos were still used."""
 
 
-def photo_label(index: int, name: str | None) -> str:
+def photo_label(index: int, name: str | None, noun: str = "photo") -> str:
     """How messages refer to a photo: "photo 2 (beach.jpg)", 1-based as users count."""
-    return f"photo {index + 1} ({name})" if name else f"photo {index + 1}"
+    return f"{noun} {index + 1} ({name})" if name else f"{noun} {index + 1}"
 
 
 def prepare_id_photos(
@@ -52,6 +52,7 @@ def prepare_id_photos(
     crop: bool = True,
     need_embeddings: bool = False,
     names: Sequence[str | None] | None = None,
+    noun: str = "photo",
     face_fraction: float = DEFAULT_FACE_FRACTION,
 ) -> PreparedPhotos:
     """Load each photo, find its face (the largest one), crop around it, and embed it if asked.
@@ -70,7 +71,7 @@ def prepare_id_photos(
     embeddings: list[np.ndarray] = []
     warnings: list[str] = []
     for index, photo in enumerate(photos):
-        label = photo_label(index, _name_of(photo, names[index] if names is not None else None))
+        label = photo_label(index, _name_of(photo, names[index] if names is not None else None), noun)
         image = load_image(photo, name=label)
         rgb = np.asarray(image)
         found = analyzer.detect(rgb)

@@ -93,27 +93,30 @@ def score_images(
 ) -> dict[str, Any]:
     """``python -m photomaker score``: identity score of ``image_path`` against reference photos, as a dict.
 
-    Raises :class:`NoFaceError` naming the file when a reference photo or the image has no face (here a
-    missing face is a user error: there is nothing to score).
+    Reference photos are read as ID photos are (largest face, a warning when there are several). Raises
+    :class:`NoFaceError` naming the file when a reference photo or the image has no face (here a missing face
+    is a user error: there is nothing to score).
     """
     from photomaker.faces import get_face_analyzer
+    from photomaker.faces.prepare import prepare_id_photos
 
     if not reference_paths:
         raise ValueError("score needs at least one --reference photo")
     analyzer = get_face_analyzer(backend, model_dir)  # type: ignore[arg-type]
-    references = []
-    for path in reference_paths:
-        label = f"reference photo {os.fspath(path)}"
-        rgb = np.asarray(load_image(path, name=label))
-        faces = analyzer.detect(rgb)
-        if not faces:
-            raise NoFaceError(f"{label}: no face found; use a photo where the face is clearly visible")
-        references.append(analyzer.embed(rgb, faces[0]))
+    references = prepare_id_photos(
+        reference_paths,
+        analyzer,
+        crop=False,
+        need_embeddings=True,
+        names=[os.fspath(path) for path in reference_paths],
+        noun="reference photo",
+    )
     label = f"image {os.fspath(image_path)}"
-    score = identity_score(image_path, references, analyzer, name=label)
+    score = identity_score(image_path, list(references.face_embeds), analyzer, name=label)
     if not score.face_found:
         raise NoFaceError(f"{label}: no face found, so there is nothing to compare with the reference photos")
     result = score.as_dict()
     result["image"] = os.fspath(image_path)
     result["references"] = [os.fspath(path) for path in reference_paths]
+    result["warnings"] = references.warnings
     return result
