@@ -273,7 +273,7 @@ class GenerationRequest:
     mix_strength: float = presets.MIX_STRENGTH_DEFAULT  # 0 = only the first person, 1 = only the second
     crop_faces: bool = True
     fast: str | None = None  # key or label of a fast-mode preset, None = standard sampling
-    best_of: int = 1  # generate best_of * num_outputs candidates, keep the most similar
+    best_of: int = 1  # candidates per output (seeds seed + k*best_of + j); each output is its most alike one
     width: int | None = None  # width and height together override aspect_ratio
     height: int | None = None
 
@@ -533,8 +533,16 @@ class _IDEntry:
 
     encoding: Any  # photomaker.pipeline.IDEncoding
     crops: list[Image.Image]
-    references: np.ndarray | None  # (N, D) embeddings of the dominant person's faces, for the identity score
     warnings: list[str]
+    # Per person (first, then the second one of a mix): (N, D) face embeddings, for the identity score.
+    people_embeds: list[np.ndarray] = field(default_factory=list)
+
+    def references(self, mix_strength: float | None) -> np.ndarray | None:
+        """The embeddings the likeness is measured against: those of the person who dominates the mix."""
+        if not self.people_embeds:
+            return None
+        second = mix_strength is not None and mix_strength > 0.5 and len(self.people_embeds) > 1
+        return self.people_embeds[1 if second else 0]
 
 
 class _LRUCache:
@@ -631,8 +639,12 @@ class PhotoMakerService:
                 return
             self._state, self._message, self._progress = "loading", "Starting to load the model.", 0.0
             self._load_error = None
+            # Each load sets its own event: a retry started while a failed load is still cleaning up must not
+            # let that load wake (or strand) the retry's waiters.
             self._done = threading.Event()
-            self._thread = threading.Thread(target=self._load, name="photomaker-load", daemon=True)
+            self._thread = threading.Thread(
+                target=self._load, args=(self._done,), name="photomaker-load", daemon=True
+            )
             self._thread.start()
 
     def wait_ready(self, timeout: float | None = None, progress: ProgressCallback | None = None) -> None:
@@ -644,7 +656,9 @@ class PhotoMakerService:
         with self._state_lock:
             state, error = self._state, self._load_error
         if state == "error":
-            raise error or ModelLoadError(self._message)
+            # A fresh exception per request: re-raising the stored one would chain every request's frames (and
+            # its decoded photos) onto its traceback for as long as the service lives.
+            raise ModelLoadError(str(error or self._message)) from None
         if state == "idle":
             self.start_loading()
         done = self._done
@@ -665,7 +679,7 @@ class PhotoMakerService:
                 progress(int(status.progress * 100), 100, status.message)
         with self._state_lock:
             if self._state != "ready":
-                raise self._load_error or ModelLoadError(self._message)
+                raise ModelLoadError(str(self._load_error or self._message)) from None
 
     def _set_status(self, message: str, progress: float) -> None:
         with self._state_lock:
@@ -686,7 +700,7 @@ class PhotoMakerService:
             weight_name = DEFAULT_ADAPTER_FILE[config.pm_version]
         return config.base_model, adapter, weight_name
 
-    def _load(self) -> None:
+    def _load(self, done: threading.Event) -> None:
         config = self.config
         what, source, setting = "the model", config.base_model, "PHOTOMAKER_BASE_MODEL"
         pipe = None
@@ -749,7 +763,7 @@ class PhotoMakerService:
                 # Here the exception and its frames (which hold any half-loaded weights) are gone.
                 del pipe
                 self._free_memory()
-            self._done.set()
+            done.set()
 
     def _load_base(self, base: str, dtype: torch.dtype) -> Any:
         from photomaker.pipeline import PhotoMakerStableDiffusionXLPipeline as Pipeline
@@ -873,10 +887,28 @@ class PhotoMakerService:
         else:
             num_steps, guidance = fast.steps, fast.guidance_scale
             merge_step = fast.start_merge_step(style_strength)
+            ignored = [
+                f"{name} {value!r}"
+                for name, value, default in (
+                    ("steps", request.num_steps, presets.STEPS_DEFAULT),
+                    ("guidance", request.guidance_scale, presets.GUIDANCE_DEFAULT),
+                )
+                if value != default
+            ]
+            if ignored:
+                warnings.append(
+                    f"{fast.label} uses its own {fast.steps} steps and guidance {fast.guidance_scale:g}; "
+                    f"the given {' and '.join(ignored)} were not used."
+                )
         num_outputs = int(
             _number("num_outputs", request.num_outputs, presets.OUTPUTS_MIN, presets.OUTPUTS_MAX, integer=True)
         )
         best_of = int(_number("best_of", request.best_of, presets.BEST_OF_MIN, presets.BEST_OF_MAX, integer=True))
+        if best_of > 1 and config.resolved_face_backend == "none":
+            raise InvalidRequestError(
+                "best_of needs identity scores to pick the most alike images, and this service runs without face "
+                "analysis (PHOTOMAKER_FACE_BACKEND=none); use best_of=1 or start it with a face backend."
+            )
         if request.seed is None:
             seed = secrets.randbelow(presets.SEED_MAX + 1)
         else:
@@ -935,10 +967,12 @@ class PhotoMakerService:
 
     @staticmethod
     def _validate_size(request: GenerationRequest) -> tuple[int, int]:
+        # Checked even when width and height override it: it is written into the PNG, to be restored later.
+        if not isinstance(request.aspect_ratio, str):
+            raise InvalidRequestError(f"aspect_ratio must be a preset name, got {request.aspect_ratio!r}.")
+        preset_size = aspect_ratio_template.get_size(request.aspect_ratio)
         if request.width is None and request.height is None:
-            if not isinstance(request.aspect_ratio, str):
-                raise InvalidRequestError(f"aspect_ratio must be a preset name, got {request.aspect_ratio!r}.")
-            return aspect_ratio_template.get_size(request.aspect_ratio)
+            return preset_size
         if request.width is None or request.height is None:
             raise InvalidRequestError("Give both width and height, or neither (then the aspect ratio decides).")
         sizes = []
@@ -1018,7 +1052,7 @@ class PhotoMakerService:
         if entry is not None:
             return entry, True
         crops = plan.id_images + plan.mix_images
-        references = None
+        people_embeds: list[np.ndarray] = []
         warnings: list[str] = []
         face_embeds = None
         if self._analyzer is not None:
@@ -1032,13 +1066,11 @@ class PhotoMakerService:
             ]
             crops = [image for person in people for image in person.images]
             warnings = [warning for person in people for warning in person.warnings]
-            # The likeness is measured against the person who dominates the mix.
-            dominant = people[1] if plan.mix_strength is not None and plan.mix_strength > 0.5 else people[0]
-            references = dominant.face_embeds
+            people_embeds = [person.face_embeds for person in people]
             if pipe.pm_version >= 2:
                 face_embeds = torch.from_numpy(np.concatenate([person.face_embeds for person in people]))
         encoding = pipe.encode_id_images(crops, id_embeds=face_embeds)
-        entry = _IDEntry(encoding=encoding, crops=crops, references=references, warnings=warnings)
+        entry = _IDEntry(encoding=encoding, crops=crops, warnings=warnings, people_embeds=people_embeds)
         self._cache.put(key, entry)
         return entry, False
 
@@ -1092,15 +1124,18 @@ class PhotoMakerService:
 
         score_started = time.perf_counter()
         identities: list[dict[str, Any] | None] = [None] * len(candidates)
-        if self._analyzer is not None and entry.references is not None:
+        references = entry.references(plan.mix_strength)
+        if self._analyzer is not None and references is not None:
             from photomaker.faces import identity_score
 
             report(total_steps, total_steps, "Scoring the likeness")
-            identities = [identity_score(image, entry.references, self._analyzer).as_dict() for image in candidates]
-        order = list(range(len(candidates)))
-        if plan.best_of > 1:
-            order.sort(key=lambda k: _similarity(identities[k]), reverse=True)
-        keep = order[: plan.num_outputs]
+            identities = [identity_score(image, references, self._analyzer).as_dict() for image in candidates]
+        # Output k is the most alike of its own candidates k*B .. k*B+B-1 (seeds seed + k*B + j): the same
+        # images as a batch job, which requests each output alone with seed + k*B.
+        keep = [
+            max(range(k * plan.best_of, (k + 1) * plan.best_of), key=lambda c: _similarity(identities[c]))
+            for k in range(plan.num_outputs)
+        ]
         timings["identity_score"] = time.perf_counter() - score_started
 
         images = []
@@ -1140,7 +1175,7 @@ class PhotoMakerService:
                 "num_id_images": len(plan.id_images),
                 "num_mix_images": len(plan.mix_images),
                 "mix_strength": plan.mix_strength,
-                "crop_faces": request.crop_faces,
+                "crop_faces": request.crop_faces and config.resolved_face_backend != "none",  # what was done
                 "fast": plan.fast.key if plan.fast else None,
                 "base_model": self._base_model_label,
                 "pm_version": config.pm_version,

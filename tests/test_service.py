@@ -247,7 +247,27 @@ def test_fast_mode_takes_steps_and_guidance_from_the_preset(unloaded: PhotoMaker
     assert any("so your negative prompt has no effect" in warning for warning in plan.warnings)
     plan = unloaded.validate(request(fast=preset.key))  # only the default style's negative
     assert any("the negative prompt of the style 'Photographic (Default)' has no effect" in w for w in plan.warnings)
-    assert not unloaded.validate(request(fast=preset.key, style="(No style)")).warnings
+    assert not unloaded.validate(request(fast=preset.key, style="(No style)", num_steps=presets.STEPS_DEFAULT)).warnings
+
+
+def test_fast_mode_says_which_given_settings_it_did_not_use(unloaded: PhotoMakerService) -> None:
+    plan = unloaded.validate(request(fast="hyper-sd-8", num_steps=30, guidance_scale=7, style="(No style)"))
+    assert plan.warnings == [
+        "Hyper-SD CFG (8 steps) uses its own 8 steps and guidance 5; the given steps 30 and guidance 7 were not used."
+    ]
+
+
+def test_aspect_ratio_is_checked_even_with_a_custom_size(unloaded: PhotoMakerService) -> None:
+    with pytest.raises(InvalidRequestError, match="aspect_ratio must be a preset name, got 123"):
+        unloaded.validate(request(aspect_ratio=123))
+    with pytest.raises(InvalidRequestError, match="Cinema"):
+        unloaded.validate(request(aspect_ratio="Cinema"))
+
+
+def test_best_of_without_face_analysis_is_refused() -> None:
+    service = PhotoMakerService(ServiceConfig(face_backend="none"))
+    with pytest.raises(InvalidRequestError, match="best_of needs identity scores"):
+        service.validate(request(best_of=2, num_steps=presets.STEPS_DEFAULT))
 
 
 # ------------------------------------------------------------------------------------ loading failures
@@ -270,8 +290,14 @@ def test_load_failure_is_explained_and_the_service_keeps_answering(base_model: s
         assert fragment in str(info.value)
     status = service.status()
     assert status.state == "error" and status.message == str(info.value)
-    with pytest.raises(ModelLoadError):  # requests get the reason at once; no retry per request
-        service.generate(request(num_steps=30))
+    refusals = []
+    for _ in range(3):  # requests get the reason at once; no retry per request
+        with pytest.raises(ModelLoadError) as refused:
+            service.generate(request(num_steps=30))
+        refusals.append(refused.value)
+    assert [str(error) for error in refusals] == [str(info.value)] * 3
+    # Each request its own exception: one shared object would collect every request's frames (and photos).
+    assert len({id(error) for error in refusals}) == 3
     with pytest.raises(InvalidRequestError):  # and bad requests still get their own message
         service.generate(request(num_steps=0))
 
@@ -303,6 +329,7 @@ def test_generate_end_to_end(tiny_service: PhotoMakerService) -> None:
         assert stored["seed"] == item.seed and stored["num_steps"] == 3
         assert stored["start_merge_step"] == presets.start_merge_step(20, 3)
         assert stored["base_model"].endswith("base") and stored["pm_version"] == 1
+        assert stored["crop_faces"] is False  # asked for, but nothing is cropped without face analysis
     denoising = [c for c in calls if c[2].startswith("Denoising")]
     assert [c[0] for c in denoising] == [1, 2, 3] and all(c[1] == 3 for c in denoising)
     assert result.prompt_used.startswith("candid photograph of a photo of a man img")
@@ -456,10 +483,36 @@ def test_photo_without_a_face_is_named(face_service: PhotoMakerService) -> None:
         face_service.generate(request(id_images=[ASTRONAUT, small_photo()]))
 
 
+def test_a_cached_mix_is_scored_against_whoever_dominates_it(
+    face_service: PhotoMakerService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import photomaker.faces
+
+    real_score = photomaker.faces.identity_score
+    seen: list[np.ndarray] = []
+
+    def spy(image, references, analyzer, **kwargs):
+        seen.append(np.asarray(references))
+        return real_score(image, references, analyzer, **kwargs)
+
+    monkeypatch.setattr(photomaker.faces, "identity_score", spy)
+    mix = {"id_images": [ASTRONAUT], "mix_images": [HOPPER], "num_outputs": 1}
+    first = face_service.generate(request(**mix, mix_strength=0.3))
+    second = face_service.generate(request(**mix, mix_strength=0.8))  # same photos: a cache hit
+    assert second.cache_hit and not first.cache_hit
+    astronaut, hopper = (
+        photomaker.faces.prepare_id_photos([p], face_service.face_analyzer, need_embeddings=True).face_embeds
+        for p in (ASTRONAUT, HOPPER)
+    )
+    assert np.allclose(seen[0], astronaut) and np.allclose(seen[1], hopper)
+
+
 def test_best_of_keeps_the_most_similar(face_service: PhotoMakerService, monkeypatch: pytest.MonkeyPatch) -> None:
     import photomaker.faces
 
-    similarities = iter([0.1, 0.9, 0.5, 0.3])
+    # Candidates of output 0: seeds 50, 51; of output 1: seeds 52, 53. The two best overall (50, 51) are not
+    # what is kept: each output is the best of its own candidates, as a batch job would make it.
+    similarities = iter([0.9, 0.8, 0.1, 0.3])
 
     @dataclasses.dataclass
     class FakeScore:
@@ -470,8 +523,8 @@ def test_best_of_keeps_the_most_similar(face_service: PhotoMakerService, monkeyp
 
     monkeypatch.setattr(photomaker.faces, "identity_score", lambda *a, **k: FakeScore(next(similarities)))
     result = face_service.generate(request(id_images=[ASTRONAUT], num_outputs=2, best_of=2, seed=50))
-    assert [item.seed for item in result.images] == [51, 52]
-    assert [item.identity["similarity"] for item in result.images] == [0.9, 0.5]
+    assert [item.seed for item in result.images] == [50, 53]
+    assert [item.identity["similarity"] for item in result.images] == [0.9, 0.3]
 
 
 # ------------------------------------------------------------------------------------------ PhotoMaker v2
