@@ -172,6 +172,17 @@ def has_trigger_word(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> b
     return re.search(rf"(?<![\w]){re.escape(trigger_word)}(?![\w])", prompt) is not None
 
 
+def strip_trigger_word(text: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> tuple[str, bool]:
+    """``text`` without the trigger word, and whether it had one.
+
+    For the negative prompt: the trigger only marks the person in the prompt, and its token has no embedding
+    in the text encoders (it is replaced before they run), so left in a negative prompt it would crash them.
+    """
+    pattern = rf"\s*(?<![\w]){re.escape(trigger_word)}(?![\w])"
+    stripped, count = re.subn(pattern, "", text)
+    return (stripped.strip() if count else text), count > 0
+
+
 def insert_trigger_word(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> tuple[str, str | None]:
     """Add a missing trigger after the first class word; return the prompt and a note for the user.
 

@@ -46,7 +46,7 @@ from photomaker.errors import (
 )
 from photomaker.faces.prepare import photo_label
 from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image
-from photomaker.prompt import DEFAULT_TRIGGER_WORD, check_prompt_text, insert_trigger_word
+from photomaker.prompt import DEFAULT_TRIGGER_WORD, check_prompt_text, insert_trigger_word, strip_trigger_word
 
 logger = logging.getLogger(__name__)
 
@@ -835,6 +835,11 @@ class PhotoMakerService:
                 f"'{config.trigger_word}', e.g. \"a photo of a woman {config.trigger_word} in a garden\"."
             )
         negative = _clean_text("negative prompt", request.negative_prompt or "", warnings)
+        negative, had_trigger = strip_trigger_word(negative, config.trigger_word)
+        if had_trigger:
+            warnings.append(
+                f"Removed '{config.trigger_word}' from the negative prompt: it only marks the person in the prompt."
+            )
         if not isinstance(request.style, str):
             raise InvalidRequestError(f"style must be a style name, got {request.style!r}.")
         prompt, note = insert_trigger_word(prompt, config.trigger_word)

@@ -10,6 +10,7 @@ from photomaker.prompt import (
     insert_trigger_word,
     pad_or_truncate,
     remove_trigger,
+    strip_trigger_word,
 )
 
 BOS, EOS, TRIGGER = 49406, 49407, 49408
@@ -115,6 +116,20 @@ def test_remove_trigger_and_pad():
     assert padded == [BOS, A, MAN, EOS, 0, 0] and dropped == 0
     cut, dropped = pad_or_truncate([BOS, A, A, A, MAN, EOS], eos_id=EOS, pad_id=0, max_length=4)
     assert cut == [BOS, A, A, EOS] and dropped == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("blurry img, bad", ("blurry, bad", True)),
+        ("img blurry", ("blurry", True)),
+        ("bad img", ("bad", True)),
+        ("imgs, image, Img", ("imgs, image, Img", False)),  # other words, and case, as the tokenizer sees them
+        ("", ("", False)),
+    ],
+)
+def test_strip_trigger_word(text: str, expected: tuple[str, bool]) -> None:
+    assert strip_trigger_word(text) == expected
 
 
 def test_insert_trigger_after_first_class_word():

@@ -257,6 +257,12 @@ def test_fast_mode_says_which_given_settings_it_did_not_use(unloaded: PhotoMaker
     ]
 
 
+def test_trigger_word_is_taken_out_of_the_negative_prompt(unloaded: PhotoMakerService) -> None:
+    plan = unloaded.validate(request(negative_prompt="blurry img, bad", style="(No style)", num_steps=30))
+    assert plan.negative_prompt == "blurry, bad"
+    assert plan.warnings == ["Removed 'img' from the negative prompt: it only marks the person in the prompt."]
+
+
 def test_aspect_ratio_is_checked_even_with_a_custom_size(unloaded: PhotoMakerService) -> None:
     with pytest.raises(InvalidRequestError, match="aspect_ratio must be a preset name, got 123"):
         unloaded.validate(request(aspect_ratio=123))
