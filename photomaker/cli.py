@@ -284,6 +284,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if not Path(photo).is_file():
             raise InvalidRequestError(f"photo {photo!r} not found.")
     result = score_images(args.references, args.image, backend=args.backend, model_dir=args.face_model_dir)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

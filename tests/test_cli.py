@@ -86,10 +86,12 @@ def test_a_missing_photo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert capsys.readouterr().err == f"error: photo '{tmp_path / 'me.jpg'}' not found.\n"
 
 
-def score_json(capsys: pytest.CaptureFixture, *references: Path, image: Path) -> dict:
+def score_json(capsys: pytest.CaptureFixture, *references: Path, image: Path, err_contains: str = "") -> dict:
     args = ["score", *[arg for ref in references for arg in ("--reference", str(ref))], "--image", str(image)]
     assert main([*args, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert err_contains in captured.err
+    return json.loads(captured.out)
 
 
 def test_score_says_a_mirrored_copy_is_the_same_person_and_another_person_is_not(
@@ -104,6 +106,18 @@ def test_score_says_a_mirrored_copy_is_the_same_person_and_another_person_is_not
     assert same["same_person"] is True and isinstance(same["similarity"], float)
     assert other["same_person"] is False
     assert same["similarity"] > other["similarity"]
+
+
+def test_score_warns_about_a_reference_photo_with_two_faces(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    group = tmp_path / "group.png"
+    canvas = Image.new("RGB", (900, 520), (128, 128, 128))
+    canvas.paste(Image.open(ASTRONAUT).convert("RGB").crop((130, 30, 320, 230)).resize((228, 240)), (40, 140))
+    canvas.paste(Image.open(GRACE_HOPPER).convert("RGB").crop((100, 80, 440, 420)), (500, 90))
+    canvas.save(group)
+
+    result = score_json(capsys, group, image=GRACE_HOPPER, err_contains="2 faces found; using the largest one")
+    assert result["same_person"] is True  # the larger face, Grace Hopper's, is the reference
+    assert result["warnings"] == [f"reference photo 1 ({group}): 2 faces found; using the largest one"]
 
 
 def test_score_names_the_photo_without_a_face(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
