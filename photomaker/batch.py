@@ -4,7 +4,8 @@ Design rules, each for a reason users notice:
 
 - An output's file name depends only on its job: ``job-<line>-<k>.png`` (line number in the JSONL file, as an
   editor shows it, and output index k from 0). So a re-run, or a run on another number of processes, writes the
-  same files, and a finished file can be recognised and skipped (resume).
+  same files, and a finished file can be recognised and skipped (resume). Each PNG records a hash of its job's
+  line, so a file made by a different job (the jobs file was edited) is made again, never kept by mistake.
 - Output k of a job is generated on its own with seed ``seed + k`` (with best-of-B: the best of the candidates
   ``seed + k*B ... seed + k*B + B-1``, so outputs never share a candidate); its pixels therefore depend neither
   on how outputs are grouped nor on which process runs them. A job without ``seed`` gets one derived from its
@@ -73,6 +74,9 @@ def output_name(line: int, index: int) -> str:
     return f"job-{line:04d}-{index}.png"
 
 
+FINGERPRINT_KEY = "batch_job"  # PNG parameter holding the job's fingerprint
+
+
 def output_seed(seed: int, index: int, best_of: int = 1) -> int:
     """Seed of output `index`: seed + index (times best_of, so candidate sets stay disjoint), wrapping like
     the service so that it stays a valid seed."""
@@ -86,6 +90,9 @@ class Job:
     line: int
     request: GenerationRequest | None = None
     error: str | None = None
+    # Hash of the line's content, written into each output's PNG: a file left by another job (the jobs file
+    # was edited, a line inserted above) is not mistaken for this job's output on resume.
+    fingerprint: str = ""
 
     @property
     def output_names(self) -> list[str]:
@@ -95,10 +102,15 @@ class Job:
         return [output_name(self.line, index) for index in range(self.request.num_outputs)]
 
 
-def derive_seed(fields: dict[str, Any]) -> int:
-    """A seed from the job's content (key order and whitespace do not matter): reproducible, never random."""
+def _content_hash(fields: Any) -> bytes:
+    """SHA-256 of a job's JSON content; key order and whitespace do not matter."""
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "big") % (SEED_MAX + 1)
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
+def derive_seed(fields: dict[str, Any]) -> int:
+    """A seed from the job's content: reproducible, never random."""
+    return int.from_bytes(_content_hash(fields)[:8], "big") % (SEED_MAX + 1)
 
 
 def _request_fields() -> tuple[str, ...]:
@@ -176,7 +188,7 @@ def parse_jobs(jobs_file: str | os.PathLike[str]) -> list[Job]:
             jobs.append(Job(line_number, error=f"invalid JSON: {error.msg} (column {error.colno})"))
             continue
         try:
-            jobs.append(Job(line_number, request=parse_job(fields, base_dir)))
+            jobs.append(Job(line_number, request=parse_job(fields, base_dir), fingerprint=_content_hash(fields).hex()))
         except PhotoMakerError as error:
             jobs.append(Job(line_number, error=str(error)))
     if not jobs:
@@ -206,13 +218,29 @@ def remaining_work(jobs: Sequence[Job], out_dir: Path) -> tuple[list[WorkItem], 
     for job in jobs:
         missing = []
         for index, name in enumerate(job.output_names):
-            if (out_dir / name).is_file():
+            if _made_by(out_dir / name, job):
                 done.append(name)
             else:
                 missing.append(index)
         if job.error is not None or missing:
             work.append(WorkItem(job, missing))
     return work, done
+
+
+def _made_by(path: Path, job: Job) -> bool:
+    """Whether `path` holds an output of `job` (not of another job that had its line before)."""
+    from photomaker.metadata import read_parameters
+
+    if not path.is_file():
+        return False
+    try:
+        made_by = read_parameters(path).get(FINGERPRINT_KEY)
+    except Exception:  # noqa: BLE001 - unreadable or foreign: make it again
+        made_by = None
+    if made_by != job.fingerprint:
+        logger.warning("%s was not made by line %d as it is now; making it again", path.name, job.line)
+        return False
+    return True
 
 
 def shard(items: Sequence[Any], process_index: int, num_processes: int) -> list[Any]:
@@ -286,7 +314,7 @@ def run_work(
             try:
                 result = generate(request)
                 generated = result.images[0]
-                save_atomically(generated.image, generated.parameters, target)
+                save_atomically(generated.image, {**generated.parameters, FINGERPRINT_KEY: job.fingerprint}, target)
             except PhotoMakerError as error:
                 _record_failure(report, job.line, str(error), type(error).__name__)
                 break

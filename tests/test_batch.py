@@ -193,6 +193,25 @@ def test_batch_writes_the_good_jobs_and_reports_the_bad_one(batch_case: dict, ca
     assert (params["prompt"], params["seed"], params["num_steps"]) == ("a photo of a woman img", 2, 2)
 
 
+def test_an_output_left_by_another_job_is_made_again(
+    tmp_path: Path, photo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 10, "num_outputs": 1}
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [job])
+    work, _ = batch.remaining_work(batch.parse_jobs(jobs_file), out)
+    batch.run_work(work, out, fake_generate([]))
+    # Unchanged (keys reordered): done. A new line inserted above: line 1 is another job now, made again.
+    write_jobs(jobs_file, [dict(reversed(list(job.items())))])
+    assert batch.remaining_work(batch.parse_jobs(jobs_file), out) == ([], ["job-0001-0.png"])
+    write_jobs(jobs_file, [{**job, "prompt": "a man img"}, job])
+    with caplog.at_level("WARNING", logger="photomaker.batch"):
+        work, done = batch.remaining_work(batch.parse_jobs(jobs_file), out)
+    assert done == [] and [(item.job.line, item.missing) for item in work] == [(1, [0]), (2, [0])]
+    assert "job-0001-0.png was not made by line 1 as it is now" in caplog.text
+
+
 def test_rerun_skips_finished_outputs_without_loading_the_model(
     batch_case: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
