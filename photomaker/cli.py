@@ -237,13 +237,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     request = generation_request(args)
     service = PhotoMakerService(service_config(args))
-    # Check the request before the model loads, so a mistake is reported in a second, not after the load.
-    service.validate(request)
+    service.start_loading()
+    # Check the request while the model loads, so a mistake is reported in a second, not after the load.
+    plan = service.validate(request)
     out_dir = Path(args.out)
     make_output_dir(out_dir)
     with ProgressBar() as bar:
         wait_until_loaded(service, bar)
-        result: GenerationResult = service.generate(request, bar)
+        result: GenerationResult = service.generate(plan, bar)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for generated in result.images:

@@ -994,9 +994,14 @@ class PhotoMakerService:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
-        """Validate, then generate `request.num_outputs` images (best of `best_of` each) with metadata."""
-        plan = self.validate(request)
+    def generate(
+        self, request: GenerationRequest | GenerationPlan, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        """Validate, then generate `request.num_outputs` images (best of `best_of` each) with metadata.
+
+        A plan from `validate` is used as it is (its photos are already decoded and checked).
+        """
+        plan = request if isinstance(request, GenerationPlan) else self.validate(request)
         self.wait_ready(progress=progress)
         with self._generate_lock:
             try:
