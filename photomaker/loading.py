@@ -666,20 +666,26 @@ class PreparedAdapterCache:
 
         if self.path is None:
             return
-        tensors = {f"unet.{path}": self._weight(path).detach().to("cpu").contiguous() for path in modules}
-        tensors.update({f"id_encoder.{name}": value.detach().to("cpu").contiguous()
-                        for name, value in id_encoder.state_dict().items()})
-        metadata = {"format": str(PREPARED_CACHE_FORMAT), "modules": json.dumps(modules),
-                    "fingerprint": base_fingerprint}
         partial = self.path.with_name(self.path.name + f".{os.getpid()}.partial")
+        # Called after the UNet was fused: any failure here (a full disk, a read-only folder, safetensors' own
+        # SafetensorError, ...) only costs the next start its fuse and must never fail the load.
         try:
+            tensors = {f"unet.{path}": self._weight(path).detach().to("cpu").contiguous() for path in modules}
+            tensors.update({f"id_encoder.{name}": value.detach().to("cpu").contiguous()
+                            for name, value in id_encoder.state_dict().items()})
+            metadata = {"format": str(PREPARED_CACHE_FORMAT), "modules": json.dumps(modules),
+                        "fingerprint": base_fingerprint}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(partial), metadata=metadata)
             os.replace(partial, self.path)
             logger.info("Saved the prepared adapter to %s", self.path)
-        except OSError as exc:  # a full disk or a read-only folder only costs the next start its fuse
-            partial.unlink(missing_ok=True)
+        except Exception as exc:  # noqa: BLE001 - see above
             logger.warning("Could not save the prepared-adapter cache %s: %s", self.path, exc)
+            try:
+                if partial.is_file():
+                    partial.unlink()
+            except OSError as cleanup_error:
+                logger.warning("Could not remove the partial cache file %s: %s", partial, cleanup_error)
 
 
 def resolve_checkpoint_file(

@@ -252,3 +252,49 @@ def test_lora_check_reports_a_tensor_that_differs(pipe, checkpoints) -> None:
     corrupted[key] = lora[key] + 1
     with pytest.raises(CheckpointError, match=rf"{key}: values differ .*to_out\.0"):
         check_lora_applied(pipe.unet, corrupted, "photomaker")
+
+
+@pytest.mark.parametrize("failure", ["partial_is_a_folder", "save_file_raises"])
+def test_a_failing_cache_save_never_fails_the_load(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch, caplog, failure: str
+) -> None:
+    """The cache is written after the UNet was fused: an error there must leave a loaded, working pipeline."""
+    import os
+
+    import safetensors.torch
+
+    from photomaker.loading import PreparedAdapterCache
+    from photomaker.pipeline import PhotoMakerStableDiffusionXLPipeline
+
+    def base() -> PhotoMakerStableDiffusionXLPipeline:
+        pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(tiny_models_dir / "base")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    adapter = tiny_models_dir / "photomaker-v1.bin"
+    reference = base()
+    reference.load_photomaker_adapter(adapter)
+
+    pipe = base()
+    cache_dir = tmp_path / "fused"
+    path = PreparedAdapterCache(cache_dir, pipe.unet, adapter).path
+    assert path is not None
+    if failure == "partial_is_a_folder":  # safetensors raises its own SafetensorError, not an OSError
+        (path.parent / f"{path.name}.{os.getpid()}.partial").mkdir(parents=True)
+    else:
+        def refuse(*args, **kwargs):
+            raise RuntimeError("no space for you")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    with caplog.at_level("WARNING", logger="photomaker.loading"):
+        pipe.load_photomaker_adapter(adapter, fused_cache_dir=str(cache_dir))
+    assert "Could not save the prepared-adapter cache" in caplog.text
+    assert not path.exists()
+    assert pipe.id_encoder is not None
+    expected = reference.unet.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in pipe.unet.state_dict().items())  # fused once
+    image = pipe(
+        "a photo of a man img", input_id_images=[torch.rand(3, 64, 64)], num_inference_steps=2, height=64,
+        width=64, output_type="np",
+    ).images
+    assert image.shape == (1, 64, 64, 3)
