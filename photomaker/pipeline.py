@@ -28,7 +28,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 )
 from transformers import CLIPImageProcessor
 
-from .errors import CheckpointError, IDImageError
+from .errors import CheckpointError, IDImageError, ModelLoadError
 from .id_encoder import PhotoMakerIDEncoder
 from .loading import (
     PreparedAdapterCache,
@@ -50,6 +50,10 @@ from .prompt import (
 logger = logging.getLogger(__name__)
 
 PromptInput = str | list[str] | None
+
+# Set on the UNet once a PhotoMaker LoRA is in it: "fused", or the adapter name. The UNet is what changes and it
+# can be shared by several pipelines (`P(**pipe.components)`), so the pipeline's own state cannot tell.
+_UNET_MARK = "_photomaker_lora"
 
 
 @dataclass
@@ -149,6 +153,8 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 "A PhotoMaker adapter is already loaded into this pipeline; load the base model again to use "
                 "another one (a fused LoRA cannot be taken out exactly)."
             )
+        self._check_unet_has_no_photomaker_lora()
+        self._check_no_offload_hooks()
         existing_adapters = self.get_list_adapters().get("unet", []) if hasattr(self.unet, "peft_config") else []
         if fuse and existing_adapters:
             raise ValueError(
@@ -181,6 +187,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
         if cached is not None:
             cache.apply(fused_weights)
+            setattr(self.unet, _UNET_MARK, "fused")
         elif fuse:
             # Straight into the weights, no peft layers: what load + fuse + unload would leave, about 10x faster
             # (no layer injection, no random init, no copy check, one addmm per weight), and a plain UNet, so
@@ -189,6 +196,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             modules = lora_target_modules(self.unet, lora_state_dict) if cache is not None else []
             base_fingerprint = cache.fingerprint(modules) if cache is not None else ""
             fuse_lora_into_unet(self.unet, lora_state_dict)
+            setattr(self.unet, _UNET_MARK, "fused")  # at once: a later failure must not let a retry fuse again
             if cache is not None:
                 cache.save(modules, base_fingerprint, id_encoder)
         else:
@@ -197,6 +205,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             lora_state_dict = checkpoint["lora_weights"]
             state_dict, network_alphas = self.lora_state_dict(dict(lora_state_dict), unet_config=self.unet.config)
             self.load_lora_into_unet(state_dict, network_alphas, self.unet, adapter_name=adapter_name, _pipeline=self)
+            setattr(self.unet, _UNET_MARK, adapter_name)
             check_lora_applied(self.unet, lora_state_dict, adapter_name)
         if checkpoint is not None:
             # The checkpoint is memory-mapped: weights that still view it would keep all of it mapped (the LoRA's
@@ -219,6 +228,36 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             if tokenizer is not None:
                 add_trigger_token(tokenizer, trigger_word)
         logger.info("Loaded PhotoMaker v%d adapter (fused=%s).", self.pm_version, fuse)
+
+    def _check_unet_has_no_photomaker_lora(self) -> None:
+        """Refuse a UNet that already holds a PhotoMaker LoRA, e.g. one shared with the pipeline that loaded it:
+        a second fuse would add the LoRA twice. An unfused adapter that was unloaded since does not count."""
+        mark = getattr(self.unet, _UNET_MARK, None)
+        if mark is None:
+            return
+        if mark != "fused" and mark not in (getattr(self.unet, "peft_config", None) or {}):
+            return
+        how = "fused into its weights" if mark == "fused" else f"as the adapter {mark!r}"
+        raise CheckpointError(
+            f"This UNet already holds a PhotoMaker LoRA ({how}), loaded through another pipeline that shares it "
+            "(e.g. one built with `Pipeline(**pipe.components)`): use that pipeline, or load the base model again "
+            "for a second adapter (loading another would add the LoRA to the UNet twice)."
+        )
+
+    def _check_no_offload_hooks(self) -> None:
+        """Refuse to load under CPU offload: the hooks are attached to what exists when offload is enabled, so the
+        ID encoder would get none (model offload) and the LoRA would be fused into placeholder weights
+        (sequential offload)."""
+        hooked = [
+            name for name, component in self.components.items()
+            if isinstance(component, torch.nn.Module) and getattr(component, "_hf_hook", None) is not None
+        ]
+        if getattr(self, "_all_hooks", None) or (hooked and not self._is_pipeline_device_mapped()):
+            raise ModelLoadError(
+                "CPU offload is already enabled on this pipeline (accelerate hooks on "
+                f"{', '.join(hooked) or 'its components'}): call load_photomaker_adapter before "
+                "enable_model_cpu_offload / enable_sequential_cpu_offload, or call pipe.remove_all_hooks() first."
+            )
 
     # ------------------------------------------------------------------ devices
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from photomaker.errors import CheckpointError, IDImageError, PromptError
+from photomaker.errors import CheckpointError, IDImageError, ModelLoadError, PromptError
 from photomaker.pipeline import IDEncoding, PhotoMakerStableDiffusionXLPipeline
 from photomaker.testing import tiny_checkpoint, tiny_id_encoder_config, tiny_sdxl_components
 
@@ -403,4 +403,35 @@ def test_from_pretrained_folder_and_official_file(tiny_models_dir):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_photomaker_adapter(str(tiny_models_dir), weight_name="photomaker-v1.bin")
     assert pipe.pm_version == 1
+    assert run(pipe, input_id_images=[photo(1)]).shape == (1, SIZE, SIZE, 3)
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_shared_unet_is_not_given_the_lora_twice(pipe_v1):
+    other = PhotoMakerStableDiffusionXLPipeline(**pipe_v1.components)
+    before = {k: v.clone() for k, v in pipe_v1.unet.state_dict().items()}
+    with pytest.raises(CheckpointError, match="UNet already holds a PhotoMaker LoRA"):
+        other.load_photomaker_adapter(tiny_checkpoint(1))
+    assert all(torch.equal(v, before[k]) for k, v in pipe_v1.unet.state_dict().items())
+
+
+def test_shared_unet_with_the_unfused_adapter_is_refused_until_unloaded():
+    pipe = make_pipe(1, fuse=False)
+    other = PhotoMakerStableDiffusionXLPipeline(**pipe.components)
+    with pytest.raises(CheckpointError, match="as the adapter 'photomaker'"):
+        other.load_photomaker_adapter(tiny_checkpoint(1), fuse=False, adapter_name="second")
+    pipe.unload_lora_weights()
+    other.load_photomaker_adapter(tiny_checkpoint(1), fuse=False, adapter_name="second")
+    assert run(other, input_id_images=[photo(1)]).shape == (1, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("offload", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_loading_after_cpu_offload_is_refused(offload):
+    pipe = PhotoMakerStableDiffusionXLPipeline(**tiny_sdxl_components())
+    getattr(pipe, offload)(device="cpu")
+    with pytest.raises(ModelLoadError, match="call load_photomaker_adapter before enable_model_cpu_offload"):
+        pipe.load_photomaker_adapter(tiny_checkpoint(1))
+    assert pipe.id_encoder is None
+    pipe.remove_all_hooks()  # the way out the message names: the weights are back, the load works
+    pipe.load_photomaker_adapter(tiny_checkpoint(1))
     assert run(pipe, input_id_images=[photo(1)]).shape == (1, SIZE, SIZE, 3)
