@@ -28,7 +28,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 )
 from transformers import CLIPImageProcessor
 
-from .errors import CheckpointError, IDImageError, ModelLoadError
+from .errors import CheckpointError, IDImageError, ModelLoadError, PromptError
 from .id_encoder import PhotoMakerIDEncoder
 from .loading import (
     PreparedAdapterCache,
@@ -85,6 +85,15 @@ class _Conditioning:
 
     prompt_embeds: torch.Tensor
     add_text_embeds: torch.Tensor
+
+
+def _labelled(message: str, label: str | None) -> str:
+    """A prompt message that names the argument it is about ("prompt_2 has no trigger word ...")."""
+    if label is None:
+        return message
+    if message.startswith("The prompt "):
+        return f"{label} " + message[len("The prompt "):]
+    return f"{label}: {message}"
 
 
 def _return_freed_memory() -> None:
@@ -383,30 +392,41 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @staticmethod
-    def _dropped_note(tokenizer, ids: list[int], dropped: int) -> str | None:
+    def _dropped_note(tokenizer, ids: list[int], dropped: int, label: str | None = None) -> str | None:
         """What a too-long prompt loses at its end; `ids` is the tokenizer's full, untruncated output."""
         if not dropped:
             return None
         cut = tokenizer.decode(ids[-1 - dropped:-1])
-        return f"The prompt is longer than {tokenizer.model_max_length} tokens; these last words were cut: {cut!r}"
+        note = f"The prompt is longer than {tokenizer.model_max_length} tokens; these last words were cut: {cut!r}"
+        return _labelled(note, label)
 
     def _surgery(
-        self, prompts: list[str], num_id_tokens: int
+        self, prompts: list[list[str]], num_id_tokens: int, labels: Sequence[str | None] = (None, None)
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[str]]:
         """Per tokenizer: ids with class copies [B,77], their mask [B,77], text-only ids [B,77]; and notes on
-        words cut from too-long prompts."""
+        words cut from too-long prompts. `labels` name the argument each tokenizer's prompts came from in
+        errors and notes ("prompt_2" when it was given): the messages say "The prompt" otherwise."""
         id_ids, masks, text_ids, notes = [], [], [], []
-        for tokenizer, batch in zip(self._tokenizers(), prompts):
+        for tokenizer, batch, label in zip(self._tokenizers(), prompts, labels):
             trigger_id = tokenizer.convert_tokens_to_ids(self.trigger_word)
             eos_id, pad_id = tokenizer.eos_token_id, self._pad_id(tokenizer)
             max_length = tokenizer.model_max_length
             rows_ids, rows_mask, rows_text = [], [], []
             for prompt, ids in zip(batch, self._tokenize(tokenizer, batch)):
-                expanded = expand_class_tokens(
-                    ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=eos_id, pad_id=pad_id,
-                    max_length=max_length, trigger_word=self.trigger_word, prompt=prompt, decode=tokenizer.decode,
-                )
-                note = self._dropped_note(tokenizer, ids, expanded.num_dropped_tokens)
+                try:
+                    expanded = expand_class_tokens(
+                        ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=eos_id, pad_id=pad_id,
+                        max_length=max_length, trigger_word=self.trigger_word, prompt=prompt,
+                        decode=tokenizer.decode,
+                    )
+                except PromptError as exc:
+                    if label is None:
+                        raise
+                    raise PromptError(
+                        _labelled(str(exc), label) + f" ({label} is the second text encoder's prompt and is "
+                        "checked like prompt; leave it out to use prompt for both.)"
+                    ) from exc
+                note = self._dropped_note(tokenizer, ids, expanded.num_dropped_tokens, label)
                 if note and note not in notes:
                     notes.append(note)
                 text_only, _ = pad_or_truncate(
@@ -445,7 +465,14 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         self._require_adapter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
-        return self._surgery([prompts, prompts_2], num_id_images * self.id_encoder.tokens_per_image)[3]
+        return self._surgery(
+            [prompts, prompts_2], num_id_images * self.id_encoder.tokens_per_image, self._prompt_labels(prompt_2)
+        )[3]
+
+    @staticmethod
+    def _prompt_labels(prompt_2: PromptInput) -> tuple[str | None, str | None]:
+        """Labels for `_surgery`: the second tokenizer's prompts are named only when they are prompt_2's."""
+        return (None, None if prompt_2 is None else "prompt_2")
 
     @torch.no_grad()
     def encode_photomaker_prompt(
@@ -468,7 +495,9 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
         if len(prompts_2) != len(prompts):
             raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}.")
-        id_ids, masks, text_ids, notes = self._surgery([prompts, prompts_2], id_encoding.num_id_tokens)
+        id_ids, masks, text_ids, notes = self._surgery(
+            [prompts, prompts_2], id_encoding.num_id_tokens, self._prompt_labels(prompt_2)
+        )
         for note in notes:
             logger.warning(note)
 
@@ -506,13 +535,24 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         if len(negatives) != batch_size or len(negatives_2) != batch_size:
             raise ValueError(f"Give one negative prompt or {batch_size} (one per prompt).")
         ids = []
+        removed = False
         for tokenizer, batch in zip(self._tokenizers(), (negatives, negatives_2)):
-            rows = [
-                pad_or_truncate(row, eos_id=tokenizer.eos_token_id, pad_id=self._pad_id(tokenizer),
-                                max_length=tokenizer.model_max_length)[0]
-                for row in self._tokenize(tokenizer, batch)
-            ]
+            # The trigger is an added token the text encoders have no embedding for: it must not reach them.
+            trigger_id = tokenizer.convert_tokens_to_ids(self.trigger_word) if self.trigger_word else None
+            if trigger_id == tokenizer.unk_token_id:  # not added to this tokenizer: nothing to remove (not EOS!)
+                trigger_id = None
+            rows = []
+            for row in self._tokenize(tokenizer, batch):
+                if trigger_id is not None and trigger_id in row:
+                    row, removed = remove_trigger(row, trigger_id), True
+                rows.append(pad_or_truncate(row, eos_id=tokenizer.eos_token_id, pad_id=self._pad_id(tokenizer),
+                                            max_length=tokenizer.model_max_length)[0])
             ids.append(torch.tensor(rows))
+        if removed:
+            logger.warning(
+                "The negative prompt contains the trigger word '%s'; it was removed (the trigger only marks the "
+                "subject in the prompt).", self.trigger_word,
+            )
         hidden, pooled = self._encode_ids(ids, device, clip_skip)
         return torch.cat(hidden, dim=-1), pooled
 

@@ -407,6 +407,26 @@ def test_from_pretrained_folder_and_official_file(tiny_models_dir):
 
 
 # ----------------------------------------------------------------------------- review fixes
+
+
+def test_trigger_word_in_negative_prompt_is_removed_with_a_warning(pipe_v1, caplog):
+    # The trigger is an added token with no row in the text encoders' embedding tables.
+    spy = UNetSpy(pipe_v1)
+    try:
+        with caplog.at_level("WARNING", logger="photomaker.pipeline"):
+            run(pipe_v1, input_id_images=[photo(1)], negative_prompt="blurry img, bad")
+    finally:
+        spy.remove()
+    assert "negative prompt contains the trigger word 'img'" in caplog.text
+    expected, expected_pooled = pipe_v1.encode_negative_prompt("blurry, bad", None, 1, torch.device("cpu"))
+    for embeds, pooled in spy.calls:
+        torch.testing.assert_close(embeds[0], expected[0])
+        torch.testing.assert_close(pooled[0], expected_pooled[0])
+    with_trigger_2 = pipe_v1.encode_negative_prompt("blurry, bad", "img bad", 1, torch.device("cpu"))
+    only_2 = pipe_v1.encode_negative_prompt("blurry, bad", "bad", 1, torch.device("cpu"))
+    torch.testing.assert_close(with_trigger_2[0], only_2[0])
+
+
 def test_shared_unet_is_not_given_the_lora_twice(pipe_v1):
     other = PhotoMakerStableDiffusionXLPipeline(**pipe_v1.components)
     before = {k: v.clone() for k, v in pipe_v1.unet.state_dict().items()}
@@ -435,3 +455,13 @@ def test_loading_after_cpu_offload_is_refused(offload):
     pipe.remove_all_hooks()  # the way out the message names: the weights are back, the load works
     pipe.load_photomaker_adapter(tiny_checkpoint(1))
     assert run(pipe, input_id_images=[photo(1)]).shape == (1, SIZE, SIZE, 3)
+
+
+def test_prompt_2_without_trigger_is_named_in_the_error(pipe_v1):
+    with pytest.raises(PromptError) as info:
+        run(pipe_v1, prompt="a man img", prompt_2="cinematic lighting", input_id_images=[photo(1)])
+    message = str(info.value)
+    assert message.startswith("prompt_2 has no trigger word 'img'")
+    assert "leave it out to use prompt for both" in message
+    with pytest.raises(PromptError, match="^The prompt has no trigger word"):  # prompt itself: as before
+        run(pipe_v1, prompt="a man", prompt_2="a man img", input_id_images=[photo(1)])
