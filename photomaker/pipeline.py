@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -339,6 +340,14 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             return [input_id_images]
         return list(input_id_images)
 
+    @staticmethod
+    def _photo_label(index: int, image: Any) -> str:
+        """How messages name an ID photo: "ID photo 2 (me.jpg)" for a path, so the user knows which file."""
+        from .faces.prepare import photo_label
+
+        name = os.path.basename(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else None
+        return photo_label(index, name, "ID photo")
+
     @torch.no_grad()
     def encode_id_images(
         self,
@@ -359,7 +368,7 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         input_id_images = self._as_photo_list(input_id_images)
         if len(input_id_images) == 0:
             raise IDImageError("No ID photos were given: pass at least one photo of the person.")
-        images = [load_image(image, name=f"ID photo {i + 1}") for i, image in enumerate(input_id_images)]
+        images = [load_image(image, name=self._photo_label(i, image)) for i, image in enumerate(input_id_images)]
 
         device = self._execution_device
         dtype = next(id_encoder.parameters()).dtype
@@ -578,10 +587,10 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 )
             if id_embeds is not None:
                 raise ValueError("id_embeds belong to encode_id_images; an IDEncoding already contains them.")
-        if prompt_embeds is not None:
+        if prompt_embeds is not None:  # then there is no prompt: SDXL's check_inputs refuses both together
             if class_tokens_mask is None:
                 raise ValueError("With prompt_embeds, pass class_tokens_mask ([batch, 77] bool) as well.")
-            if prompt is None and prompt_embeds_text_only is None:
+            if prompt_embeds_text_only is None:
                 raise ValueError("With prompt_embeds and no prompt, pass prompt_embeds_text_only as well.")
         if (prompt_embeds_text_only is None) != (pooled_prompt_embeds_text_only is None):
             raise ValueError("Pass prompt_embeds_text_only and pooled_prompt_embeds_text_only together.")
@@ -699,18 +708,25 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 prompt, prompt_2, id_encoding, device, clip_skip, weights
             )
         else:
-            text_embeds, text_pooled = prompt_embeds_text_only, pooled_prompt_embeds_text_only
-            if text_embeds is None:
-                _, _, text_embeds, text_pooled = self.encode_photomaker_prompt(
-                    prompt, prompt_2, id_encoding, device, clip_skip, weights
+            # Given embeddings take the dtype the text encoders would have produced, as SDXL's encode_prompt does.
+            embeds_dtype = self._text_embeds_dtype()
+            prompt_embeds, pooled_prompt_embeds, text_embeds, text_pooled = (
+                t.to(device=device, dtype=embeds_dtype) for t in (
+                    prompt_embeds, pooled_prompt_embeds, prompt_embeds_text_only, pooled_prompt_embeds_text_only
                 )
+            )
             with self._id_encoder_on_device():
                 prompt_embeds = self.id_encoder.fuse(
-                    prompt_embeds.to(device), id_encoding.id_tokens.to(device),
+                    prompt_embeds, id_encoding.id_tokens.to(device),
                     class_tokens_mask.to(device=device, dtype=torch.bool), weights,
                 )
         if self.do_classifier_free_guidance:
-            if negative_prompt_embeds is None:
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=prompt_embeds.dtype)
+                negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(
+                    device=device, dtype=prompt_embeds.dtype
+                )
+            else:
                 negatives = self.encode_negative_prompt(
                     negative_prompt, negative_prompt_2, batch_size, device, clip_skip
                 )
@@ -831,11 +847,23 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             return (image,)
         return StableDiffusionXLPipelineOutput(images=image)
 
+    def _text_embeds_dtype(self) -> torch.dtype:
+        """The dtype of the text encoders' output, which given embeddings are cast to (SDXL's `encode_prompt`)."""
+        return self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
+
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode; fp16 VAEs that overflow are run in fp32 for the decode, as SDXL does."""
         needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-        if needs_upcasting:
-            self.vae.to(dtype=torch.float32)
+        if not needs_upcasting:
+            return self._decode_in_vae_dtype(latents)
+        self.vae.to(dtype=torch.float32)
+        try:
+            return self._decode_in_vae_dtype(latents)
+        finally:  # also after a failed decode (out of memory): the VAE must not stay in fp32 for later calls
+            self.vae.to(dtype=torch.float16)
+
+    def _decode_in_vae_dtype(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscale the latents (SDXL's scaling factor, and mean/std where the VAE has them) and decode."""
         vae_dtype = next(iter(self.vae.post_quant_conv.parameters())).dtype
         latents = latents.to(vae_dtype)
         config = self.vae.config
@@ -845,7 +873,4 @@ class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        if needs_upcasting:
-            self.vae.to(dtype=torch.float16)
-        return image
+        return self.vae.decode(latents, return_dict=False)[0]

@@ -465,3 +465,50 @@ def test_prompt_2_without_trigger_is_named_in_the_error(pipe_v1):
     assert "leave it out to use prompt for both" in message
     with pytest.raises(PromptError, match="^The prompt has no trigger word"):  # prompt itself: as before
         run(pipe_v1, prompt="a man", prompt_2="a man img", input_id_images=[photo(1)])
+
+
+def test_given_embeddings_in_another_dtype_are_cast_like_sdxl(pipe_v1):
+    encoding = pipe_v1.encode_id_images([photo(1)])
+    cpu = torch.device("cpu")
+    _, pooled, text, text_pooled = pipe_v1.encode_photomaker_prompt("a man img", None, encoding, cpu)
+    negative, negative_pooled = pipe_v1.encode_negative_prompt("blurry", None, 1, cpu)
+    given = {"prompt_embeds": text, "pooled_prompt_embeds": pooled, "prompt_embeds_text_only": text,
+             "pooled_prompt_embeds_text_only": text_pooled, "negative_prompt_embeds": negative,
+             "negative_pooled_prompt_embeds": negative_pooled}
+    mask = torch.tensor([[i == 2 for i in range(77)]])
+    expected = run(pipe_v1, prompt=None, class_tokens_mask=mask, input_id_images=encoding, **given)
+    as_fp64 = {name: value.double() for name, value in given.items()}
+    images = run(pipe_v1, prompt=None, class_tokens_mask=mask, input_id_images=encoding, **as_fp64)
+    np.testing.assert_array_equal(images, expected)  # fp32 -> fp64 -> fp32 is exact
+
+
+def test_prompt_embeds_without_text_only_embeds_are_refused(pipe_v1):
+    encoding = pipe_v1.encode_id_images([photo(1)])
+    _, pooled, text, _ = pipe_v1.encode_photomaker_prompt("a man img", None, encoding, torch.device("cpu"))
+    with pytest.raises(ValueError, match="pass prompt_embeds_text_only as well"):
+        run(pipe_v1, prompt=None, prompt_embeds=text, pooled_prompt_embeds=pooled, input_id_images=encoding,
+            class_tokens_mask=torch.tensor([[i == 2 for i in range(77)]]))
+
+
+def test_failed_upcast_decode_puts_the_vae_back_in_fp16(monkeypatch):
+    pipe = PhotoMakerStableDiffusionXLPipeline(**tiny_sdxl_components())
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    seen = []
+
+    def out_of_memory(latents, return_dict=True):
+        seen.append(pipe.vae.dtype)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipe.vae, "decode", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe._decode_latents(torch.zeros(1, 4, 8, 8, dtype=torch.float16))
+    assert seen == [torch.float32]  # the decode did run upcast
+    assert pipe.vae.dtype == torch.float16
+
+
+def test_unreadable_id_photo_path_is_named_by_its_file_name(pipe_v1, tmp_path):
+    with pytest.raises(IDImageError, match=r"^ID photo 2 \(missing\.png\): file not found"):
+        pipe_v1.encode_id_images([photo(1), str(tmp_path / "missing.png")])
+    with pytest.raises(IDImageError, match=r"^ID photo 1: "):
+        pipe_v1.encode_id_images([np.zeros((4, 4, 7), dtype=np.uint8)])
