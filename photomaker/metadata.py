@@ -9,13 +9,19 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin
 
+from aspect_ratio_template import ASPECT_RATIOS
+from photomaker import presets
 from photomaker.errors import InvalidRequestError
+from photomaker.images import MAX_IMAGE_PIXELS
+from style_template import STYLE_NAMES
 
 if TYPE_CHECKING:
     from photomaker.service import GenerationRequest
@@ -125,20 +131,43 @@ def image_with_metadata(image: Image.Image, params: Mapping[str, Any]) -> Image.
     return out
 
 
+def _png_text(file: Any, name: str) -> dict[str, Any]:
+    """The text chunks of an image file (`image.info`), without decoding pixels when they precede the image data.
+
+    `name` is the file as messages call it.
+    """
+    subject = name[:1].upper() + name[1:]
+    try:
+        with Image.open(file) as image:
+            if JSON_CHUNK in image.info or image.format != "PNG":
+                return dict(image.info)
+            # Text chunks after the image data are only read with the pixels: decode them if that is safe.
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidRequestError(
+                    f"{subject} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
+                    f"accepted, and has no {JSON_CHUNK!r} text chunk before its pixels: it was not made by this tool."
+                )
+            image.load()
+            return dict(image.info)
+    except Image.DecompressionBombError as exc:
+        raise InvalidRequestError(f"{subject} is too large to read: {exc}") from exc
+    except (OSError, SyntaxError) as exc:
+        raise InvalidRequestError(f"Cannot read {name} as an image: {exc}.") from exc
+
+
 def read_parameters(source: str | os.PathLike[str] | bytes | Image.Image) -> dict[str, Any]:
-    """The parameters stored by `save_png` / `image_with_metadata` in a PNG file, its bytes, or an image."""
+    """The parameters stored by `save_png` / `image_with_metadata` in a PNG file, its bytes, or an image.
+
+    No pixel is decoded when the chunk comes before the image data, as this tool writes it: a small file can
+    hold a huge picture. Only a PNG whose chunk may follow the image data is decoded, and only when its size is
+    within `photomaker.images.MAX_IMAGE_PIXELS`.
+    """
     if isinstance(source, Image.Image):
-        info = source.info
-        name = "the image"
+        name, info = "the image", source.info
     else:
-        name = repr(os.fspath(source)) if not isinstance(source, bytes) else "the PNG data"
-        data = io.BytesIO(source) if isinstance(source, bytes) else source
-        try:
-            with Image.open(data) as image:
-                image.load()
-                info = dict(image.info)
-        except (OSError, SyntaxError) as exc:
-            raise InvalidRequestError(f"Cannot read {name} as an image: {exc}.") from exc
+        name = "the PNG data" if isinstance(source, bytes) else repr(os.fspath(source))
+        info = _png_text(io.BytesIO(source) if isinstance(source, bytes) else source, name)
     raw = info.get(JSON_CHUNK)
     if raw is None:
         raise InvalidRequestError(
@@ -154,42 +183,118 @@ def read_parameters(source: str | os.PathLike[str] | bytes | Image.Image) -> dic
     return params
 
 
-def request_from_parameters(
-    params: Mapping[str, Any], id_images: Sequence[Any] = (), mix_images: Sequence[Any] = ()
-) -> GenerationRequest:
-    """A request that regenerates the image `params` describe, given the same ID photos.
+@dataclass
+class RestoredSettings:
+    """What a PNG's parameters restore: the request that remakes the image, and what had to change."""
 
-    It asks for one output at the image's own seed: since image k of a request uses its own generator
-    seeded with seed + k, that single image is the same picture. Photos are not stored in the PNG, so they
-    are passed again here.
+    request: GenerationRequest
+    changes: list[str]  # one sentence per stored value not used as it was, for the user
+
+
+def _in_range(
+    params: Mapping[str, Any], key: str, what: str, low: float, high: float, integer: bool, changes: list[str]
+) -> float | None:
+    """params[key] within [low, high] (None when absent or not a number); `changes` says what was changed."""
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        changes.append(f"The stored {what} {value!r} is not a number; the default is used.")
+        return None
+    number = round(value) if integer else float(value)
+    low, high = (int(low), int(high)) if integer else (low, high)
+    clamped = min(max(number, low), high)
+    show = [f"{x:g}" if isinstance(x, float) else str(x) for x in (value, low, high, clamped)]
+    if clamped != number:
+        changes.append(f"The stored {what} {show[0]} is outside the accepted {show[1]}-{show[2]}; set to {show[3]}.")
+    elif number != value:
+        changes.append(f"The stored {what} {show[0]} is not a whole number; set to {show[3]}.")
+    return clamped
+
+
+def restore_settings(
+    params: Mapping[str, Any],
+    id_images: Sequence[Any] = (),
+    mix_images: Sequence[Any] = (),
+    *,
+    steps_min: int = presets.STEPS_MIN,
+) -> RestoredSettings:
+    """The request that regenerates the image `params` describe, given the same ID photos, as the app's controls
+    (and the service) accept it.
+
+    It asks for one output at the image's own seed: since image k of a request uses its own generator seeded
+    with seed + k, that single image is the same picture. Photos are not stored in the PNG, so they are passed
+    again here. In fast mode the preset sets steps and guidance, so the stored ones are not restored (those of
+    the guidance-free presets are below the standard range). Other values outside the accepted ranges (steps
+    from `steps_min`, the service's `config.steps_min`: a --tiny image may have 2) are moved into them, unknown
+    styles, sizes and presets fall back to the defaults, and `changes` says so. A width and height equal to the
+    stored output size's are left to it (None).
     """
     from photomaker.service import GenerationRequest
 
     for key in ("prompt", "seed"):
         if params.get(key) is None:
             raise InvalidRequestError(f"The stored parameters lack {key!r}; this image cannot be reproduced.")
+    changes: list[str] = []
     fields: dict[str, Any] = {}
-    for key in (
-        "negative_prompt",
-        "style",
-        "aspect_ratio",
-        "num_steps",
-        "style_strength",
-        "guidance_scale",
-        "mix_strength",
-        "crop_faces",
-        "fast",
-        "width",
-        "height",
-    ):
+    for key in ("negative_prompt", "crop_faces"):
         if params.get(key) is not None:
             fields[key] = params[key]
-    return GenerationRequest(
+
+    fast = params.get("fast")
+    if fast:
+        try:
+            fields["fast"] = presets.get_fast_preset(str(fast)).key
+        except InvalidRequestError:
+            changes.append(f"The fast mode {fast!r} is not available here; standard sampling is used.")
+    ranges: dict[str, tuple[str, float, float, bool]] = {
+        "style_strength": ("style strength", presets.STYLE_STRENGTH_MIN, presets.STYLE_STRENGTH_MAX, False),
+        "mix_strength": ("mix strength", presets.MIX_STRENGTH_MIN, presets.MIX_STRENGTH_MAX, False),
+        "width": ("width", presets.SIZE_MIN, presets.SIZE_MAX, True),
+        "height": ("height", presets.SIZE_MIN, presets.SIZE_MAX, True),
+    }
+    if "fast" not in fields:
+        ranges["num_steps"] = ("number of steps", steps_min, presets.STEPS_MAX, True)
+        ranges["guidance_scale"] = ("guidance scale", presets.GUIDANCE_MIN, presets.GUIDANCE_MAX, False)
+    for key, (what, low, high, integer) in ranges.items():
+        value = _in_range(params, key, what, low, high, integer, changes)
+        if value is not None:
+            fields[key] = value
+    seed = _in_range(params, "seed", "seed", presets.SEED_MIN, presets.SEED_MAX, True, changes)
+    if seed is None:
+        raise InvalidRequestError(
+            f"The stored seed {params['seed']!r} is not a number; this image cannot be reproduced."
+        )
+
+    style = params.get("style")
+    if style is not None and (not isinstance(style, str) or style not in STYLE_NAMES):
+        changes.append(f"The style {style!r} is not available here; the default style is used.")
+    elif style is not None:
+        fields["style"] = style
+    aspect = params.get("aspect_ratio")
+    if aspect is not None and (not isinstance(aspect, str) or aspect not in ASPECT_RATIOS):
+        if "width" not in fields or "height" not in fields:
+            changes.append(f"The output size {aspect!r} is not available here; the default size is used.")
+    elif aspect is not None:
+        fields["aspect_ratio"] = aspect
+    size = (fields.pop("width", None), fields.pop("height", None))
+    if None not in size and size != ASPECT_RATIOS.get(fields.get("aspect_ratio", "")):
+        fields["width"], fields["height"] = size
+
+    request = GenerationRequest(
         id_images=list(id_images),
         prompt=str(params["prompt"]),
-        seed=int(params["seed"]),
+        seed=int(seed),
         num_outputs=1,
         best_of=1,
         mix_images=list(mix_images),
         **fields,
     )
+    return RestoredSettings(request, changes)
+
+
+def request_from_parameters(
+    params: Mapping[str, Any], id_images: Sequence[Any] = (), mix_images: Sequence[Any] = (), *, steps_min: int = 1
+) -> GenerationRequest:
+    """`restore_settings(...).request`; steps are kept down to `steps_min` (1: any count the service accepts)."""
+    return restore_settings(params, id_images, mix_images, steps_min=steps_min).request

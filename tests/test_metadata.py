@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from photomaker import metadata
+from photomaker import metadata, presets
 from photomaker.errors import InvalidRequestError
+from photomaker.images import MAX_IMAGE_PIXELS
 from photomaker.service import GenerationRequest
 
 PARAMS = {
@@ -111,7 +114,8 @@ def test_png_without_parameters_is_refused_clearly(tmp_path: Path, image: Image.
 
 
 def test_request_from_parameters_reproduces_the_request(image: Image.Image) -> None:
-    read = metadata.read_parameters(metadata.image_with_metadata(image, PARAMS))
+    standard = {**PARAMS, "fast": None}
+    read = metadata.read_parameters(metadata.image_with_metadata(image, standard))
     request = metadata.request_from_parameters(read, id_images=["me.jpg"])
     assert isinstance(request, GenerationRequest)
     assert request.id_images == ["me.jpg"]
@@ -121,11 +125,123 @@ def test_request_from_parameters_reproduces_the_request(image: Image.Image) -> N
         "Cinematic",
     )
     assert (request.seed, request.num_outputs, request.best_of) == (1234567, 1, 1)
-    assert (request.width, request.height, request.aspect_ratio) == (1024, 768, PARAMS["aspect_ratio"])
+    # 1024x768 is the stored output size's own: the request leaves the size to it.
+    assert (request.width, request.height, request.aspect_ratio) == (None, None, PARAMS["aspect_ratio"])
     assert (request.num_steps, request.guidance_scale, request.style_strength) == (30, 4.5, 25.0)
-    assert (request.crop_faces, request.fast) == (False, "hyper-sd-8")
+    assert (request.crop_faces, request.fast) == (False, None)
+    custom = metadata.request_from_parameters({**standard, "width": 1024, "height": 512})
+    assert (custom.width, custom.height) == (1024, 512)
 
 
 def test_request_from_parameters_needs_prompt_and_seed() -> None:
     with pytest.raises(InvalidRequestError, match="'seed'"):
         metadata.request_from_parameters({"prompt": "a man img"})
+
+
+# --- Restoring the settings of a PNG (what the app's "Reproduce from a PNG" shows) ---------------------------
+
+
+@pytest.mark.parametrize("preset", list(presets.FAST_PRESETS))
+def test_fast_mode_png_restores_the_preset_not_its_steps_and_guidance(preset: str) -> None:
+    """A fast-mode PNG stores the preset's own steps (4-12) and guidance (0 for lightning-8), below the standard
+    ranges: restoring them into the standard controls made the next Generate fail."""
+    fast = presets.FAST_PRESETS[preset]
+    stored = {**PARAMS, "fast": preset, "num_steps": fast.steps, "guidance_scale": fast.guidance_scale}
+    restored = metadata.restore_settings(stored)
+    request = restored.request
+    assert request.fast == preset
+    assert (request.num_steps, request.guidance_scale) == (presets.STEPS_DEFAULT, presets.GUIDANCE_DEFAULT)
+    assert (request.style_strength, request.seed, request.num_outputs) == (25.0, PARAMS["seed"], 1)
+    assert restored.changes == []
+    by_label = metadata.restore_settings({**stored, "fast": fast.label}).request
+    assert by_label.fast == preset  # the control holds keys
+
+
+def test_out_of_range_values_are_clamped_and_reported() -> None:
+    """A --tiny PNG (2 steps) loaded into a standard app, and values no control accepts."""
+    stored = {**PARAMS, "fast": None, "num_steps": 2, "guidance_scale": 0.0, "style_strength": 80,
+              "mix_strength": 1.5, "width": 4096, "height": 768, "seed": 2**31}
+    restored = metadata.restore_settings(stored, steps_min=presets.STEPS_MIN)
+    request = restored.request
+    assert request.num_steps == presets.STEPS_MIN
+    assert request.guidance_scale == presets.GUIDANCE_MIN
+    assert request.style_strength == presets.STYLE_STRENGTH_MAX
+    assert request.mix_strength == presets.MIX_STRENGTH_MAX
+    assert (request.width, request.height) == (presets.SIZE_MAX, 768)
+    assert request.seed == presets.SEED_MAX
+    assert len(restored.changes) == 6
+    text = " ".join(restored.changes)
+    for said in ("number of steps 2", "set to 20", "guidance scale 0", "style strength 80", "mix strength 1.5",
+                 "width 4096", "seed 2147483648"):
+        assert said in text
+
+    # In --tiny mode the service accepts steps from 1: the same PNG keeps its 2 steps.
+    tiny = metadata.restore_settings(stored, steps_min=1)
+    assert tiny.request.num_steps == 2 and not any("steps" in change for change in tiny.changes)
+    # In range: nothing changed, nothing said.
+    assert metadata.restore_settings({**PARAMS, "fast": None}).changes == []
+
+
+def test_unknown_names_and_bad_values_fall_back_to_defaults_and_are_reported() -> None:
+    stored = {**PARAMS, "fast": "turbo-1", "style": "Baroque Nightmare", "aspect_ratio": "Square (1:1)",
+              "num_steps": "many", "guidance_scale": float("nan")}
+    restored = metadata.restore_settings(stored)
+    request = restored.request
+    assert request.fast is None and request.style == GenerationRequest.style
+    # The stored size stays, as a custom size, when its output size is unknown.
+    assert request.aspect_ratio == GenerationRequest.aspect_ratio and (request.width, request.height) == (1024, 768)
+    assert (request.num_steps, request.guidance_scale) == (presets.STEPS_DEFAULT, presets.GUIDANCE_DEFAULT)
+    text = " ".join(restored.changes)
+    for said in ("'turbo-1'", "'Baroque Nightmare'", "'many'", "nan"):
+        assert said in text
+    no_size = metadata.restore_settings({**stored, "width": None, "height": None})
+    assert "'Square (1:1)'" in " ".join(no_size.changes)
+
+
+# --- Reading the chunk without decoding the pixels ------------------------------------------------------------
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _parameters_chunk(params: dict) -> bytes:
+    """An iTXt chunk as `save_png` writes it: keyword, no compression, no language, UTF-8 JSON."""
+    return _chunk(b"iTXt", metadata.JSON_CHUNK.encode() + b"\0\0\0\0\0" + json.dumps(params).encode())
+
+
+def _png(width: int, height: int, *, before_pixels: bytes = b"", after_pixels: bytes = b"") -> bytes:
+    """A PNG header claiming `width` x `height` RGB pixels, followed by a few bytes of (truncated) image data."""
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    pixels = _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + header + before_pixels + pixels + after_pixels + _chunk(b"IEND", b"")
+
+
+def test_parameters_are_read_without_decoding_the_pixels() -> None:
+    """100 megapixels in a few hundred bytes: the chunk before the image data is read, no pixel is decoded
+    (decoding these truncated pixels would fail, and a real one would take seconds and gigabytes)."""
+    data = _png(10_000, 10_000, before_pixels=_parameters_chunk({"prompt": "a man img", "seed": 3}))
+    assert len(data) < 1000 and 10_000 * 10_000 > MAX_IMAGE_PIXELS
+    assert metadata.read_parameters(data) == {"prompt": "a man img", "seed": 3}
+
+
+def test_parameters_after_the_pixels_are_read_only_from_small_images(image: Image.Image) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    plain = buffer.getvalue()
+    trailing = plain[:-12] + _parameters_chunk({"prompt": "a man img", "seed": 4}) + plain[-12:]  # before IEND
+    assert metadata.read_parameters(trailing)["seed"] == 4
+
+    huge = _png(10_000, 10_000, after_pixels=_parameters_chunk({"prompt": "a man img", "seed": 5}))
+    with pytest.raises(InvalidRequestError, match=r"10000x10000 pixels, more than the 40 megapixels"):
+        metadata.read_parameters(huge)
+
+
+def test_decompression_bomb_is_refused_clearly(tmp_path: Path) -> None:
+    """Above twice PIL's own limit Image.open raises DecompressionBombError (not an OSError)."""
+    side = 30_000
+    assert side * side > 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png(side, side, before_pixels=_parameters_chunk({"prompt": "a man img", "seed": 6})))
+    with pytest.raises(InvalidRequestError, match=r"'.*bomb\.png' is too large to read"):
+        metadata.read_parameters(path)
