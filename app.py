@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -25,9 +24,10 @@ from photomaker import fault_injection, presets
 from photomaker.errors import PhotoMakerError
 from photomaker.faces import get_face_analyzer, prepare_id_photos
 from photomaker.images import MAX_UPLOAD_BYTES
-from photomaker.metadata import read_parameters
+from photomaker.metadata import read_parameters, restore_settings
 from photomaker.service import (
     DEFAULT_BASE_MODEL,
+    ENV_VARIABLES,
     GenerationRequest,
     GenerationResult,
     PhotoMakerService,
@@ -86,10 +86,6 @@ APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
 DEFAULT_TINY_DIR = APP_DIR / "tiny-models"
 FAST_MODE_OFF = "Off (standard sampling)"
-# ZeroGPU reservation: fixed overhead plus per denoising step of one 1-megapixel image (SDXL fp16, with CFG,
-# ID encoding and face scoring amortised), generous so that a slow step does not cut a generation short.
-GPU_BASE_SECONDS = 20
-GPU_SECONDS_PER_STEP_MEGAPIXEL = 0.12
 # Uploads and results in Gradio's cache: checked every 30 minutes, deleted once older than an hour.
 CACHE_CLEANUP = (1800, 3600)
 
@@ -130,18 +126,61 @@ CSS = """
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "")
-    return value if value else default
+# ServiceConfig field -> the attribute of its flag in `parse_args`' namespace; the other PHOTOMAKER_* settings
+# (photomaker.service.ENV_VARIABLES) are set with their environment variable only.
+MODEL_FLAGS = {
+    "base_model": "base_model", "adapter": "adapter", "pm_version": "pm_version", "device": "device",
+    "dtype": "dtype", "offload": "offload", "face_backend": "face_backend", "tiny_dir": "tiny",
+}
+
+
+def _switch(text: str) -> bool:
+    """An on/off setting, spelled as the service's PHOTOMAKER_* switches are."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("use 1/0, true/false, yes/no or on/off")
+
+
+def _whole_number(low: int, high: int | None = None) -> Any:
+    """A parser of whole numbers from `low` (to `high`), for a flag and its environment variable."""
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def whole_number(text: str) -> int:
+        try:
+            number = int(text.strip())
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"use a whole number {bounds}, not {text!r}")
+        return number
+
+    return whole_number
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags. Model flags left out fall back to the PHOTOMAKER_* variables read by
     `ServiceConfig.from_env`; server flags read the variables named in their help."""
+    env_only = [name for name, (setting, _) in ENV_VARIABLES.items() if setting not in MODEL_FLAGS]
     parser = argparse.ArgumentParser(
         description="PhotoMaker web app (Gradio). Each flag can also be set with the environment variable "
                     "in brackets; a flag given here wins.",
+        epilog=f"Settings without a flag, set by environment variable only (README, Configuration): "
+               f"{', '.join(env_only)}.",
     )
+
+    def env(name: str, default: Any, parse: Any) -> Any:
+        """The variable `name` parsed, or `default` when unset; a bad value stops with a message naming it."""
+        text = os.environ.get(name, "")
+        if not text:
+            return default
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"{name}={text!r} is not valid: {error}")
+
     model = parser.add_argument_group("model")
     model.add_argument("--base-model", help="SDXL base model: Hub id, diffusers folder or .safetensors file "
                                             f"[PHOTOMAKER_BASE_MODEL, default {DEFAULT_BASE_MODEL}]")
@@ -163,29 +202,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             f"default {DEFAULT_TINY_DIR.name}/ next to app.py). The outputs are noise "
                             "[PHOTOMAKER_TINY_DIR]")
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default=_env("GRADIO_SERVER_NAME", "127.0.0.1"),
+    server.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on; 0.0.0.0 for every interface "
                              "[GRADIO_SERVER_NAME, default %(default)s]")
-    server.add_argument("--port", type=int, default=int(_env("GRADIO_SERVER_PORT", "7860")),
+    port = _whole_number(1, 65535)
+    server.add_argument("--port", type=port, default=env("GRADIO_SERVER_PORT", 7860, port),
                         help="port [GRADIO_SERVER_PORT, default %(default)s]")
-    server.add_argument("--share", action="store_true",
-                        default=_env("PHOTOMAKER_SHARE", "0").lower() in ("1", "true", "yes", "on"),
+    server.add_argument("--share", action="store_true", default=env("PHOTOMAKER_SHARE", False, _switch),
                         help="also create a public gradio.live link [PHOTOMAKER_SHARE=1]")
-    server.add_argument("--max-queue", type=int, default=int(_env("PHOTOMAKER_MAX_QUEUE", "20")),
+    positive = _whole_number(1)
+    server.add_argument("--max-queue", type=positive, default=env("PHOTOMAKER_MAX_QUEUE", 20, positive),
                         help="requests allowed to wait; more are told the queue is full "
                              "[PHOTOMAKER_MAX_QUEUE, default %(default)s]")
-    server.add_argument("--concurrency", type=int, default=int(_env("PHOTOMAKER_CONCURRENCY", "1")),
-                        help="generations running at the same time [PHOTOMAKER_CONCURRENCY, default %(default)s]")
+    server.add_argument("--concurrency", type=positive, default=env("PHOTOMAKER_CONCURRENCY", 1, positive),
+                        help="requests handled at once; generations still run one at a time, so more only lets "
+                             "requests have their photos checked and wait inside the app instead of in the queue "
+                             "[PHOTOMAKER_CONCURRENCY, default %(default)s]")
     return parser.parse_args(argv)
 
 
 def service_config(args: argparse.Namespace) -> ServiceConfig:
     """Environment variables overridden by the flags given; on ZeroGPU the model goes to CUDA at startup."""
-    config = ServiceConfig.from_env({
-        "base_model": args.base_model, "adapter": args.adapter, "pm_version": args.pm_version,
-        "device": args.device, "dtype": args.dtype, "offload": args.offload, "face_backend": args.face_backend,
-        "tiny_dir": args.tiny,
-    })
+    config = ServiceConfig.from_env({setting: getattr(args, flag) for setting, flag in MODEL_FLAGS.items()})
     if SpacesConfig.zero_gpu and config.device is None:
         config.device = "cuda"
     return config
@@ -235,18 +273,8 @@ def gpu_duration(request: GenerationRequest, progress: Any = None) -> int:
     width, height = ASPECT_RATIOS.get(request.aspect_ratio, ASPECT_RATIOS[DEFAULT_ASPECT_RATIO])
     if request.width and request.height:
         width, height = request.width, request.height
-
-    def bounded(value: Any, low: float, high: float) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return low
-        return min(max(number, low), high) if math.isfinite(number) else low
-
-    steps = bounded(request.num_steps, presets.STEPS_MIN, presets.STEPS_MAX)
-    images = bounded(request.num_outputs, 1, presets.OUTPUTS_MAX) * bounded(request.best_of, 1, presets.BEST_OF_MAX)
-    megapixels = bounded(width * height / 1e6, 0.1, 4.0)
-    return int(GPU_BASE_SECONDS + GPU_SECONDS_PER_STEP_MEGAPIXEL * steps * images * megapixels)
+    return presets.gpu_seconds(request.num_steps, request.num_outputs, width, height, best_of=request.best_of,
+                               fast=request.fast)
 
 
 def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
@@ -359,16 +387,18 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             return {}
         try:
             parameters = read_parameters(png_path)
+            restored = restore_settings(parameters, steps_min=service.config.steps_min)
         except PhotoMakerError as error:
             raise gr.Error(str(error)) from error
+        request = restored.request
         updates: dict[gr.components.Component, Any] = {
-            component: parameters[key] for key, component in restorable.items() if parameters.get(key) is not None
+            component: getattr(request, key) for key, component in restorable.items()
         }
-        updates.update({randomize_seed: False, num_outputs: 1, best_of: 1, fast_mode: parameters.get("fast") or ""})
-        size = (parameters.get("width"), parameters.get("height"))
-        aspect = parameters.get("aspect_ratio")
-        custom = None not in size and size != (ASPECT_RATIOS.get(aspect) if isinstance(aspect, str) else None)
-        updates.update({width: size[0] if custom else 0, height: size[1] if custom else 0})
+        # Empty controls for what the request leaves to its defaults: no fast mode, the size from Output size.
+        updates.update({fast_mode: request.fast or "", width: request.width or 0, height: request.height or 0,
+                        randomize_seed: False})
+        for change in restored.changes:
+            gr.Warning(change)
         made_with = f"{parameters.get('base_model')}, PhotoMaker v{parameters.get('pm_version')}"
         if parameters.get("pm_version") != service.config.pm_version:
             gr.Warning(f"This image was made with PhotoMaker v{parameters.get('pm_version')}; this app runs "
@@ -426,7 +456,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                     )
                     guidance_scale = gr.Slider(label="Guidance scale", minimum=presets.GUIDANCE_MIN,
                                                maximum=presets.GUIDANCE_MAX, step=0.1,
-                                               value=presets.GUIDANCE_DEFAULT)
+                                               value=presets.GUIDANCE_DEFAULT, elem_id="guidance-scale")
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=0, precision=0, minimum=presets.SEED_MIN,
                                          maximum=presets.SEED_MAX, elem_id="seed")
@@ -436,6 +466,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                     fast_mode = gr.Dropdown(
                         [(FAST_MODE_OFF, "")] + [(fast.label, fast.key) for fast in presets.FAST_PRESETS.values()],
                         value="", label="Fast mode", info="Few-step LoRA presets: much faster, slightly less detail.",
+                        elem_id="fast-mode",
                     )
                     best_of = gr.Slider(
                         label="Best of N", minimum=presets.BEST_OF_MIN, maximum=presets.BEST_OF_MAX, step=1, value=1,
@@ -490,10 +521,11 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         )
         gr.Markdown(EXAMPLE_SOURCES)
 
-        restorable = {
+        restorable = {  # GenerationRequest field -> the control that shows it
             "prompt": prompt, "negative_prompt": negative_prompt, "style": style, "aspect_ratio": aspect_ratio,
             "num_steps": num_steps, "style_strength": style_strength, "guidance_scale": guidance_scale,
-            "seed": seed, "crop_faces": crop_faces, "mix_strength": mix_strength,
+            "seed": seed, "crop_faces": crop_faces, "mix_strength": mix_strength, "num_outputs": num_outputs,
+            "best_of": best_of,
         }
         generate_inputs = [id_photos, prompt, negative_prompt, style, aspect_ratio, num_steps, style_strength,
                            num_outputs, guidance_scale, seed, randomize_seed, crop_faces, mix_photos,
@@ -513,7 +545,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         gr.on([id_photos.change, crop_faces.change], preview_crops, [id_photos, crop_faces], crops,
               api_visibility="private", show_progress="minimal")
         png_file.upload(reproduce, png_file,
-                        [*restorable.values(), randomize_seed, num_outputs, best_of, fast_mode, width, height],
+                        [*restorable.values(), randomize_seed, fast_mode, width, height],
                         api_visibility="private")
         reuse_seed.click(lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private",
                          queue=False)

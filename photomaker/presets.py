@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -280,3 +281,41 @@ def restore_standard_mode(pipe: Any, state: FastModeState) -> None:
         # fusing PhotoMaker (delete_adapters would keep empty wrappers in every attention layer).
         pipe.unload_lora_weights()
     pipe.scheduler = state.scheduler
+
+
+# --- ZeroGPU reservation ------------------------------------------------------------------------------------
+# Fixed overhead plus per denoising step of one 1-megapixel image (SDXL fp16, with CFG, ID encoding and face
+# scoring amortised), generous so that a slow step does not cut a generation short.
+GPU_BASE_SECONDS = 20
+GPU_SECONDS_PER_STEP_MEGAPIXEL = 0.12
+
+
+def gpu_seconds(
+    num_steps: Any, num_outputs: Any, width: Any, height: Any, *, best_of: Any = 1, fast: Any = None
+) -> int:
+    """Seconds of GPU to reserve for a generation of `num_outputs` images of `width` x `height`, each the best
+    of `best_of` candidates.
+
+    In fast mode (`fast`: a preset key or label) the preset's step count runs, whatever `num_steps` says. Runs
+    before the request is validated, so odd values are bounded or fall back instead of raising.
+    """
+
+    def bounded(value: Any, low: float, high: float) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return low
+        return min(max(number, low), high) if math.isfinite(number) else low
+
+    if fast:
+        try:
+            num_steps = get_fast_preset(str(fast)).steps
+        except InvalidRequestError:
+            pass  # refused by validation; reserve for the steps given
+    steps = bounded(num_steps, 1, STEPS_MAX)
+    images = bounded(num_outputs, 1, OUTPUTS_MAX) * bounded(best_of, 1, BEST_OF_MAX)
+    try:
+        megapixels = bounded(float(width) * float(height) / 1e6, 0.1, 4.0)
+    except (TypeError, ValueError):
+        megapixels = 1.0
+    return int(GPU_BASE_SECONDS + GPU_SECONDS_PER_STEP_MEGAPIXEL * steps * images * megapixels)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from photomaker.metadata import read_parameters
+from photomaker import presets
+from photomaker.metadata import read_parameters, save_png
 
 pytest.register_assert_rewrite("app_server")
 from app_server import REPO_ROOT, AppServer  # noqa: E402 (after register_assert_rewrite)
@@ -142,3 +143,56 @@ def test_png_download_restores_its_settings(page, app_server: AppServer) -> None
     expect(page.locator("#num-outputs input[type=number]")).to_have_value("1")
     expect(page.locator("#width input[type=number]")).to_have_value("64")
     expect(page.locator("#seed input[type=number]")).to_have_value(str(stored_seed))
+
+
+def _restore_from_png(page, png: str | Path) -> None:
+    page.locator("#reproduce").get_by_text("Reproduce from a PNG").click()
+    page.locator("#png-file input[type=file]").set_input_files(str(png))
+
+
+def test_fast_mode_png_restores_and_generates(page, app_server: AppServer) -> None:
+    """A fast-mode PNG stores the preset's steps and guidance (0 for SDXL-Lightning), below the sliders'
+    minimums: restored as they were, the next Generate failed with "Guidance scale: Value 0.0 is less than
+    minimum value 0.1"."""
+    from gradio_client import handle_file
+    from playwright.sync_api import expect
+
+    images, _, _, _ = app_server.client().predict(
+        id_photos=[{"image": handle_file(str(EXAMPLES / "astronaut.png"))}],
+        prompt="a photo of a woman img in a forest", negative_prompt="", style="Photographic (Default)",
+        aspect_ratio="Instagram (1:1)", num_steps=3, style_strength=20, num_outputs=1, guidance_scale=5,
+        seed=5, randomize_seed=False, fast_mode="lightning-8", width=64, height=64, api_name="/generate",
+    )
+    png = images[0]["image"]
+    assert read_parameters(png)["guidance_scale"] == 0  # what SDXL-Lightning samples with
+    _restore_from_png(page, png)
+    expect(page.locator("#prompt textarea")).to_have_value("a photo of a woman img in a forest")
+    page.locator("#advanced").get_by_text("Advanced options").click()
+    expect(page.locator("#fast-mode input")).to_have_value(presets.FAST_PRESETS["lightning-8"].label)
+    expect(page.locator("#guidance-scale input[type=number]")).to_have_value(f"{presets.GUIDANCE_DEFAULT:g}")
+
+    page.locator("#id-photos input[type=file]").set_input_files([str(EXAMPLES / "astronaut.png")])
+    expect(page.locator("#id-photos img")).to_have_count(1)
+    page.locator("#generate").click()
+    expect(page.locator("#results .grid-container img")).to_have_count(1, timeout=GENERATE_TIMEOUT_MS)
+    expect(page.locator("#seed-used input")).to_have_value("5")
+    expect(page.locator(".toast-body", has_text="minimum value")).to_have_count(0)
+
+
+def test_out_of_range_png_values_are_clamped_and_the_user_told(page, tmp_path: Path) -> None:
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    png = tmp_path / "edited.png"
+    save_png(Image.new("RGB", (64, 64)), png, {
+        "prompt": "a photo of a man img", "seed": 11, "num_steps": 500, "guidance_scale": 50, "style_strength": 20,
+        "style": "Photographic (Default)", "aspect_ratio": "Instagram (1:1)", "width": 64, "height": 64,
+        "fast": None, "pm_version": 1,
+    })
+    _restore_from_png(page, png)
+    expect(page.locator(".toast-body", has_text="guidance scale 50")).to_be_visible()
+    expect(page.locator(".toast-body", has_text="number of steps 500")).to_be_visible()
+    page.locator("#advanced").get_by_text("Advanced options").click()
+    expect(page.locator("#guidance-scale input[type=number]")).to_have_value(f"{presets.GUIDANCE_MAX:g}")
+    expect(page.locator("#num-steps input[type=number]")).to_have_value(str(presets.STEPS_MAX))
+    expect(page.locator("#seed input[type=number]")).to_have_value("11")
