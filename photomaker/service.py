@@ -3,8 +3,9 @@
 One `PhotoMakerService` per process owns the loaded pipeline (loaded once, in the background, never twice),
 the face analyser, and an LRU cache of ID encodings, and exposes one call: `generate(request)`.
 
-`generate` checks the whole request before it touches a model, so a bad request fails in milliseconds with
-a message that says what to change, even while the model is still loading. Generations run one at a time:
+`generate` checks the request before it touches a model, so a bad request fails in milliseconds with a
+message that says what to change, even while the model is still loading; only the 77-token budget of the
+prompt with its class-word copies is checked once the tokenizers are loaded. Generations run one at a time:
 a diffusers pipeline keeps per-call state (scheduler timesteps, guidance) on itself, so two concurrent calls
 on one pipeline would corrupt each other.
 """
