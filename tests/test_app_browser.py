@@ -58,10 +58,16 @@ def page(browser, app_server: AppServer):
 
 
 def type_number(page, elem_id: str, value: int) -> None:
-    """Type a value into a number field (or a slider's number box), as a user would."""
+    """Type a value into a number field (or a slider's number box), as a user would, and wait until the
+    control has taken it (a slider's handle moves): clicking Generate before that sends the old value."""
+    from playwright.sync_api import expect
+
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+    handle = page.locator(f"#{elem_id} input[type=range]")
+    if handle.count():
+        expect(handle).to_have_value(str(value))
 
 
 def test_upload_two_photos_generate_shows_images_and_seed(page) -> None:
