@@ -691,7 +691,8 @@ class PreparedAdapterCache:
 def resolve_checkpoint_file(
     path_or_repo_or_dict: Any, weight_name: str | None = None, subfolder: str = "", **hub_kwargs: Any
 ) -> Path | None:
-    """The local file `load_checkpoint` would read for these arguments, or None (a dict, or not available locally)."""
+    """The local file `load_checkpoint` would read for these arguments (a Hub file is downloaded into the Hub
+    cache first), or None (a dict, or a file that cannot be had)."""
     if isinstance(path_or_repo_or_dict, Mapping) or not isinstance(path_or_repo_or_dict, (str, os.PathLike)):
         return None
     path = Path(os.fspath(path_or_repo_or_dict)).expanduser()
@@ -703,12 +704,8 @@ def resolve_checkpoint_file(
     if weight_name is None or _looks_like_local_path(os.fspath(path_or_repo_or_dict)):
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(
-            os.fspath(path_or_repo_or_dict), weight_name, subfolder=subfolder or None,
-            cache_dir=hub_kwargs.get("cache_dir"), revision=hub_kwargs.get("revision"),
-        )
-    except Exception:  # noqa: BLE001 - only an optimisation; no cache then
+        # Downloaded now if missing (load_checkpoint then finds it in the Hub cache): the first start with a
+        # Hub checkpoint fills the prepared-adapter cache too.
+        return _download(os.fspath(path_or_repo_or_dict), weight_name, subfolder, dict(hub_kwargs))
+    except Exception:  # noqa: BLE001 - load_checkpoint reports the same failure with its full explanation
         return None
-    return Path(cached) if isinstance(cached, str) else None

@@ -298,3 +298,31 @@ def test_a_failing_cache_save_never_fails_the_load(
         width=64, output_type="np",
     ).images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_a_hub_checkpoint_is_fetched_before_the_prepared_adapter_cache_looks_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving a Hub id downloads the file into the Hub cache (the first start can fill the adapter cache);
+    a file that cannot be had resolves to None, and load_checkpoint then reports why."""
+    import huggingface_hub
+
+    from photomaker.loading import resolve_checkpoint_file
+
+    fetched = tmp_path / "photomaker-v1.bin"
+    fetched.write_bytes(b"weights")
+    calls = []
+
+    def fake_download(repo_id, filename, subfolder=None, **kwargs):
+        calls.append((repo_id, filename, subfolder))
+        if repo_id != "TencentARC/PhotoMaker":
+            raise OSError("404: no such repo")
+        return str(fetched)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_checkpoint_file("TencentARC/PhotoMaker", "photomaker-v1.bin") == fetched
+    assert resolve_checkpoint_file("nobody/nothing", "photomaker-v1.bin") is None
+    assert calls == [
+        ("TencentARC/PhotoMaker", "photomaker-v1.bin", None),
+        ("nobody/nothing", "photomaker-v1.bin", None),
+    ]
