@@ -58,16 +58,24 @@ def page(browser, app_server: AppServer):
 
 
 def type_number(page, elem_id: str, value: int) -> None:
-    """Type a value into a number field (or a slider's number box), as a user would, and wait until the
-    control has taken it (a slider's handle moves): clicking Generate before that sends the old value."""
+    """Type a value into a number field (or a slider's number box), as a user would, until the control has
+    taken it (a slider's handle moves). On a loaded machine an update that lands while typing (the face-crop
+    preview, the accordion opening) can re-render the box and drop the keystrokes; a user would type again."""
     from playwright.sync_api import expect
 
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
     handle = page.locator(f"#{elem_id} input[type=range]")
-    if handle.count():
-        expect(handle).to_have_value(str(value))
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        if not handle.count():
+            return
+        try:
+            expect(handle).to_have_value(str(value), timeout=5_000)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
 
 
 def test_upload_two_photos_generate_shows_images_and_seed(page) -> None:
