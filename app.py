@@ -33,6 +33,7 @@ from photomaker.service import (
     PhotoMakerService,
     ServiceConfig,
     ServiceStatus,
+    parse_switch,
 )
 from style_template import DEFAULT_STYLE_NAME, STYLE_NAMES
 
@@ -136,12 +137,10 @@ MODEL_FLAGS = {
 
 def _switch(text: str) -> bool:
     """An on/off setting, spelled as the service's PHOTOMAKER_* switches are."""
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError("use 1/0, true/false, yes/no or on/off")
+    try:
+        return parse_switch(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _whole_number(low: int, high: int | None = None) -> Any:

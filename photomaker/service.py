@@ -85,7 +85,8 @@ def default_fused_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "photomaker", "prepared")
 
 
-def _parse_bool(value: str) -> bool:
+def parse_switch(value: str) -> bool:
+    """An on/off setting as PHOTOMAKER_* variables spell it; ValueError names the accepted spellings."""
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -104,8 +105,8 @@ ENV_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PHOTOMAKER_DTYPE": ("dtype", str),
     "PHOTOMAKER_VARIANT": ("variant", str),
     "PHOTOMAKER_OFFLOAD": ("offload", str),
-    "PHOTOMAKER_VAE_TILING": ("vae_tiling", _parse_bool),
-    "PHOTOMAKER_COMPILE": ("compile_unet", _parse_bool),
+    "PHOTOMAKER_VAE_TILING": ("vae_tiling", parse_switch),
+    "PHOTOMAKER_COMPILE": ("compile_unet", parse_switch),
     "PHOTOMAKER_TINY_DIR": ("tiny_dir", str),
     "PHOTOMAKER_FACE_BACKEND": ("face_backend", str),
     "PHOTOMAKER_FACE_MODEL_DIR": ("face_model_dir", str),
