@@ -49,6 +49,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST, REPORT, SETTINGS = "manifest.jsonl", "report.jsonl", "settings.json"
 CLASS_FILE = "class.txt"
 V2_EMBEDDING_DIM = 512
+WEAK_FACE_SCORE_SHARE = 0.25
+"""Detections scoring below this share of the photo's best detection are not faces that compete for it."""
 _SAFE_NAME = re.compile(r"^[\w][\w.\- ]*$")
 
 
@@ -240,15 +242,24 @@ def read_photo(source: SourceImage) -> Image.Image:
         raise ImageRejected("read", str(exc)) from exc
 
 
-def detect_subject_face(rgb: np.ndarray, analyzer: FaceAnalyzer, max_second_face_ratio: float = 0.5) -> Face:
+def detect_subject_face(
+    rgb: np.ndarray,
+    analyzer: FaceAnalyzer,
+    max_second_face_ratio: float = 0.5,
+    weak_score_share: float = WEAK_FACE_SCORE_SHARE,
+) -> Face:
     """Stage ``detect``: the photo's one dominant face.
 
-    Faces are ranked by box area (detector scores are backend-specific); a second face whose area is at least
-    ``max_second_face_ratio`` of the first's means the photo has no single subject.
+    Detections scoring below ``weak_score_share`` of the best score are ignored first (dlib's HOG finds
+    shirt folds and flags at margins near 0 beside real faces near 1.5). Of the rest, the largest box is the
+    subject; a second one whose area is at least ``max_second_face_ratio`` of the subject's means the photo has
+    no single subject.
     """
     faces = analyzer.detect(rgb)
     if not faces:
         raise ImageRejected("detect", f"no face found ({analyzer.name} detector)")
+    best_score = max(face.score for face in faces)
+    faces = [face for face in faces if face.score >= weak_score_share * best_score]  # still largest first
     if len(faces) > 1 and faces[1].area >= max_second_face_ratio * faces[0].area:
         ratio = faces[1].area / faces[0].area
         raise ImageRejected(
