@@ -252,7 +252,7 @@ def test_manifest_lines_have_the_agreed_format_and_files(prepared: tuple[Path, P
         assert (record["width"], record["height"]) in buckets
         x0, y0, x1, y1 = record["face_box"]
         assert all(isinstance(v, int) for v in record["face_box"])
-        assert (x1 - x0) * (y1 - y0) / (record["width"] * record["height"]) >= 0.10 - 0.01  # rounded out to pixels
+        assert (x1 - x0) * (y1 - y0) / (record["width"] * record["height"]) >= TEST_CONFIG.min_face_share
         face_region = np.asarray(mask)[y0:y1, x0:x1]
         assert face_region.mean() > 240 and np.asarray(mask).mean() < 200
     eileen = {Path(r["source"]).stem: r for r in manifest if r["identity"] == "eileen"}
@@ -296,6 +296,21 @@ def test_a_second_run_resumes_without_detecting_again(
     assert _jsonl(data / "report.jsonl")[-1]["source"].endswith("late_wrong.png")
 
 
+def test_an_interrupted_line_is_dropped_and_its_photo_done_again(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
+    src = tmp_path / "src" / "grace"
+    src.mkdir(parents=True)
+    Image.open(GRACE_HOPPER).save(src / "a.png")
+    Image.open(GRACE_HOPPER).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(src / "b.png")
+    prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer, progress=False)
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    first, second = manifest.read_text().splitlines()
+    manifest.write_text(first + "\n" + second[: len(second) // 2])  # killed while writing the second line
+    counting = CountingAnalyzer(dlib_analyzer)
+    resumed = prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=counting, progress=False)
+    assert (resumed.already_done, resumed.kept, counting.detect_calls) == (1, 1, 1)
+    assert manifest.read_text().splitlines() == [first, second]
+
+
 def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)
@@ -308,6 +323,7 @@ def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path: Path,
         tmp_path / "src", tmp_path / "data", changed, face_analyzer=dlib_analyzer, overwrite=True, progress=False
     )
     assert redone.kept == 1 and redone.already_done == 0
+    assert [p.name for p in (tmp_path / "data" / "images" / "grace").iterdir()] == ["portrait.png"]
     assert json.loads((tmp_path / "data" / "settings.json").read_text())["min_face_share"] == 0.2
 
 
@@ -365,3 +381,53 @@ def test_module_command_prints_the_summary(tmp_path: Path, capsys: pytest.Captur
     assert "prepare-data: 1 seen, 0 done before, 1 kept, 0 dropped (read 0, detect 0" in capsys.readouterr().out
     code = main([str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--resolution", "512", "--no-progress"])
     assert code == 2 and "resolution: 256 -> 512" in capsys.readouterr().err
+
+
+def _synthetic_insightface(root: Path) -> FaceAnalyzer:
+    """The InsightFace backend on the ONNX stand-ins of tests/faces_fixtures.py (a red patch is "the face")."""
+    from faces_fixtures import SyntheticDetector, build_arcface_model, build_scrfd_model
+
+    from photomaker.faces import insightface_backend as backend
+
+    root.mkdir(parents=True, exist_ok=True)
+    build_scrfd_model(root / backend.DETECTOR_FILE, SyntheticDetector())
+    build_arcface_model(root / backend.RECOGNISER_FILE)
+    return backend.InsightFaceAnalyzer(root, download=False)
+
+
+def test_v2_saves_the_raw_512d_embedding_of_the_training_image(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
+    from faces_fixtures import red_marker_image
+
+    from photomaker.train.data import v2_face_embedding
+
+    insightface = _synthetic_insightface(tmp_path / "buffalo")
+    marker = Image.fromarray(red_marker_image(128, 128, (40, 40, 88, 88)))
+    embedding = v2_face_embedding(marker, insightface)
+    rgb = np.asarray(marker)
+    assert embedding.dtype == np.float32 and embedding.shape == (512,)
+    np.testing.assert_array_equal(embedding, insightface.embed(rgb, insightface.detect(rgb)[0]))
+    with pytest.raises(ImageRejected, match="finds no face in the cropped training image"):
+        v2_face_embedding(Image.new("RGB", (128, 128)), insightface)
+
+    src = tmp_path / "src" / "eileen"
+    src.mkdir(parents=True)
+    astronaut = np.asarray(Image.open(ASTRONAUT).convert("RGB")).copy()
+    astronaut[..., 0] = np.minimum(astronaut[..., 0], 200)  # the flag's red stripes would be "faces" too
+    Image.fromarray(astronaut).save(src / "no_marker.png")
+    astronaut[200:250, 120:170] = (255, 0, 0)  # on the suit, inside the training crop
+    Image.fromarray(astronaut).save(src / "marked.png")
+    Image.fromarray(astronaut[:, ::-1]).save(src / "marked_mirror.png")
+    config = PrepareDataConfig(resolution=256, min_face_size=64, pm_version=2)
+    summary = prepare_data(tmp_path / "src", tmp_path / "data", config, face_analyzer=dlib_analyzer,
+                           embedding_analyzer=insightface, progress=False)
+    assert summary.kept == 2 and summary.dropped == {"embedding": 1}
+    for record in _jsonl(tmp_path / "data" / "manifest.jsonl"):
+        stem = Path(record["source"]).stem
+        assert record["face_embedding"] == f"embeddings/eileen/{stem}.npy"
+        saved = np.load(tmp_path / "data" / record["face_embedding"])
+        image = _rgb(tmp_path / "data" / record["image"])
+        assert saved.dtype == np.float32 and saved.shape == (512,)
+        np.testing.assert_allclose(saved, insightface.embed(image, insightface.detect(image)[0]), rtol=1e-6)
+    with pytest.raises(TrainingDataError, match="v2 needs 512-d InsightFace embeddings; the dlib backend gives 128-d"):
+        prepare_data(tmp_path / "src", tmp_path / "other", config, face_analyzer=dlib_analyzer,
+                     embedding_analyzer=dlib_analyzer, progress=False)

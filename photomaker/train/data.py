@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import re
+import shutil
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("read", "detect", "face_size", "verify", "crop", "mask", "caption", "embedding")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST, REPORT, SETTINGS = "manifest.jsonl", "report.jsonl", "settings.json"
+OUTPUT_FOLDERS = ("images", "masks", "embeddings", "verification")
 CLASS_FILE = "class.txt"
 V2_EMBEDDING_DIM = 512
 WEAK_FACE_SCORE_SHARE = 0.25
@@ -348,6 +350,8 @@ class DataFolder:
         if overwrite:
             for name in (MANIFEST, REPORT, SETTINGS):
                 (self.root / name).unlink(missing_ok=True)
+            for name in OUTPUT_FOLDERS:
+                shutil.rmtree(self.root / name, ignore_errors=True)
         if settings_path.is_file():
             earlier = json.loads(settings_path.read_text(encoding="utf-8"))
             changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
@@ -363,16 +367,20 @@ class DataFolder:
         self.dropped = self._read(REPORT)
 
     def _read(self, name: str) -> dict[str, dict]:
+        """The records of a JSONL file by source; a last line cut short by an interrupted run is removed."""
         path = self.root / name
         if not path.is_file():
             return {}
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            complete = text[: text.rfind("\n") + 1]
+            logger.warning("removing the unfinished last line of %s (an interrupted run): %r", path,
+                           text[len(complete):][:80])
+            path.write_text(complete, encoding="utf-8")
+            text = complete
         records = {}
-        for text in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError:
-                logger.warning("ignoring a truncated line in %s (an interrupted run): %r", path, text[:80])
-                continue
+        for line in text.splitlines():
+            record = json.loads(line)
             records[record["source"]] = record
         return records
 
