@@ -10,9 +10,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from faces_fixtures import ASTRONAUT, GRACE_HOPPER
+from PIL import Image
 
 KEPT_EILEEN = ("original", "mirror", "crop", "rescale", "jpeg", "rotate")
 """Transformed copies of the astronaut portrait (face about 88 px): all must be kept."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -96,7 +97,7 @@ def make_caption(
     given: str | None,
     class_word: str,
     trigger_word: str,
-    captioner: Captioner | None = None,
+    captioner: Callable[[Image.Image], str] | None = None,
 ) -> str:
     """The marked caption of one training image: the given one, else the model's, else the template."""
     if given is not None:

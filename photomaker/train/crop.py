@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from photomaker.errors import ImageRejected, TrainingDataError
@@ -48,6 +49,12 @@ class TrainingCrop:
     """The face box in the output image's pixels."""
     face_share: float
     """Face box area / crop area (the same in the output image: the resize keeps the aspect)."""
+
+    def map_points(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) photo pixel coordinates -> the output image's pixel coordinates."""
+        left, top, right, bottom = self.box
+        scale = np.array([self.size[0] / (right - left), self.size[1] / (bottom - top)])
+        return (np.asarray(points, np.float64) - np.array([left, top])) * scale
 
 
 def sdxl_buckets(resolution: int = 1024) -> list[tuple[int, int]]:

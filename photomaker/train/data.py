@@ -28,9 +28,9 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -145,7 +145,9 @@ def check_class_word(word: str, trigger_word: str, *, where: str) -> str:
 # ---- input --------------------------------------------------------------------------------------------------
 
 
-def list_sources(src: str | Path, class_word: str = "person", trigger_word: str = DEFAULT_TRIGGER_WORD) -> list[SourceImage]:
+def list_sources(
+    src: str | Path, class_word: str = "person", trigger_word: str = DEFAULT_TRIGGER_WORD
+) -> list[SourceImage]:
     """The photos of ``src``: a folder with one sub-folder per identity, or a JSONL manifest.
 
     Folder layout: ``SRC/<identity>/<photo>`` with an optional ``<photo stem>.txt`` caption beside each photo
@@ -421,11 +423,13 @@ def prepare_data(
     captioner: Callable[[Image.Image], str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> PrepareSummary:
     """Run every stage on every photo of ``src`` not yet done in ``out``; returns this run's counts.
 
     Models are built from ``config`` unless passed in (``face_analyzer`` for detection and verification,
-    ``embedding_analyzer`` for v2's 512-d embeddings, ``masker``, ``captioner``).
+    ``embedding_analyzer`` for v2's 512-d embeddings, ``masker``, ``captioner``); ``device`` is where the
+    segmentation and captioning models run (transformers' default when None).
     """
     from tqdm.auto import tqdm
 
@@ -440,9 +444,9 @@ def prepare_data(
                 f"backend gives {embedding_analyzer.embedding_dim}-d ones"
             )
     if masker is None and config.mask_model is not None:
-        masker = SegmentationMasker(config.mask_model, config.mask_labels)
+        masker = SegmentationMasker(config.mask_model, config.mask_labels, device=device)
     if captioner is None and config.caption_model is not None:
-        captioner = Captioner(config.caption_model)
+        captioner = Captioner(config.caption_model, device=device)
     max_distance = config.max_id_distance if config.max_id_distance is not None else default_max_id_distance(analyzer)
     buckets = sdxl_buckets(config.resolution)
 
@@ -512,10 +516,8 @@ def _make_training_image(
     if masker is not None:
         mask = masker(image)
     else:
-        scale = np.array([crop.size[0] / (crop.box[2] - crop.box[0]), crop.size[1] / (crop.box[3] - crop.box[1])])
-        landmarks = (np.asarray(face.landmarks, np.float64) - np.array(crop.box[:2])) * scale
-        mask = face_hair_mask(crop.size, crop.face_box, landmarks)
-    caption = make_caption(image, source.caption, source.class_word, config.trigger_word, captioner)  # type: ignore[arg-type]
+        mask = face_hair_mask(crop.size, crop.face_box, crop.map_points(face.landmarks))
+    caption = make_caption(image, source.caption, source.class_word, config.trigger_word, captioner)
     embedding_path = None
     if config.pm_version == 2:
         assert embedding_analyzer is not None
@@ -554,7 +556,8 @@ def add_prepare_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
                         'manifest of {"identity", "image", "caption"?, "class_word"?}')
     parser.add_argument("--out", type=Path, required=True, help="output folder DATA (created; resumed if present)")
     parser.add_argument("--class-word", default=defaults.class_word,
-                        help="class word of identities without class.txt or a manifest class_word (default %(default)s)")
+                        help="class word of identities without class.txt or a manifest class_word "
+                        "(default %(default)s)")
     parser.add_argument("--trigger-word", default=defaults.trigger_word, help="default %(default)s")
     parser.add_argument("--resolution", type=int, default=defaults.resolution,
                         help="side of the square SDXL bucket; the other buckets scale with it (default %(default)s)")
@@ -580,6 +583,8 @@ def add_prepare_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     parser.add_argument("--caption-model", default=None,
                         help="transformers image-to-text model (Hub id or folder) for photos without a caption, "
                         "e.g. Salesforce/blip-image-captioning-large; default: the template caption")
+    parser.add_argument("--device", default=None,
+                        help="device of the segmentation and captioning models, e.g. cuda (default: CPU)")
     parser.add_argument("--overwrite", action="store_true", help="forget earlier results in --out and start again")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
@@ -601,7 +606,9 @@ def run_prepare_data_command(args: argparse.Namespace) -> int:
         mask_labels=tuple(label.strip() for label in args.mask_labels.split(",") if label.strip()),
         caption_model=args.caption_model,
     )
-    summary = prepare_data(args.src, args.out, config, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = prepare_data(
+        args.src, args.out, config, overwrite=args.overwrite, progress=not args.no_progress, device=args.device
+    )
     print(summary.line())
     return 0
 
