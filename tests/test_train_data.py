@@ -201,7 +201,8 @@ def test_model_loaders_explain_what_to_do_offline(monkeypatch: pytest.MonkeyPatc
         SegmentationMasker("no-such-org/no-such-seg")
 
 
-def test_segmentation_masker_loads_a_local_model_and_checks_its_labels(tmp_path: Path) -> None:
+def _save_tiny_person_segformer(folder: Path) -> Path:
+    """A random-weight SegFormer with labels background/person whose bias makes every pixel "person"."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     config = SegformerConfig(
@@ -210,15 +211,40 @@ def test_segmentation_masker_loads_a_local_model_and_checks_its_labels(tmp_path:
         id2label={0: "background", 1: "person"}, label2id={"background": 0, "person": 1},
     )
     model = SegformerForSemanticSegmentation(config)
-    with np.errstate(all="ignore"):
-        model.decode_head.classifier.bias.data[:] = 0.0
-        model.decode_head.classifier.bias.data[1] = 50.0  # every pixel is "person"
-    model.save_pretrained(tmp_path)
-    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    model.decode_head.classifier.bias.data[:] = 0.0
+    model.decode_head.classifier.bias.data[1] = 50.0
+    model.save_pretrained(folder)
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_segmentation_masker_loads_a_local_model_and_checks_its_labels(tmp_path: Path) -> None:
+    folder = _save_tiny_person_segformer(tmp_path)
     with pytest.raises(ModelLoadError, match="no label hair; pass --mask-labels with some of: background, person"):
-        SegmentationMasker(str(tmp_path), labels=("hair",))
-    mask = SegmentationMasker(str(tmp_path), labels=("person",))(Image.new("RGB", (48, 40), (90, 30, 30)))
+        SegmentationMasker(str(folder), labels=("hair",))
+    mask = SegmentationMasker(str(folder), labels=("person",))(Image.new("RGB", (48, 40), (90, 30, 30)))
     assert mask.mode == "L" and mask.size == (48, 40) and np.asarray(mask).min() == 255
+
+
+def test_pipeline_uses_the_segmentation_model_and_the_captioner(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
+    model = _save_tiny_person_segformer(tmp_path / "segformer")
+    src = tmp_path / "src" / "grace"
+    src.mkdir(parents=True)
+    Image.open(GRACE_HOPPER).save(src / "portrait.png")
+    config = PrepareDataConfig(resolution=256, min_face_size=64, mask_model=str(model), class_word="woman")
+    captioned: list[tuple[int, int]] = []
+
+    def captioner(image: Image.Image) -> str:
+        captioned.append(image.size)
+        return "a lady in uniform"
+
+    summary = prepare_data(tmp_path / "src", tmp_path / "data", config, face_analyzer=dlib_analyzer,
+                           captioner=captioner, progress=False)
+    assert summary.kept == 1
+    (record,) = _jsonl(tmp_path / "data" / "manifest.jsonl")
+    assert record["caption"] == "a woman img in uniform"
+    assert captioned == [(record["width"], record["height"])]  # the model saw the training image
+    assert np.asarray(Image.open(tmp_path / "data" / record["mask"])).min() == 255  # the model's mask, not the ellipse
 
 
 # ---- the whole pipeline -------------------------------------------------------------------------------------
