@@ -15,6 +15,7 @@ from train_data_fixtures import (
     GIVEN_CAPTION,
     KEPT_EILEEN,
     eileen_photos,
+    open_image,
     write_identity_folders,
 )
 
@@ -77,7 +78,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return np.asarray(open_image(path).convert("RGB"))
 
 
 # ---- stage functions ----------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def test_pipeline_uses_the_segmentation_model_and_the_captioner(tmp_path: Path, 
     model = _save_tiny_person_segformer(tmp_path / "segformer")
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)
-    Image.open(GRACE_HOPPER).save(src / "portrait.png")
+    open_image(GRACE_HOPPER).save(src / "portrait.png")
     config = PrepareDataConfig(resolution=256, min_face_size=64, mask_model=str(model), class_word="woman")
     captioned: list[tuple[int, int]] = []
 
@@ -244,7 +245,7 @@ def test_pipeline_uses_the_segmentation_model_and_the_captioner(tmp_path: Path, 
     (record,) = _jsonl(tmp_path / "data" / "manifest.jsonl")
     assert record["caption"] == "a woman img in uniform"
     assert captioned == [(record["width"], record["height"])]  # the model saw the training image
-    assert np.asarray(Image.open(tmp_path / "data" / record["mask"])).min() == 255  # the model's mask, not the ellipse
+    assert np.asarray(open_image(tmp_path / "data" / record["mask"])).min() == 255  # the model's mask, not the ellipse
 
 
 # ---- the whole pipeline -------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def test_manifest_lines_have_the_agreed_format_and_files(prepared: tuple[Path, P
         assert record["face_embedding"] is None
         assert record["trigger_word"] == "img"
         assert Path(record["source"]).is_file()
-        image, mask = Image.open(data / record["image"]), Image.open(data / record["mask"])
+        image, mask = open_image(data / record["image"]), open_image(data / record["mask"])
         assert image.mode == "RGB" and mask.mode == "L"
         assert image.size == mask.size == (record["width"], record["height"])
         assert (record["width"], record["height"]) in buckets
@@ -314,8 +315,8 @@ def test_a_second_run_resumes_without_detecting_again(
     assert (again.already_done, again.kept, sum(again.dropped.values())) == (first.seen, 0, 0)
     assert (data / "manifest.jsonl").read_text() == manifest_before
     # a new photo of an existing identity is the only one processed, and verified against the kept ones
-    Image.open(GRACE_HOPPER).save(src / "eileen" / "late_wrong.png")
-    Image.open(ASTRONAUT).rotate(-5).save(src / "eileen" / "late_right.png")
+    open_image(GRACE_HOPPER).save(src / "eileen" / "late_wrong.png")
+    open_image(ASTRONAUT).rotate(-5).save(src / "eileen" / "late_right.png")
     try:
         late = prepare_data(src, data, TEST_CONFIG, face_analyzer=counting, progress=False)
     finally:
@@ -329,8 +330,8 @@ def test_a_second_run_resumes_without_detecting_again(
 def test_an_interrupted_line_is_dropped_and_its_photo_done_again(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)
-    Image.open(GRACE_HOPPER).save(src / "a.png")
-    Image.open(GRACE_HOPPER).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(src / "b.png")
+    open_image(GRACE_HOPPER).save(src / "a.png")
+    open_image(GRACE_HOPPER).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(src / "b.png")
     prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer, progress=False)
     manifest = tmp_path / "data" / "manifest.jsonl"
     first, second = manifest.read_text().splitlines()
@@ -344,7 +345,7 @@ def test_an_interrupted_line_is_dropped_and_its_photo_done_again(tmp_path: Path,
 def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)
-    Image.open(GRACE_HOPPER).save(src / "portrait.png")
+    open_image(GRACE_HOPPER).save(src / "portrait.png")
     prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer, progress=False)
     changed = PrepareDataConfig(resolution=256, min_face_size=64, min_face_share=0.2)
     with pytest.raises(TrainingDataError, match=r"other settings \(min_face_share: 0.1 -> 0.2\).*--overwrite"):
@@ -363,7 +364,7 @@ def test_jsonl_manifest_input_with_captions_and_class_words(tmp_path: Path, dlib
     eileen = eileen_photos()
     for stem in ("original", "mirror", "rescale"):
         eileen[stem].save(photos / f"e_{stem}.png")
-    Image.open(GRACE_HOPPER).save(photos / "g.jpg")
+    open_image(GRACE_HOPPER).save(photos / "g.jpg")
     lines = [
         {"identity": "collins", "image": "photos/e_original.png", "caption": "a woman floating", "class_word": "woman"},
         {"identity": "collins", "image": "photos/e_mirror.png", "class_word": "woman"},
@@ -403,7 +404,7 @@ def test_bad_inputs_raise_errors_that_say_what_to_fix(tmp_path: Path) -> None:
 def test_module_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)
-    Image.open(GRACE_HOPPER).save(src / "portrait.png")
+    open_image(GRACE_HOPPER).save(src / "portrait.png")
     (src / "portrait.txt").write_text("a man at a desk")
     code = main([str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--resolution", "256",
                  "--min-face-size", "64", "--class-word", "man", "--no-progress"])
@@ -441,7 +442,7 @@ def test_v2_saves_the_raw_512d_embedding_of_the_training_image(tmp_path: Path, d
 
     src = tmp_path / "src" / "eileen"
     src.mkdir(parents=True)
-    astronaut = np.asarray(Image.open(ASTRONAUT).convert("RGB")).copy()
+    astronaut = np.asarray(open_image(ASTRONAUT).convert("RGB")).copy()
     astronaut[..., 0] = np.minimum(astronaut[..., 0], 200)  # the flag's red stripes would be "faces" too
     Image.fromarray(astronaut).save(src / "no_marker.png")
     astronaut[200:250, 120:170] = (255, 0, 0)  # on the suit, inside the training crop

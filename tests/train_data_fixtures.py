@@ -30,17 +30,24 @@ GIVEN_CAPTION = "a photo of a woman smiling in a spacesuit"
 UNMARKABLE_CAPTION = "an astronaut portrait in front of a flag"
 
 
+def open_image(path: str | Path | io.BytesIO) -> Image.Image:
+    """The image at ``path``, fully read, with the file closed (no ResourceWarning)."""
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
 def _jpeg(image: Image.Image, quality: int) -> Image.Image:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    return open_image(buffer).convert("RGB")
 
 
 def eileen_photos() -> dict[str, Image.Image]:
     """The photos of identity ``eileen``, by stem: kept transforms first, then the ones to drop."""
-    astronaut = Image.open(ASTRONAUT).convert("RGB")
-    grace = Image.open(GRACE_HOPPER).convert("RGB")
+    astronaut = open_image(ASTRONAUT).convert("RGB")
+    grace = open_image(GRACE_HOPPER).convert("RGB")
     rng = np.random.default_rng(0)
     two = Image.new("RGB", (1024, 512), (128, 128, 128))
     two.paste(astronaut, (0, 0))
@@ -73,7 +80,7 @@ def write_identity_folders(root: Path) -> Path:
     (eileen / "no_class_word.txt").write_text(UNMARKABLE_CAPTION, encoding="utf-8")
     grace = src / "grace"
     grace.mkdir()
-    hopper = Image.open(GRACE_HOPPER).convert("RGB")
+    hopper = open_image(GRACE_HOPPER).convert("RGB")
     hopper.save(grace / "portrait.jpg")
     hopper.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(grace / "mirror.png")
     return src
