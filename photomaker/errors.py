@@ -35,3 +35,16 @@ class InvalidRequestError(PhotoMakerError, ValueError):
 
 class ModelLoadError(PhotoMakerError, RuntimeError):
     """The base model or the adapter could not be loaded; the message says why and how to fix it."""
+
+
+class TrainingDataError(PhotoMakerError, ValueError):
+    """A training-data source or output folder cannot be used: missing folder, bad manifest line, changed settings."""
+
+
+class ImageRejected(PhotoMakerError, ValueError):
+    """One training image fails a data-preparation stage; ``prepare-data`` reports it and goes on."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage = stage
+        self.reason = reason
