@@ -258,7 +258,7 @@ def fid(generated: Sequence[Image.Image], real: Sequence[Image.Image], scorers: 
 
     def as_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
         size = max(image.size for image in images)
-        return torch.stack([torch.from_numpy(np.asarray(image.convert("RGB").resize(size))).permute(2, 0, 1)
+        return torch.stack([torch.from_numpy(np.array(image.convert("RGB").resize(size))).permute(2, 0, 1)
                             for image in images])
 
     for start in range(0, len(real), SCORE_BATCH):
