@@ -334,7 +334,7 @@ def test_a_rerun_makes_and_scores_nothing_again_and_prints_json(
     assert {path: path.stat().st_mtime_ns for path in before} == before
     assert json.loads(captured.out) == json.loads((out / "summary.json").read_text())
     assert "0 images made, 4 already there" in captured.err
-    assert "| style_strength=20 | +0.00 |" in captured.err  # compared with itself
+    assert "| style_strength=20 | - | - | +0.00 | +0.00 | +0.00 |" in captured.err  # compared with itself
 
 
 def test_markdown_table_shows_cosines_times_100() -> None:
