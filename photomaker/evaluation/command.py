@@ -8,14 +8,14 @@ guidance 5, no style template, 4 reference photos, 4 images per prompt).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from photomaker.errors import InvalidRequestError
-from photomaker.evaluation.inputs import check_identity_prompts, load_identities, load_prompts
+from photomaker.evaluation.inputs import PHOTO_SUFFIXES, check_identity_prompts, load_identities, load_prompts
 from photomaker.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Scorers, fid, summarise
 from photomaker.evaluation.report import (
     PLOT_FILE,
@@ -25,7 +25,7 @@ from photomaker.evaluation.report import (
     read_summary,
     write_summary,
 )
-from photomaker.evaluation.runner import EvalPlan, run_evaluation, rows_by_setting
+from photomaker.evaluation.runner import EvalPlan, rows_by_setting, run_evaluation
 from photomaker.evaluation.settings import SWEEP_KEYS, Setting, build_settings
 from photomaker.presets import DEFAULT_FAST_PRESET
 
@@ -101,21 +101,18 @@ def _plan(args: argparse.Namespace) -> EvalPlan:
                     args.seed, request, model)
 
 
-def _real_photos(folder: str) -> list[Any]:
-    from photomaker.evaluation.inputs import PHOTO_SUFFIXES
-    from photomaker.images import load_image
-
+def _real_photos(folder: str) -> list[Path]:
+    """The photos under `folder` (searched recursively), by name."""
     root = Path(folder)
     if not root.is_dir():
         raise InvalidRequestError(f"--fid-real {folder!r} is not a folder of photos.")
-    return [load_image(path) for path in sorted(root.rglob("*")) if path.suffix.lower() in PHOTO_SUFFIXES]
+    return [path for path in sorted(root.rglob("*")) if path.suffix.lower() in PHOTO_SUFFIXES]
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Run the evaluation for parsed `args`; print the table (or JSON) on the main process; return 0."""
     from photomaker import batch
     from photomaker.cli import service_config, wait_until_loaded
-    from photomaker.images import load_image
     from photomaker.service import PhotoMakerService
 
     plan = _plan(args)
@@ -130,8 +127,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
             make_tiny(base_config.tiny_dir)
 
     def make_generate(setting: Setting) -> batch.Generate:
-        import dataclasses
-
         service = PhotoMakerService(dataclasses.replace(base_config, **setting.service))
         wait_until_loaded(service)
         return service.generate
@@ -154,8 +149,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.fid_real:
         real = _real_photos(args.fid_real)
         for setting, setting_rows in rows_by_setting(rows):
-            summary[setting]["fid"] = fid([load_image(out / row["path"]) for row in setting_rows], real,
-                                          load_scorers())
+            summary[setting]["fid"] = fid((out / row["path"] for row in setting_rows), real, load_scorers())
     write_summary(summary, out)
     plot_tradeoff(summary, out / PLOT_FILE)
     print(f"eval: {made} images made, {len(rows) - made} already there; results in {out}", file=sys.stderr)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +175,8 @@ def score_images(
     if not images:
         return []
     groups = list(prompts) if groups is None else list(groups)
+    if len(groups) != len(images):
+        raise InvalidRequestError(f"got {len(groups)} group names for {len(images)} images; give one per image.")
     if not isinstance(references, References):
         references = scorers.references(references)
     image_clip = scorers.clip_image_embeds(images)
@@ -188,7 +190,7 @@ def score_images(
     analyzer = scorers.face_analyzer
     diversity: dict[str, float | None] = {}
     for group in dict.fromkeys(groups):
-        found = [face for face, name in zip(faces, groups) if name == group and face is not None]
+        found = [face for face, name in zip(faces, groups, strict=True) if name == group and face is not None]
         diversity[group] = face_diversity(found, analyzer) if analyzer is not None else None
     rows = []
     for index, face in enumerate(faces):
@@ -245,24 +247,37 @@ class _ClipFeatures(torch.nn.Module):
         return self.scorers.clip_image_embeds(images).double()
 
 
-def fid(generated: Sequence[Image.Image], real: Sequence[Image.Image], scorers: Scorers) -> float:
-    """Fréchet distance between CLIP image embeddings of `generated` and `real` (torchmetrics)."""
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def fid(generated: Iterable[Any], real: Iterable[Any], scorers: Scorers) -> float:
+    """Fréchet distance between CLIP image embeddings of `generated` and `real` (torchmetrics).
+
+    Both are images or paths, read a batch at a time, so thousands of full-size images fit in memory.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if len(generated) < 2 or len(real) < 2:
-        raise InvalidRequestError(
-            f"FID needs at least 2 generated and 2 real images, got {len(generated)} and {len(real)}; "
-            "add photos to --fid-real or generate more images."
-        )
+    from photomaker.images import load_image
+
     metric = FrechetInceptionDistance(feature=_ClipFeatures(scorers), reset_real_features=False)
 
-    def as_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
-        size = max(image.size for image in images)
-        return torch.stack([torch.from_numpy(np.array(image.convert("RGB").resize(size))).permute(2, 0, 1)
-                            for image in images])
+    def add(images: Iterable[Any], is_real: bool) -> int:
+        count = 0
+        for chunk in _chunks(images, SCORE_BATCH):
+            pictures = [load_image(image).convert("RGB") for image in chunk]
+            size = pictures[0].size
+            pixels = [torch.from_numpy(np.array(picture.resize(size))).permute(2, 0, 1) for picture in pictures]
+            metric.update(torch.stack(pixels), real=is_real)
+            count += len(chunk)
+        return count
 
-    for start in range(0, len(real), SCORE_BATCH):
-        metric.update(as_uint8(real[start:start + SCORE_BATCH]), real=True)
-    for start in range(0, len(generated), SCORE_BATCH):
-        metric.update(as_uint8(generated[start:start + SCORE_BATCH]), real=False)
+    num_real, num_generated = add(real, True), add(generated, False)
+    if num_generated < 2 or num_real < 2:
+        raise InvalidRequestError(
+            f"FID needs at least 2 generated and 2 real images, got {num_generated} and {num_real}; "
+            "add photos to --fid-real or generate more images."
+        )
     return float(metric.compute())

@@ -68,7 +68,9 @@ def read_summary(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InvalidRequestError(f"--compare: {str(path)!r} not found; give the summary.json of another run.") from None
+        raise InvalidRequestError(
+            f"--compare: {str(path)!r} not found; give the summary.json of another run."
+        ) from None
     except (OSError, ValueError) as error:
         raise InvalidRequestError(f"--compare: cannot read {str(path)!r} as JSON: {error}") from None
     if not isinstance(summary, dict) or not all(isinstance(values, dict) for values in summary.values()):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from photomaker.batch import make_output_dir, save_atomically, shard
-from photomaker.errors import IDImageError
+from photomaker.errors import IDImageError, InvalidRequestError
 from photomaker.evaluation.inputs import Identity, fill_class
 from photomaker.evaluation.metrics import References, Scorers, score_images
 from photomaker.evaluation.settings import Setting, image_seed, setting_folder
@@ -86,7 +86,7 @@ def plan_items(plan: EvalPlan, out_dir: Path) -> list[WorkItem]:
     for setting in plan.settings:
         folder = setting_folder(setting.label)
         if folders.setdefault(folder, setting.label) != setting.label:
-            raise IDImageError(f"settings {folders[folder]!r} and {setting.label!r} would share the folder "
+            raise InvalidRequestError(f"settings {folders[folder]!r} and {setting.label!r} would share the folder "
                                f"{folder!r}; give the values different names.")
         num_references = setting.num_references or plan.num_references
         for identity in plan.identities:
@@ -191,8 +191,9 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spec: dict[str, Any],
-                 load_scorers: Callable[[], Scorers]) -> list[dict[str, Any]]:
-    """One row per image of `groups`; groups fully scored before by the same models reuse their rows."""
+                 load_scorers: Callable[[], Scorers], remade: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """One row per image of `groups`; a group scored before by the same models, none of whose images was made
+    again in this run (fingerprints in `remade`), keeps its rows."""
     from photomaker.images import load_image
     from photomaker.metadata import read_parameters
 
@@ -203,7 +204,8 @@ def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spe
     rows: list[dict[str, Any]] = []
     for group in groups:
         kept = [earlier.get(item.fingerprint) for item in group]
-        if all(row is not None and row.get("scorers") == signature for row in kept):
+        if all(row is not None and row.get("scorers") == signature and row["fingerprint"] not in remade
+               for row in kept):
             rows.extend(row for row in kept if row is not None)
             continue
         if scorers is None:
@@ -215,7 +217,7 @@ def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spe
         label = f"{group[0].identity.name}/{group[0].prompt_index}"
         metrics = score_images(images, [item.prompt for item in group], references[identity.name], scorers,
                                groups=[label] * len(group))
-        for item, values in zip(group, metrics):
+        for item, values in zip(group, metrics, strict=True):
             seconds = read_parameters(item.path).get(SECONDS_KEY)
             rows.append({
                 "setting": item.setting.label, "identity": item.identity.name, "prompt_index": item.prompt_index,
@@ -229,7 +231,7 @@ def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spe
 def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
                    make_generate: Callable[[Setting], Generate], load_scorers: Callable[[], Scorers],
                    scorer_spec: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
-    """Generate and score this process's share; return (all rows, sorted, on the main process; images made here)."""
+    """Generate and score this process's share; return (all rows in plan order, images made by all processes)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -246,8 +248,9 @@ def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
     state.wait_for_everyone()  # every image exists before scoring starts
 
     to_score = shard(_by_group(items), state.process_index, state.num_processes)
-    rows = score_groups(to_score, out, scorer_spec, load_scorers)
+    rows = score_groups(to_score, out, scorer_spec, load_scorers, {item.fingerprint for item in missing})
     gathered = gather_object([rows])
+    made = sum(gather_object([made]))
     all_rows = sorted((row for part in gathered for row in part),
                       key=lambda row: (_order(plan, row["setting"]), row["identity"], row["prompt_index"],
                                        row["image_index"]))

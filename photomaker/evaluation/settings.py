@@ -101,7 +101,7 @@ def build_settings(sweeps: Sequence[str]) -> list[Setting]:
     settings = []
     for combination in itertools.product(*(values for _, values in axes)):
         request, service, num_references = {}, {}, None
-        for key, (_, value) in zip(keys, combination):
+        for key, (_, value) in zip(keys, combination, strict=True):
             target = SWEEP_KEYS[key][0]
             if target == "request":
                 request[key] = value
@@ -109,7 +109,7 @@ def build_settings(sweeps: Sequence[str]) -> list[Setting]:
                 service[key] = value
             else:
                 num_references = value
-        label = ", ".join(f"{key}={text}" for key, (text, _) in zip(keys, combination))
+        label = ", ".join(f"{key}={text}" for key, (text, _) in zip(keys, combination, strict=True))
         settings.append(Setting(label, request, service, num_references))
     return settings
 
