@@ -248,6 +248,32 @@ def test_compare_prints_the_differences_per_setting() -> None:
         compare({"a": {}, "b": {}}, {"c": {}})
 
 
+def test_an_image_made_with_other_settings_is_made_again(tmp_path: Path) -> None:
+    from photomaker.evaluation.inputs import Identity
+    from photomaker.evaluation.runner import EvalPlan, generate_items, plan_items, recorded_parameters
+    from photomaker.service import GeneratedImage, GenerationResult
+
+    made: list[tuple[str, int, int]] = []
+
+    def fake_generate(request):  # records what reached the model, returns a plain image
+        made.append((request.prompt, request.seed, request.num_steps))
+        return GenerationResult([GeneratedImage(noise(request.seed % 100, 8), {"seed": request.seed})], request.seed)
+
+    identity = Identity("ann", (ASTRONAUT, GRACE_HOPPER), "woman")
+    plan = EvalPlan([identity], ["a {class} img"], build_settings([]), images_per_prompt=2, num_references=1,
+                    request={"num_steps": 30})
+    items = plan_items(plan, tmp_path)
+    assert generate_items(items, plan, lambda setting: fake_generate) == 2
+    assert made == [("a woman img", items[0].seed, 30), ("a woman img", items[1].seed, 30)]
+    assert all(recorded_parameters(item) is not None for item in items)
+    changed = plan_items(EvalPlan([identity], ["a {class} img"], build_settings([]), 2, 1, request={"num_steps": 40}),
+                         tmp_path)
+    assert [item.path for item in changed] == [item.path for item in items]
+    assert all(recorded_parameters(item) is None for item in changed)  # same files, other settings: made again
+    with pytest.raises(IDImageError, match="'ann' has 2 photos but 3 references are asked"):
+        plan_items(EvalPlan([identity], ["a {class} img"], build_settings([]), 2, 3), tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # End to end on the tiny models
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,9 +297,13 @@ def eval_run(tiny_models_dir: Path, scorer_dirs: dict[str, Path], tmp_path_facto
     (root / "ids" / "astronaut" / "photo.png").write_bytes(ASTRONAUT.read_bytes())
     (root / "ids" / "astronaut" / "class.txt").write_text("woman")
     (root / "prompts.txt").write_text("a photo of a {class} img on a beach\n")
+    (root / "real").mkdir()
+    for photo in (ASTRONAUT, GRACE_HOPPER):
+        (root / "real" / photo.name).write_bytes(photo.read_bytes())
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = run_eval_command(eval_args(root, tiny_models_dir, scorer_dirs, "--sweep", "style_strength=20,40"))
+        status = run_eval_command(eval_args(root, tiny_models_dir, scorer_dirs, "--sweep", "style_strength=20,40",
+                                            "--fid-real", str(root / "real")))
     return {"root": root, "status": status, "stdout": stdout.getvalue(), "tiny": tiny_models_dir}
 
 
@@ -283,8 +313,9 @@ def test_tiny_run_writes_every_column_and_noise_has_no_faces(eval_run: dict) -> 
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["style_strength=20", "style_strength=40"]
     for values in summary.values():
-        assert set(values) == SUMMARY_KEYS
+        assert set(values) == SUMMARY_KEYS | {"fid"}
         assert values["no_face_rate"] == 1.0 and values["n"] == 2
+        assert values["fid"] > 0  # noise is far from two portraits
         assert values["face_sim"] is None and values["face_div"] is None  # no face anywhere
         assert all(math.isfinite(values[key]) for key in ("clip_t", "clip_i", "dino", "seconds_per_image"))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -294,7 +325,8 @@ def test_tiny_run_writes_every_column_and_noise_has_no_faces(eval_run: dict) -> 
                 "clip_t", "clip_i", "dino", "seconds"} <= set(row)
         assert row["prompt"] == "a photo of a woman img on a beach"
         assert Image.open(out / row["path"]).size == (64, 64)
-    assert "| style_strength=20 |" in eval_run["stdout"] and "| setting | Face Sim |" in eval_run["stdout"]
+    assert "| style_strength=20 |" in eval_run["stdout"]
+    assert "| setting | Face Sim | Face Div | CLIP-T | CLIP-I | DINO | FID |" in eval_run["stdout"]
     plot = Image.open(out / "face_sim_vs_clip_t.png")
     assert plot.size == (640, 480)
 
