@@ -372,3 +372,14 @@ def test_a_rerun_makes_and_scores_nothing_again_and_prints_json(
 def test_markdown_table_shows_cosines_times_100() -> None:
     table = markdown_table({"default": {"face_sim": 0.618, "clip_t": 26.1, "n": 4, "no_face_rate": 0.0}})
     assert "| default | 61.80 | 26.10 | 0.00 | 4 |" in table
+
+
+def test_the_plot_has_one_point_per_setting_with_face_sim(tmp_path: Path) -> None:
+    from photomaker.evaluation.report import plot_tradeoff
+
+    summary = {"low": {"clip_t": 27.0, "face_sim": 0.5}, "high": {"clip_t": 24.0, "face_sim": 0.7},
+               "faceless": {"clip_t": 25.0, "face_sim": None}}
+    pixels = np.asarray(Image.open(plot_tradeoff(summary, tmp_path / "plot.png")).convert("RGB")).reshape(-1, 3)
+    colours = {tuple(pixel) for pixel in pixels}
+    assert (0x1F, 0x77, 0xB4) in colours and (0xD6, 0x27, 0x28) in colours  # the two placed settings
+    assert (0x2C, 0xA0, 0x2C) not in colours  # the third colour is unused: "faceless" is listed, not placed

@@ -138,13 +138,15 @@ def plot_tradeoff(summary: Mapping[str, Mapping[str, Any]], path: Path, size: tu
         _, py = to_pixel(x0, y)
         draw.text((px - 12, height - bottom + 5), f"{x:.1f}", fill="black", font=font)
         draw.text((left - 45, py - 6), f"{y:.1f}", fill="black", font=font)
-    draw.text(((width - 80) // 2, height - bottom + 22), "CLIP-T (x100)", fill="black", font=font)
+    draw.text(((width - 80) // 2, height - bottom + 22), "CLIP-T", fill="black", font=font)
     draw.text((5, top - 20), "Face Sim (cosine x100)", fill="black", font=font)
     for index, (name, (x, y)) in enumerate(placed.items()):
         px, py = to_pixel(x, y)
         colour = _COLOURS[index % len(_COLOURS)]
         draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=colour)
-        draw.text((px + 8, py - 6), name, fill=colour, font=font)
+        text_width = draw.textlength(name, font=font)
+        text_x = px + 8 if px + 8 + text_width <= width - 2 else px - 8 - text_width  # keep labels inside
+        draw.text((text_x, py - 6), name, fill=colour, font=font)
     if unplaced:
         draw.text((left, height - 22), "no Face Sim: " + "; ".join(unplaced)[:90], fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,8 @@ def plan_items(plan: EvalPlan, out_dir: Path) -> list[WorkItem]:
             raise InvalidRequestError(f"settings {folders[folder]!r} and {setting.label!r} would share the folder "
                                f"{folder!r}; give the values different names.")
         num_references = setting.num_references or plan.num_references
+        if num_references < 1:
+            raise InvalidRequestError(f"setting {setting.label!r}: num_references must be at least 1.")
         for identity in plan.identities:
             if len(identity.photos) < num_references:
                 raise IDImageError(f"identity {identity.name!r} has {len(identity.photos)} photos but "
