@@ -35,3 +35,7 @@ class InvalidRequestError(PhotoMakerError, ValueError):
 
 class ModelLoadError(PhotoMakerError, RuntimeError):
     """The base model or the adapter could not be loaded; the message says why and how to fix it."""
+
+
+class EvaluationError(PhotoMakerError, RuntimeError):
+    """A process of a multi-process ``eval`` run failed; every process stops with that process's message."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from photomaker.batch import make_output_dir, save_atomically, shard
-from photomaker.errors import IDImageError, InvalidRequestError
+from photomaker.errors import EvaluationError, IDImageError, InvalidRequestError
 from photomaker.evaluation.inputs import Identity, fill_class
 from photomaker.evaluation.metrics import References, Scorers, score_images
 from photomaker.evaluation.settings import Setting, image_seed, setting_folder
@@ -246,11 +246,11 @@ def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
     logger.info("process %d/%d: %d of %d images to make", state.process_index, state.num_processes, len(mine),
                 len(items))
     with tqdm(total=len(mine), unit="image", desc="eval", disable=not state.is_main_process) as bar:
-        made = generate_items(mine, plan, make_generate, lambda item: bar.update(1))
-    state.wait_for_everyone()  # every image exists before scoring starts
-
+        made = _together(state, lambda: generate_items(mine, plan, make_generate, lambda item: bar.update(1)))
+    # Every image exists now (_together waited for every process).
     to_score = shard(_by_group(items), state.process_index, state.num_processes)
-    rows = score_groups(to_score, out, scorer_spec, load_scorers, {item.fingerprint for item in missing})
+    remade = {item.fingerprint for item in missing}
+    rows = _together(state, lambda: score_groups(to_score, out, scorer_spec, load_scorers, remade))
     gathered = gather_object([rows])
     made = sum(gather_object([made]))
     all_rows = sorted((row for part in gathered for row in part),
@@ -263,6 +263,24 @@ def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
         partial.replace(out / RESULTS_FILE)
     state.wait_for_everyone()
     return all_rows, made
+
+
+def _together(state: PartialState, step: Callable[[], Any]) -> Any:
+    """Run `step` in every process; if it fails in any, raise in all (rather than leave the others waiting)."""
+    from accelerate.utils import gather_object
+
+    if state.num_processes == 1:
+        return step()
+    result, failure = None, None
+    try:
+        result = step()
+    except Exception as error:  # reported to every process below
+        logger.exception("process %d failed", state.process_index)
+        failure = f"process {state.process_index}: {type(error).__name__}: {error}"
+    failures = [message for message in gather_object([failure]) if message]
+    if failures:
+        raise EvaluationError(f"eval stopped: {failures[0]}")
+    return result
 
 
 def _order(plan: EvalPlan, label: str) -> int:
