@@ -48,3 +48,7 @@ class ImageRejected(PhotoMakerError, ValueError):
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
         self.reason = reason
+
+
+class EvaluationError(PhotoMakerError, RuntimeError):
+    """A process of a multi-process ``eval`` run failed; every process stops with that process's message."""

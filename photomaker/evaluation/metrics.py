@@ -1,0 +1,283 @@
+"""The paper's fidelity metrics on images already made: Face Sim, Face Div, CLIP-T, CLIP-I, DINO, FID.
+
+Kept apart from generation so that training's validation scores its own samples with the same code
+(`score_images`, then `summarise`). Definitions (PhotoMaker paper, Table 1, after DreamBooth and FastComposer):
+
+- ``face_sim``: cosine of the generated image's largest face embedding to each reference face's, averaged over
+  the references (None when the image has no face);
+- ``face_div``: mean pairwise ``1 - cosine`` between the faces generated for one group (one identity and
+  prompt under one setting); a single value per group;
+- ``clip_t``: ``100 x cosine`` of the CLIP image embedding and the CLIP text embedding of the prompt without
+  the trigger word (the trigger is PhotoMaker's marker, not a word CLIP knows);
+- ``clip_i``: cosine of CLIP image embeddings, whole image against each reference, averaged;
+- ``dino``: the same with the CLS token of a self-supervised DINO ViT;
+- FID (optional, per setting): torchmetrics' Fréchet distance over CLIP image embeddings of the generated and
+  the real photos (Inception weights need torchvision, which this stack cannot install).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from photomaker.errors import InvalidRequestError, ModelLoadError
+from photomaker.faces import FaceAnalyzer, get_face_analyzer, prepare_id_photos
+from photomaker.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+METRICS = ("face_sim", "face_div", "clip_t", "clip_i", "dino")
+SCORE_BATCH = 16  # images per forward pass of the scoring models
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) cosines between the rows of `a` (N, D) and `b` (M, D), in float32."""
+    a = torch.nn.functional.normalize(a.float(), dim=-1)
+    b = torch.nn.functional.normalize(b.float(), dim=-1)
+    return a @ b.T
+
+
+@dataclass
+class References:
+    """One identity's reference photos, embedded once by every scorer."""
+
+    clip: torch.Tensor  # (R, D) CLIP image embeddings
+    dino: torch.Tensor  # (R, D) DINO CLS embeddings
+    faces: np.ndarray | None  # (R, E) face embeddings; None without a face backend
+
+
+class Scorers:
+    """The scoring models: CLIP (image and text), DINO, and a face analyzer; loaded once, used for every image."""
+
+    def __init__(self, clip_model: Any, clip_processor: Any, dino_model: Any, dino_processor: Any,
+                 face_analyzer: FaceAnalyzer | None, device: str = "cpu",
+                 trigger_word: str = DEFAULT_TRIGGER_WORD) -> None:
+        self.clip_model = clip_model
+        self.clip_processor = clip_processor
+        self.dino_model = dino_model
+        self.dino_processor = dino_processor
+        self.face_analyzer = face_analyzer
+        self.device = device
+        self.trigger_word = trigger_word
+
+    @classmethod
+    def load(cls, clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL,
+             face_backend: str | None = "dlib", face_model_dir: str | None = None,
+             device: str | None = None) -> Scorers:
+        """Load the models by Hub id or local folder (``from_pretrained``); `face_backend` None skips Face Sim."""
+        from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            clip = CLIPModel.from_pretrained(clip_model).eval().to(device)
+            clip_processor = AutoProcessor.from_pretrained(clip_model)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"cannot load the CLIP model {clip_model!r} for CLIP-T / CLIP-I: {error}. Pass --clip-model with a "
+                "Hub id (e.g. openai/clip-vit-large-patch14) or a local folder holding a CLIPModel and its processor."
+            ) from error
+        try:
+            dino = AutoModel.from_pretrained(dino_model).eval().to(device)
+            dino_processor = AutoImageProcessor.from_pretrained(dino_model)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"cannot load the DINO model {dino_model!r}: {error}. Pass --dino-model with a Hub id (e.g. "
+                "facebook/dino-vits16) or a local folder holding a ViT model and its image processor."
+            ) from error
+        analyzer = get_face_analyzer(face_backend, face_model_dir) if face_backend else None  # type: ignore[arg-type]
+        return cls(clip, clip_processor, dino, dino_processor, analyzer, device)
+
+    @torch.no_grad()
+    def clip_image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) projected CLIP image embeddings."""
+        out = []
+        for start in range(0, len(images), SCORE_BATCH):
+            pixels = self.clip_processor(images=list(images[start:start + SCORE_BATCH]), return_tensors="pt")
+            pixel_values = pixels["pixel_values"].to(self.device, self.clip_model.dtype)
+            out.append(self.clip_model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def clip_text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) projected CLIP text embeddings (long prompts truncated to CLIP's 77 tokens)."""
+        tokens = self.clip_processor.tokenizer(list(texts), padding=True, truncation=True, max_length=77,
+                                               return_tensors="pt").to(self.device)
+        return self.clip_model.get_text_features(**tokens).pooler_output.float().cpu()
+
+    @torch.no_grad()
+    def dino_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) DINO CLS-token embeddings of the last layer."""
+        out = []
+        for start in range(0, len(images), SCORE_BATCH):
+            pixels = self.dino_processor(images=list(images[start:start + SCORE_BATCH]), return_tensors="pt")
+            pixel_values = pixels["pixel_values"].to(self.device, self.dino_model.dtype)
+            out.append(self.dino_model(pixel_values=pixel_values).last_hidden_state[:, 0].float().cpu())
+        return torch.cat(out)
+
+    def face_embedding(self, image: Image.Image) -> np.ndarray | None:
+        """The largest face's identity embedding, or None when there is no face (or no face backend)."""
+        if self.face_analyzer is None:
+            return None
+        rgb = np.asarray(image.convert("RGB"))
+        faces = self.face_analyzer.detect(rgb)
+        return self.face_analyzer.embed(rgb, faces[0]) if faces else None
+
+    def references(self, photos: Sequence[Any], names: Sequence[str] | None = None) -> References:
+        """Embed an identity's reference photos (paths or images); a reference without a face is an error."""
+        from photomaker.images import load_image
+
+        images = [load_image(photo) for photo in photos]
+        faces = None
+        if self.face_analyzer is not None:
+            prepared = prepare_id_photos(images, self.face_analyzer, crop=False, need_embeddings=True,
+                                         names=names, noun="reference photo")
+            faces = prepared.face_embeds
+        return References(self.clip_image_embeds(images), self.dino_embeds(images), faces)
+
+    def prompt_text(self, prompt: str) -> str:
+        """The prompt as CLIP-T reads it: without the trigger word."""
+        return strip_trigger_word(prompt, self.trigger_word)[0]
+
+
+def face_diversity(embeddings: Sequence[np.ndarray], analyzer: FaceAnalyzer) -> float | None:
+    """Mean pairwise ``1 - cosine`` of the faces; None with fewer than two faces."""
+    pairs = list(itertools.combinations(embeddings, 2))
+    if not pairs:
+        return None
+    return float(np.mean([1.0 - analyzer.similarity(a, b) for a, b in pairs]))
+
+
+def score_images(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    references: References | Sequence[Any],
+    scorers: Scorers,
+    groups: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """One dict of metrics per image (see the module docstring), in the order given.
+
+    `prompts[i]` is image i's prompt, trigger word included or not; `references` is one identity's photos (or
+    `Scorers.references` of them). Face Div is computed per group (`groups[i]`, default: the prompt) and each
+    row carries its group's value and name, so `summarise` counts every group once.
+    """
+    if len(prompts) != len(images):
+        raise InvalidRequestError(f"got {len(prompts)} prompts for {len(images)} images; give one prompt per image.")
+    if not images:
+        return []
+    groups = list(prompts) if groups is None else list(groups)
+    if len(groups) != len(images):
+        raise InvalidRequestError(f"got {len(groups)} group names for {len(images)} images; give one per image.")
+    if not isinstance(references, References):
+        references = scorers.references(references)
+    image_clip = scorers.clip_image_embeds(images)
+    text_clip = scorers.clip_text_embeds([scorers.prompt_text(prompt) for prompt in prompts])
+    clip_t = 100.0 * (torch.nn.functional.normalize(image_clip, dim=-1)
+                      * torch.nn.functional.normalize(text_clip, dim=-1)).sum(-1)
+    clip_i = _cosine(image_clip, references.clip).mean(dim=1)
+    dino = _cosine(scorers.dino_embeds(images), references.dino).mean(dim=1)
+    faces = [scorers.face_embedding(image) for image in images]
+
+    analyzer = scorers.face_analyzer
+    diversity: dict[str, float | None] = {}
+    for group in dict.fromkeys(groups):
+        found = [face for face, name in zip(faces, groups, strict=True) if name == group and face is not None]
+        diversity[group] = face_diversity(found, analyzer) if analyzer is not None else None
+    rows = []
+    for index, face in enumerate(faces):
+        face_sim = None
+        if face is not None and references.faces is not None and analyzer is not None:
+            face_sim = float(np.mean([analyzer.similarity(face, ref) for ref in references.faces]))
+        rows.append({
+            "face_sim": face_sim,
+            "face_found": face is not None if analyzer is not None else None,
+            "face_div": diversity[groups[index]],
+            "group": groups[index],
+            "clip_t": float(clip_t[index]),
+            "clip_i": float(clip_i[index]),
+            "dino": float(dino[index]),
+        })
+    return rows
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None and not math.isnan(value)]
+    return float(np.mean(present)) if present else None
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Averages over rows of `score_images` (one setting): every metric, the no-face rate, seconds per image, n.
+
+    Face Sim averages the images with a face; Face Div averages the groups (each once); the no-face rate is the
+    share of images where the face backend found no face (None without a face backend).
+    """
+    per_group = {row["group"]: row["face_div"] for row in rows}
+    checked = [row["face_found"] for row in rows if row.get("face_found") is not None]
+    return {
+        "face_sim": _mean([row["face_sim"] for row in rows]),
+        "face_div": _mean(list(per_group.values())),
+        "clip_t": _mean([row["clip_t"] for row in rows]),
+        "clip_i": _mean([row["clip_i"] for row in rows]),
+        "dino": _mean([row["dino"] for row in rows]),
+        "no_face_rate": (1.0 - sum(checked) / len(checked)) if checked else None,
+        "seconds_per_image": _mean([row.get("seconds") for row in rows]),
+        "n": len(rows),
+    }
+
+
+class _ClipFeatures(torch.nn.Module):
+    """CLIP image embeddings of uint8 image tensors, the feature extractor torchmetrics' FID is given."""
+
+    def __init__(self, scorers: Scorers) -> None:
+        super().__init__()
+        self.scorers = scorers
+        self.num_features = int(scorers.clip_model.config.projection_dim)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
+        return self.scorers.clip_image_embeds(images).double()
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def fid(generated: Iterable[Any], real: Iterable[Any], scorers: Scorers) -> float:
+    """Fréchet distance between CLIP image embeddings of `generated` and `real` (torchmetrics).
+
+    Both are images or paths, read a batch at a time, so thousands of full-size images fit in memory.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from photomaker.images import load_image
+
+    metric = FrechetInceptionDistance(feature=_ClipFeatures(scorers), reset_real_features=False)
+
+    def add(images: Iterable[Any], is_real: bool) -> int:
+        count = 0
+        for chunk in _chunks(images, SCORE_BATCH):
+            pictures = [load_image(image).convert("RGB") for image in chunk]
+            size = pictures[0].size
+            pixels = [torch.from_numpy(np.array(picture.resize(size))).permute(2, 0, 1) for picture in pictures]
+            metric.update(torch.stack(pixels), real=is_real)
+            count += len(chunk)
+        return count
+
+    num_real, num_generated = add(real, True), add(generated, False)
+    if num_generated < 2 or num_real < 2:
+        raise InvalidRequestError(
+            f"FID needs at least 2 generated and 2 real images, got {num_generated} and {num_real}; "
+            "add photos to --fid-real or generate more images."
+        )
+    return float(metric.compute())
