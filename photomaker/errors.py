@@ -35,3 +35,15 @@ class InvalidRequestError(PhotoMakerError, ValueError):
 
 class ModelLoadError(PhotoMakerError, RuntimeError):
     """The base model or the adapter could not be loaded; the message says why and how to fix it."""
+
+
+class ControlImageError(PhotoMakerError, ValueError):
+    """A control image (pose, edges, depth, sketch) cannot be used: missing, empty, unreadable, no person."""
+
+
+class MaskError(ControlImageError):
+    """An inpainting mask would change nothing (empty) or everything (all white), or its face box is invalid."""
+
+
+class ControlModelUnavailableError(ModelLoadError):
+    """A control model (ControlNet, T2I-Adapter, IP-Adapter, pose or depth estimator) cannot be loaded."""

@@ -1,0 +1,110 @@
+"""Tiny random-weight control models with the real architectures, saved in the layout ``from_pretrained`` reads.
+
+They let tests load pose and depth estimators, ControlNets and T2I-Adapters through the same code path as the
+Hub checkpoints (:mod:`photomaker.control_models`), offline and in well under a second each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from transformers import (
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    Dinov2Config,
+    DPTImageProcessorPil,
+    VitPoseBackboneConfig,
+    VitPoseConfig,
+    VitPoseForPoseEstimation,
+    VitPoseImageProcessorPil,
+)
+
+from .testing import tiny_sdxl_components
+
+__all__ = [
+    "TINY_POSE_INPUT_SIZE",
+    "save_tiny_controlnet",
+    "save_tiny_depth_model",
+    "save_tiny_pose_model",
+    "save_tiny_t2i_adapter",
+    "tiny_controlnet",
+    "tiny_t2i_adapter",
+]
+
+TINY_POSE_INPUT_SIZE = {"height": 64, "width": 48}
+"""ViTPose's 4:3 person crop, shrunk from 256x192."""
+
+
+def save_tiny_pose_model(folder: str | Path, seed: int = 0) -> Path:
+    """A ViTPose (simple decoder, 17 COCO keypoints) and its image processor, saved to ``folder``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    backbone = VitPoseBackboneConfig(
+        image_size=(TINY_POSE_INPUT_SIZE["height"], TINY_POSE_INPUT_SIZE["width"]),
+        patch_size=(8, 8),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        out_indices=[2],
+    )
+    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17)).save_pretrained(folder)
+    VitPoseImageProcessorPil(size=dict(TINY_POSE_INPUT_SIZE)).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_depth_model(folder: str | Path, seed: int = 0) -> Path:
+    """A Depth Anything (DINOv2 backbone, DPT head) and its image processor, saved to ``folder``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(
+        image_size=28,
+        patch_size=14,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,  # as in the released Depth Anything configs: the neck reshapes
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=16,
+        neck_hidden_sizes=[4, 8, 8, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessorPil(
+        size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14
+    ).save_pretrained(folder)
+    return folder
+
+
+def tiny_controlnet(seed: int = 0, unet: UNet2DConditionModel | None = None) -> ControlNetModel:
+    """A ControlNet made from the tiny SDXL UNet (its down blocks' weights), as diffusers trains them."""
+    unet = unet if unet is not None else tiny_sdxl_components(seed)["unet"]
+    torch.manual_seed(seed)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+
+
+def save_tiny_controlnet(folder: str | Path, seed: int = 0) -> Path:
+    folder = Path(folder)
+    tiny_controlnet(seed).save_pretrained(folder)
+    return folder
+
+
+def tiny_t2i_adapter(seed: int = 0) -> T2IAdapter:
+    """An SDXL-type T2I-Adapter whose feature widths match the tiny UNet's down blocks (32, 64)."""
+    torch.manual_seed(seed)
+    return T2IAdapter(
+        in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=16, adapter_type="full_adapter_xl"
+    )
+
+
+def save_tiny_t2i_adapter(folder: str | Path, seed: int = 0) -> Path:
+    folder = Path(folder)
+    tiny_t2i_adapter(seed).save_pretrained(folder)
+    return folder
