@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from photomaker.errors import ControlImageError, MaskError, NoFaceError
+from photomaker.errors import ControlImageError, ControlModelUnavailableError, MaskError, NoFaceError
 
 if TYPE_CHECKING:
     from photomaker.faces import FaceAnalyzer
@@ -387,15 +387,52 @@ def looks_like_pose_skeleton(image: Image.Image) -> bool:
     return float((saturation > 0.6).mean()) > 0.8
 
 
+class PersonDetector:
+    """Finds people with a transformers object detector (e.g. RT-DETR on COCO), for top-down pose models."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, threshold: float = 0.5):
+        labels = {int(index): str(name).lower() for index, name in model.config.id2label.items()}
+        if "person" not in labels.values():
+            raise ControlModelUnavailableError(
+                f"the person detector {model.config.name_or_path!r} has no 'person' class: use a COCO detector "
+                "(PHOTOMAKER_PERSON_DETECTOR), or 'none' to take the whole photo as the person's box"
+            )
+        self.model = model
+        self.processor = processor
+        self.threshold = threshold
+        self.person_labels = {index for index, name in labels.items() if name == "person"}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PersonDetector:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def detect(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
+        """(x0, y0, x1, y1) of each person scoring at least ``threshold``, most confident first."""
+        parameter = next(self.model.parameters())
+        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
+        with torch.inference_mode():
+            outputs = self.model(pixel_values=pixel_values)
+        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
+        result = self.processor.post_process_object_detection(
+            outputs, threshold=self.threshold, target_sizes=[(image.height, image.width)]
+        )[0]
+        people = [
+            (score, tuple(float(v) for v in box))
+            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist())
+            if int(label) in self.person_labels
+        ]
+        return [box for _, box in sorted(people, key=lambda item: -item[0])]
+
+
 class PoseEstimator:
     """Finds people's keypoints with a transformers ViTPose model (COCO-17), in the person boxes it is given.
 
-    ViTPose is top-down: it needs a box per person. With a ``detector`` (a transformers object detector and
-    its processor) the boxes are its "person" detections; without one, the caller's boxes or the whole image
-    are used (right for the usual single-person photo).
+    ViTPose is top-down: it needs a box per person. With a ``detector`` the boxes are its person detections;
+    without one, the caller's boxes or the whole image are used (right for the usual single-person photo).
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any, detector: tuple[torch.nn.Module, Any] | None = None):
+    def __init__(self, model: torch.nn.Module, processor: Any, detector: PersonDetector | None = None):
         self.model = model
         self.processor = processor
         self.detector = detector
@@ -403,27 +440,14 @@ class PoseEstimator:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PoseEstimator:
         self.model.to(device=device, dtype=dtype)
         if self.detector is not None:
-            self.detector[0].to(device=device, dtype=dtype)
+            self.detector.to(device, dtype)
         return self
 
-    def person_boxes(self, image: Image.Image, threshold: float = 0.5) -> list[tuple[float, float, float, float]]:
+    def person_boxes(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
         """(x0, y0, x1, y1) of each detected person, or the whole image when there is no detector."""
         if self.detector is None:
             return [(0.0, 0.0, float(image.width), float(image.height))]
-        model, processor = self.detector
-        parameter = next(model.parameters())
-        inputs = processor(images=image, return_tensors="pt").to(parameter.device)
-        with torch.inference_mode():
-            outputs = model(pixel_values=inputs["pixel_values"].to(parameter.dtype))
-        result = processor.post_process_object_detection(
-            outputs, threshold=threshold, target_sizes=[(image.height, image.width)]
-        )[0]
-        labels = model.config.id2label
-        return [
-            tuple(float(v) for v in box)
-            for box, label in zip(result["boxes"].tolist(), result["labels"].tolist())
-            if str(labels.get(int(label), "")).lower() == "person"
-        ]
+        return self.detector.detect(image)
 
     def estimate(
         self, image: Image.Image, boxes: Sequence[Sequence[float]] | None = None

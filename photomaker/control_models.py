@@ -17,12 +17,16 @@ from typing import Any, Literal
 
 import torch
 
-from photomaker.control_images import DepthEstimator, PoseEstimator
+from photomaker.control_images import DepthEstimator, PersonDetector, PoseEstimator
 from photomaker.errors import ControlModelUnavailableError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-ModelKind = Literal["controlnet", "t2i_adapter", "ip_adapter", "pose_estimator", "depth_estimator"]
+ModelKind = Literal[
+    "controlnet", "t2i_adapter", "ip_adapter", "pose_estimator", "person_detector", "depth_estimator"
+]
+NO_MODEL = "none"
+"""Value of an override or variable that turns an optional model off (only the person detector is optional)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ CONTROL_MODEL_SPECS: dict[str, ControlModelSpec] = {
         ControlModelSpec(
             "pose_estimator", "pose_estimator", "usyd-community/vitpose-base-simple", "PHOTOMAKER_POSE_MODEL",
             "pose estimator (ViTPose)",
+        ),
+        ControlModelSpec(
+            # The detector ViTPose's documentation pairs it with; COCO label 0 is "person".
+            "person_detector", "person_detector", "PekingU/rtdetr_r50vd_coco_o365", "PHOTOMAKER_PERSON_DETECTOR",
+            "person detector",
         ),
         ControlModelSpec(
             # diffusers/controlnet-depth-sdxl-1.0 was trained on DPT-hybrid MiDaS maps.
@@ -117,7 +126,10 @@ def hub_offline() -> bool:
 def unavailable_error(key: str, model_id: str, exc: BaseException) -> ControlModelUnavailableError:
     """The typed error for a model that could not be loaded: which one, why, and how to point at a copy."""
     spec = _spec(key)
-    if _looks_local(model_id):
+    if _looks_local(model_id) and not Path(model_id).expanduser().exists():
+        cause = f"the folder '{model_id}' does not exist"
+        fix = f"point {spec.env_var} (or the override) at a folder with the model's config and weights"
+    elif _looks_local(model_id):
         cause = f"the local folder '{model_id}' does not hold a loadable {spec.description}"
         fix = f"point {spec.env_var} at a folder with the model's config and weights"
     elif hub_offline():
@@ -129,6 +141,8 @@ def unavailable_error(key: str, model_id: str, exc: BaseException) -> ControlMod
     else:
         cause = "it is neither in the local cache nor reachable on the Hub (no network, wrong id, or gated)"
         fix = f"check the network and the id, or copy the model to a folder and set {spec.env_var}=/path/to/it"
+    if key == "person_detector":
+        fix += f" (or set {spec.env_var}={NO_MODEL} to take the whole photo as the person's box)"
     return ControlModelUnavailableError(
         f"Could not load the {spec.description} '{model_id}': {cause} ({type(exc).__name__}: {exc}). Fix: {fix}."
     )
@@ -195,7 +209,11 @@ class ControlModelRegistry:
         return self._get(control_type)
 
     def pose_estimator(self) -> PoseEstimator:
-        return self._get("pose_estimator")
+        """ViTPose with the person detector, or without one (whole-photo box) when that is set to "none"."""
+        detector = None if self.model_id("person_detector").lower() == NO_MODEL else self._get("person_detector")
+        estimator = self._get("pose_estimator")
+        estimator.detector = detector
+        return estimator
 
     def depth_estimator(self) -> DepthEstimator:
         return self._get("depth_estimator")
@@ -248,6 +266,14 @@ def _load_pose_estimator(model_id: str, dtype: torch.dtype) -> PoseEstimator:
     return PoseEstimator(model.eval(), processor)
 
 
+def _load_person_detector(model_id: str, dtype: torch.dtype) -> PersonDetector:
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    processor = AutoImageProcessor.from_pretrained(model_id, **_hub_kwargs())
+    model = AutoModelForObjectDetection.from_pretrained(model_id, dtype=dtype, **_hub_kwargs())
+    return PersonDetector(model.eval(), processor)
+
+
 def _load_depth_estimator(model_id: str, dtype: torch.dtype) -> DepthEstimator:
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -260,6 +286,7 @@ _LOADERS = {
     "controlnet": _load_controlnet,
     "t2i_adapter": _load_t2i_adapter,
     "pose_estimator": _load_pose_estimator,
+    "person_detector": _load_person_detector,
     "depth_estimator": _load_depth_estimator,
 }
 

@@ -15,6 +15,10 @@ from transformers import (
     DepthAnythingForDepthEstimation,
     Dinov2Config,
     DPTImageProcessorPil,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
+    RTDetrImageProcessorPil,
+    RTDetrResNetConfig,
     VitPoseBackboneConfig,
     VitPoseConfig,
     VitPoseForPoseEstimation,
@@ -27,6 +31,7 @@ __all__ = [
     "TINY_POSE_INPUT_SIZE",
     "save_tiny_controlnet",
     "save_tiny_depth_model",
+    "save_tiny_person_detector",
     "save_tiny_pose_model",
     "save_tiny_t2i_adapter",
     "tiny_controlnet",
@@ -52,6 +57,40 @@ def save_tiny_pose_model(folder: str | Path, seed: int = 0) -> Path:
     )
     VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17)).save_pretrained(folder)
     VitPoseImageProcessorPil(size=dict(TINY_POSE_INPUT_SIZE)).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_person_detector(
+    folder: str | Path, labels: tuple[str, ...] = ("person", "car"), seed: int = 0
+) -> Path:
+    """An RT-DETR (ResNet backbone, hybrid encoder, 1 decoder layer, 10 queries) and its processor."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    backbone = RTDetrResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16, 32, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = RTDetrConfig(
+        backbone_config=backbone,
+        encoder_in_channels=[16, 32, 64],
+        encoder_hidden_dim=16,
+        d_model=16,
+        decoder_in_channels=[16, 16, 16],
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        decoder_layers=1,
+        num_queries=10,
+        num_denoising=0,
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
+    RTDetrForObjectDetection(config).save_pretrained(folder)
+    RTDetrImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder
 
 

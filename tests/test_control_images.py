@@ -39,7 +39,7 @@ def tiny_pose_estimator(tmp_path_factory):
     from photomaker.testing_control import save_tiny_pose_model
 
     folder = save_tiny_pose_model(tmp_path_factory.mktemp("pose"))
-    return ControlModelRegistry(overrides={"pose_estimator": folder}).pose_estimator()
+    return ControlModelRegistry(overrides={"pose_estimator": folder, "person_detector": "none"}).pose_estimator()
 
 
 @pytest.fixture(scope="module")
