@@ -14,7 +14,6 @@ resized image (``fit="pad"``, keeps everything; black means "no control" for edg
 from __future__ import annotations
 
 import io
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,12 +24,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from photomaker.errors import ControlImageError, ControlModelUnavailableError, MaskError, NoFaceError
+from photomaker.errors import (
+    ControlImageError,
+    ControlModelUnavailableError,
+    MaskError,
+    NoFaceError,
+)
 
 if TYPE_CHECKING:
     from photomaker.faces import FaceAnalyzer
-
-logger = logging.getLogger(__name__)
 
 ControlType = Literal["pose", "canny", "depth", "sketch"]
 CONTROL_TYPES: tuple[str, ...] = ("pose", "canny", "depth", "sketch")
@@ -240,14 +242,36 @@ def check_mask(mask: Image.Image) -> Image.Image:
 
 
 def prepare_mask(mask: Any, width: int, height: int, *, fit: FitMode = "crop") -> ControlImage:
-    """A user's mask (white = regenerate; a canvas whose strokes are in alpha; an editor dict) at the size.
+    """A user's mask at the output size: L, 255 = regenerate.
 
+    Accepts a white-on-black image, a transparent canvas whose strokes are in alpha, or an ImageEditor dict.
+    For the dict, the strokes painted on its layers are the mask (the background is the target photo the
+    user painted over); without painted layers, the background itself is read as a mask image.
     Raises :class:`MaskError` for an empty or all-white mask.
     """
-    drawing = flatten_drawing(mask)
-    grey = Image.fromarray((stroke_mask(drawing, strokes="light") * 255.0).round().astype(np.uint8), mode="L")
+    painted = _painted_layers(mask) if isinstance(mask, Mapping) else None
+    if painted is not None:
+        values = painted
+    else:
+        source = mask.get("background") if isinstance(mask, Mapping) else mask
+        if source is None:
+            raise MaskError("the mask is empty: paint the region to regenerate, or use 'mask the face'")
+        values = stroke_mask(flatten_drawing(source), strokes="light")
+    grey = Image.fromarray((values * 255.0).round().astype(np.uint8), mode="L")
     grey, note = fit_to_size(grey, width, height, fit=fit, what="mask", resample=Image.Resampling.BILINEAR)
     return ControlImage(check_mask(grey), (note,) if note else ())
+
+
+def _painted_layers(value: Mapping[str, Any]) -> np.ndarray | None:
+    """The union of an ImageEditor value's layer alphas in [0, 1], or None when nothing was painted."""
+    layers = [_as_image(layer, "a canvas layer").convert("RGBA") for layer in value.get("layers") or ()]
+    if not layers:
+        return None
+    background = value.get("background")
+    size = _as_image(background, "the canvas's background").size if background is not None else layers[0].size
+    alphas = [np.asarray(layer.resize(size) if layer.size != size else layer)[..., 3] for layer in layers]
+    union = np.max(alphas, axis=0)
+    return union.astype(np.float32) / 255.0 if union.any() else None
 
 
 def face_mask(
@@ -357,19 +381,20 @@ def draw_openpose(
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     for points, scores in people:
         visible = np.asarray(scores) >= score_threshold
+        points = np.asarray(points, dtype=np.float64).tolist()  # Python floats: round() gives ints
         for limb_index, (a, b) in enumerate(OPENPOSE_LIMBS):
             if not (visible[a] and visible[b]):
                 continue
             (xa, ya), (xb, yb) = points[a], points[b]
             length = math.hypot(xb - xa, yb - ya)
             angle = math.degrees(math.atan2(yb - ya, xb - xa))
-            centre = (int(round((xa + xb) / 2)), int(round((ya + yb) / 2)))
-            polygon = cv2.ellipse2Poly(centre, (int(round(length / 2)), stick_width), int(round(angle)), 0, 360, 1)
+            centre = (round((xa + xb) / 2), round((ya + yb) / 2))
+            polygon = cv2.ellipse2Poly(centre, (round(length / 2), stick_width), round(angle), 0, 360, 1)
             color = tuple(int(c * LIMB_COLOR_FACTOR) for c in OPENPOSE_COLORS[limb_index])
             cv2.fillConvexPoly(canvas, polygon, color)
         for index, (x, y) in enumerate(points):
             if visible[index]:
-                cv2.circle(canvas, (int(round(x)), int(round(y))), keypoint_radius, OPENPOSE_COLORS[index], -1)
+                cv2.circle(canvas, (round(x), round(y)), keypoint_radius, OPENPOSE_COLORS[index], -1)
     return Image.fromarray(canvas)
 
 

@@ -331,6 +331,22 @@ def test_masks_that_change_nothing_or_everything_are_refused():
         prepare_mask(Image.new("L", (16, 16), 255), 16, 16)
     with pytest.raises(MaskError, match="empty"):
         prepare_mask({"background": None, "layers": [Image.new("RGBA", (16, 16))], "composite": None}, 16, 16)
+    with pytest.raises(MaskError, match="empty"):
+        prepare_mask({"background": None, "layers": [], "composite": None}, 16, 16)
+
+
+def test_a_mask_painted_over_the_target_photo_is_the_painted_strokes_only():
+    photo = Image.new("RGB", (16, 16), (250, 250, 250))  # bright: read as a mask image it would be all white
+    layer = np.zeros((16, 16, 4), dtype=np.uint8)
+    layer[2:6, 10:14] = (255, 255, 255, 255)
+    composite = photo.convert("RGBA")
+    composite.alpha_composite(Image.fromarray(layer, "RGBA"))
+    value = {"background": photo, "layers": [Image.fromarray(layer, "RGBA")], "composite": composite}
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[2:6, 10:14] = 255
+    np.testing.assert_array_equal(np.asarray(prepare_mask(value, 16, 16).image), expected)
+    uploaded = {"background": Image.fromarray(expected), "layers": [], "composite": None}
+    np.testing.assert_array_equal(np.asarray(prepare_mask(uploaded, 16, 16).image), expected)
 
 
 def test_a_drawn_mask_from_the_canvas_uses_the_alpha_and_is_resized_with_a_note():

@@ -15,7 +15,11 @@ from photomaker.control_models import (
     resolve_model_id,
 )
 from photomaker.errors import ControlModelUnavailableError, InvalidRequestError
-from photomaker.testing_control import save_tiny_controlnet, save_tiny_t2i_adapter, tiny_controlnet
+from photomaker.testing_control import (
+    save_tiny_controlnet,
+    save_tiny_t2i_adapter,
+    tiny_controlnet,
+)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +162,10 @@ def test_pose_estimator_uses_only_the_detector_s_person_boxes(tmp_path):
     from PIL import Image
 
     from photomaker.control_images import PersonDetector
-    from photomaker.testing_control import save_tiny_person_detector, save_tiny_pose_model
+    from photomaker.testing_control import (
+        save_tiny_person_detector,
+        save_tiny_pose_model,
+    )
 
     registry = ControlModelRegistry(
         overrides={
@@ -184,7 +191,10 @@ def test_pose_estimator_uses_only_the_detector_s_person_boxes(tmp_path):
 
 
 def test_a_detector_without_a_person_class_is_refused(tmp_path):
-    from photomaker.testing_control import save_tiny_person_detector, save_tiny_pose_model
+    from photomaker.testing_control import (
+        save_tiny_person_detector,
+        save_tiny_pose_model,
+    )
 
     registry = ControlModelRegistry(
         overrides={
