@@ -34,7 +34,6 @@ from photomaker.errors import (
 if TYPE_CHECKING:
     from photomaker.faces import FaceAnalyzer
 
-ControlType = Literal["pose", "canny", "depth", "sketch"]
 CONTROL_TYPES: tuple[str, ...] = ("pose", "canny", "depth", "sketch")
 FitMode = Literal["crop", "pad"]
 
@@ -72,6 +71,8 @@ OPENPOSE_COLORS: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 """RGB colour of keypoint ``i`` and of limb ``i``; limbs are drawn at 60 % of it, keypoints at full strength."""
 LIMB_COLOR_FACTOR = 0.6
+OPENPOSE_STROKE_PER_512 = 4
+"""OpenPose maps are drawn with 4 px limbs and dots on a 512 px (short side) canvas; larger maps scale them."""
 
 
 @dataclass(frozen=True)
@@ -367,17 +368,21 @@ def draw_openpose(
     people: Sequence[tuple[np.ndarray, np.ndarray]],
     *,
     score_threshold: float = 0.3,
-    stick_width: int = 4,
-    keypoint_radius: int = 4,
+    stick_width: int | None = None,
+    keypoint_radius: int | None = None,
 ) -> Image.Image:
     """OpenPose skeletons on black: limbs as filled ellipses at 60 % colour, then keypoints as full-colour dots.
 
     ``people`` holds (OpenPose-18 keypoints (18, 2), scores (18,)) per person; keypoints scoring below
-    ``score_threshold`` and limbs touching them are left out, as OpenPose does.
+    ``score_threshold`` and limbs touching them are left out, as OpenPose does. Limb half-width and dot
+    radius default to 4 px per 512 px of the short side, the thickness pose ControlNets were trained on.
     """
     import cv2
 
     width, height = image_size
+    default_stroke = max(1, round(OPENPOSE_STROKE_PER_512 * min(width, height) / 512))
+    stick_width = stick_width or default_stroke
+    keypoint_radius = keypoint_radius or default_stroke
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     for points, scores in people:
         visible = np.asarray(scores) >= score_threshold
@@ -396,6 +401,28 @@ def draw_openpose(
             if visible[index]:
                 cv2.circle(canvas, (round(x), round(y)), keypoint_radius, OPENPOSE_COLORS[index], -1)
     return Image.fromarray(canvas)
+
+
+def person_box_from_face(
+    face_bbox: Sequence[float], image_size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """A person box (x0, y0, x1, y1) guessed from a face box, for pose estimation without a person detector.
+
+    Adult proportions: shoulders span about three face widths and a standing body about eight face heights
+    below the top of the head; the box is clipped to the image, so a portrait gets head and shoulders.
+    """
+    width, height = image_size
+    x0, y0, x1, y1 = (float(v) for v in face_bbox)
+    face_w, face_h = x1 - x0, y1 - y0
+    if face_w <= 0 or face_h <= 0:
+        raise ControlImageError(f"the face box {tuple(face_bbox)} is empty: x1 must exceed x0 and y1 must exceed y0")
+    centre_x = (x0 + x1) / 2
+    return (
+        max(0.0, centre_x - 2.0 * face_w),
+        max(0.0, y0 - 0.3 * face_h),
+        min(float(width), centre_x + 2.0 * face_w),
+        min(float(height), y0 + 8.0 * face_h),
+    )
 
 
 def looks_like_pose_skeleton(image: Image.Image) -> bool:

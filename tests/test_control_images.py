@@ -22,6 +22,7 @@ from photomaker.control_images import (
     fit_to_size,
     looks_like_pose_skeleton,
     mask_face,
+    person_box_from_face,
     pose_map,
     prepare_control_image,
     prepare_mask,
@@ -198,6 +199,23 @@ def test_each_limb_is_drawn_in_its_openpose_colour_at_60_percent_and_keypoints_a
         assert tuple(pixels[32, 32]) == expected_limb, f"limb {limb_index} ({a}-{b})"
         assert tuple(pixels[32, 10]) == OPENPOSE_COLORS[a] and tuple(pixels[32, 54]) == OPENPOSE_COLORS[b]
         assert tuple(pixels[5, 5]) == (0, 0, 0)
+
+
+def test_limb_thickness_follows_openpose_s_4_px_per_512():
+    points = np.zeros((18, 2), dtype=np.float32)
+    scores = np.zeros(18, dtype=np.float32)
+    points[1], points[2] = (100, 256), (400, 256)
+    scores[1] = scores[2] = 1.0
+    for side, half_width in ((512, 4), (1024, 8)):
+        pixels = np.asarray(draw_openpose((side, side), [(points, scores)]))
+        assert np.count_nonzero(pixels[:, 250].any(axis=-1)) == 2 * half_width + 1
+
+
+def test_person_box_from_face_spans_shoulders_and_body_clipped_to_the_image():
+    assert person_box_from_face((40, 20, 60, 45), (200, 400)) == (10.0, 12.5, 90.0, 220.0)
+    assert person_box_from_face((10, 5, 50, 45), (100, 100)) == (0.0, 0.0, 100.0, 100.0)
+    with pytest.raises(ControlImageError, match="face box"):
+        person_box_from_face((50, 5, 10, 45), (100, 100))
 
 
 def test_low_scoring_keypoints_and_their_limbs_are_left_out():
