@@ -162,7 +162,7 @@ def canny_edges(
 # ----------------------------------------------------------------------------------- drawings and masks
 
 
-def flatten_drawing(value: Any) -> Image.Image:
+def flatten_drawing(value: Any, what: str = "the drawing") -> Image.Image:
     """One image from a drawing: a PIL image, an array, or a Gradio ImageEditor dict.
 
     For the editor's ``{"background", "layers", "composite"}`` the composite is used when present, else the
@@ -185,7 +185,7 @@ def flatten_drawing(value: Any) -> Image.Image:
         for layer in layers:
             base.alpha_composite(layer.resize(base.size) if layer.size != base.size else layer)
         return base
-    return _as_image(value, "the drawing")
+    return _as_image(value, what)
 
 
 def stroke_mask(drawing: Image.Image, *, strokes: Literal["dark", "light"] = "dark") -> np.ndarray:
@@ -606,7 +606,7 @@ def prepare_control_image(
         raise ControlImageError(f"control type {control_type!r} needs a control image: upload or draw one")
     if control_type == "sketch":
         return sketch_to_adapter_input(image, width, height, fit=fit)
-    picture = flatten_drawing(image).convert("RGB")
+    picture = flatten_drawing(image, what="the control image").convert("RGB")
     fitted, note = fit_to_size(picture, width, height, fit=fit)
     notes = [note] if note else []
     if control_type == "canny":

@@ -1,7 +1,7 @@
 """Which control models to use, and loading each one lazily, once, on the pipeline's device and dtype.
 
 Each model has a default Hub id, overridable by argument (``ControlModelRegistry(overrides=...)``) or by an
-environment variable (a Hub id or a local folder, e.g. a copy made with ``huggingface-cli download``).
+environment variable (a Hub id or a local folder, e.g. a copy made with ``hf download ID --local-dir DIR``).
 Nothing is downloaded until a request needs that model; offline failures name the model, the variable to set
 and the cause (``HF_HUB_OFFLINE`` or no network).
 """

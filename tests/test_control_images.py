@@ -295,10 +295,15 @@ def test_prepare_refuses_unknown_types_and_missing_images():
         prepare_control_image("canny", None, 8, 8)
 
 
-def test_prepare_canny_returns_edges_at_the_output_size():
-    result = prepare_control_image("canny", _square_image(32, 8, 24), 64, 64)
+def test_prepare_canny_returns_edges_at_the_output_size_from_a_file(tmp_path):
+    path = tmp_path / "square.png"
+    _square_image(32, 8, 24).save(path)
+    result = prepare_control_image("canny", str(path), 64, 64)
     assert result.image.size == (64, 64) and result.notes[0].startswith("The control image (32x32) was resized")
     assert np.asarray(result.image).any()
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ControlImageError, match="the control image cannot be read as an image"):
+        prepare_control_image("canny", str(tmp_path / "broken.png"), 64, 64)
 
 
 # ------------------------------------------------------------------------------------------------ masks
