@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
     Dinov2Config,
@@ -25,12 +27,16 @@ from transformers import (
     VitPoseImageProcessorPil,
 )
 
-from .testing import tiny_sdxl_components
+from .testing import tiny_sdxl_components, tiny_unet_config
+
+IP_ADAPTER_TOKENS = 4
+"""SDXL's ip-adapter_sdxl.bin projects the image embedding to 4 tokens."""
 
 __all__ = [
     "TINY_POSE_INPUT_SIZE",
     "save_tiny_controlnet",
     "save_tiny_depth_model",
+    "save_tiny_ip_adapter",
     "save_tiny_person_detector",
     "save_tiny_pose_model",
     "save_tiny_t2i_adapter",
@@ -146,4 +152,43 @@ def tiny_t2i_adapter(seed: int = 0) -> T2IAdapter:
 def save_tiny_t2i_adapter(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     tiny_t2i_adapter(seed).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_ip_adapter(folder: str | Path, seed: int = 0) -> Path:
+    """An IP-Adapter for the tiny SDXL UNet in the h94/IP-Adapter layout.
+
+    ``sdxl_models/ip-adapter_sdxl.bin`` holds ``image_proj`` (a linear map to 4 tokens + layer norm) and
+    ``ip_adapter`` (``to_k_ip``/``to_v_ip`` per cross-attention, numbered 1, 3, 5, ... over all attention
+    layers as the original checkpoints are); ``sdxl_models/image_encoder`` is a tiny CLIP vision tower.
+    """
+    folder = Path(folder)
+    models = folder / "sdxl_models"
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=16, projection_dim=16,
+        )
+    )  # fmt: skip
+    encoder.save_pretrained(models / "image_encoder")
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    cross_dim = unet.config.cross_attention_dim
+    image_embed_dim = encoder.config.projection_dim
+    ip_layers: dict[str, torch.Tensor] = {}
+    # Numbered over all attention layers in the UNet's processor order (attn1, attn2, ...): cross-attentions
+    # land on the odd numbers, which is how diffusers reads the original checkpoints.
+    attentions = [(name, module) for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))]
+    for number, (name, attention) in enumerate(attentions):
+        if name.endswith("attn2"):
+            hidden = attention.to_k.out_features
+            ip_layers[f"{number}.to_k_ip.weight"] = torch.randn(hidden, cross_dim) * 0.02
+            ip_layers[f"{number}.to_v_ip.weight"] = torch.randn(hidden, cross_dim) * 0.02
+    image_proj = {
+        "proj.weight": torch.randn(IP_ADAPTER_TOKENS * cross_dim, image_embed_dim) * 0.02,
+        "proj.bias": torch.zeros(IP_ADAPTER_TOKENS * cross_dim),
+        "norm.weight": torch.ones(cross_dim),
+        "norm.bias": torch.zeros(cross_dim),
+    }
+    torch.save({"image_proj": image_proj, "ip_adapter": ip_layers}, models / "ip-adapter_sdxl.bin")
     return folder

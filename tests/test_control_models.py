@@ -204,3 +204,21 @@ def test_a_detector_without_a_person_class_is_refused(tmp_path):
     )
     with pytest.raises(ControlModelUnavailableError, match="has no 'person' class"):
         registry.pose_estimator()
+
+
+def test_ip_adapter_loads_into_a_pipeline_once_and_takes_its_scale(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from photomaker.testing import tiny_sdxl_components
+    from photomaker.testing_control import save_tiny_ip_adapter
+
+    registry = ControlModelRegistry(overrides={"ip_adapter": save_tiny_ip_adapter(tmp_path / "ip")})
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components())
+    registry.load_ip_adapter(pipe, scale=0.7)
+    projection = pipe.unet.encoder_hid_proj
+    assert projection is not None and pipe.image_encoder is not None
+    ip_processors = [p for p in pipe.unet.attn_processors.values() if hasattr(p, "scale")]
+    assert ip_processors and all(p.scale == [0.7] for p in ip_processors)
+    registry.load_ip_adapter(pipe, scale=0.3)
+    assert pipe.unet.encoder_hid_proj is projection  # kept, not loaded a second time
+    assert all(p.scale == [0.3] for p in ip_processors)
