@@ -52,3 +52,15 @@ class ImageRejected(PhotoMakerError, ValueError):
 
 class EvaluationError(PhotoMakerError, RuntimeError):
     """A process of a multi-process ``eval`` run failed; every process stops with that process's message."""
+
+
+class ControlImageError(PhotoMakerError, ValueError):
+    """A control image (pose, edges, depth, sketch) cannot be used: missing, empty, unreadable, no person."""
+
+
+class MaskError(ControlImageError):
+    """An inpainting mask would change nothing (empty) or everything (all white), or its face box is invalid."""
+
+
+class ControlModelUnavailableError(ModelLoadError):
+    """A control model (ControlNet, T2I-Adapter, IP-Adapter, pose or depth estimator) cannot be loaded."""

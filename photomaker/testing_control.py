@@ -1,0 +1,194 @@
+"""Tiny random-weight control models with the real architectures, saved in the layout ``from_pretrained`` reads.
+
+They let tests load pose and depth estimators, ControlNets and T2I-Adapters through the same code path as the
+Hub checkpoints (:mod:`photomaker.control_models`), offline and in well under a second each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    Dinov2Config,
+    DPTImageProcessorPil,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
+    RTDetrImageProcessorPil,
+    RTDetrResNetConfig,
+    VitPoseBackboneConfig,
+    VitPoseConfig,
+    VitPoseForPoseEstimation,
+    VitPoseImageProcessorPil,
+)
+
+from .testing import tiny_sdxl_components, tiny_unet_config
+
+IP_ADAPTER_TOKENS = 4
+"""SDXL's ip-adapter_sdxl.bin projects the image embedding to 4 tokens."""
+
+__all__ = [
+    "TINY_POSE_INPUT_SIZE",
+    "save_tiny_controlnet",
+    "save_tiny_depth_model",
+    "save_tiny_ip_adapter",
+    "save_tiny_person_detector",
+    "save_tiny_pose_model",
+    "save_tiny_t2i_adapter",
+    "tiny_controlnet",
+    "tiny_t2i_adapter",
+]
+
+TINY_POSE_INPUT_SIZE = {"height": 64, "width": 48}
+"""ViTPose's 4:3 person crop, shrunk from 256x192."""
+
+
+def save_tiny_pose_model(folder: str | Path, seed: int = 0) -> Path:
+    """A ViTPose (simple decoder, 17 COCO keypoints) and its image processor, saved to ``folder``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    backbone = VitPoseBackboneConfig(
+        image_size=(TINY_POSE_INPUT_SIZE["height"], TINY_POSE_INPUT_SIZE["width"]),
+        patch_size=(8, 8),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        out_indices=[2],
+    )
+    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17)).save_pretrained(folder)
+    VitPoseImageProcessorPil(size=dict(TINY_POSE_INPUT_SIZE)).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_person_detector(
+    folder: str | Path, labels: tuple[str, ...] = ("person", "car"), seed: int = 0
+) -> Path:
+    """An RT-DETR (ResNet backbone, hybrid encoder, 1 decoder layer, 10 queries) and its processor."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    backbone = RTDetrResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16, 32, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = RTDetrConfig(
+        backbone_config=backbone,
+        encoder_in_channels=[16, 32, 64],
+        encoder_hidden_dim=16,
+        d_model=16,
+        decoder_in_channels=[16, 16, 16],
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        decoder_layers=1,
+        num_queries=10,
+        num_denoising=0,
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
+    RTDetrForObjectDetection(config).save_pretrained(folder)
+    RTDetrImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_depth_model(folder: str | Path, seed: int = 0) -> Path:
+    """A Depth Anything (DINOv2 backbone, DPT head) and its image processor, saved to ``folder``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(
+        image_size=28,
+        patch_size=14,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,  # as in the released Depth Anything configs: the neck reshapes
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=16,
+        neck_hidden_sizes=[4, 8, 8, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessorPil(
+        size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14
+    ).save_pretrained(folder)
+    return folder
+
+
+def tiny_controlnet(seed: int = 0, unet: UNet2DConditionModel | None = None) -> ControlNetModel:
+    """A ControlNet made from the tiny SDXL UNet (its down blocks' weights), as diffusers trains them."""
+    unet = unet if unet is not None else tiny_sdxl_components(seed)["unet"]
+    torch.manual_seed(seed)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+
+
+def save_tiny_controlnet(folder: str | Path, seed: int = 0) -> Path:
+    folder = Path(folder)
+    tiny_controlnet(seed).save_pretrained(folder)
+    return folder
+
+
+def tiny_t2i_adapter(seed: int = 0) -> T2IAdapter:
+    """An SDXL-type T2I-Adapter whose feature widths match the tiny UNet's down blocks (32, 64)."""
+    torch.manual_seed(seed)
+    return T2IAdapter(
+        in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=16, adapter_type="full_adapter_xl"
+    )
+
+
+def save_tiny_t2i_adapter(folder: str | Path, seed: int = 0) -> Path:
+    folder = Path(folder)
+    tiny_t2i_adapter(seed).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_ip_adapter(folder: str | Path, seed: int = 0) -> Path:
+    """An IP-Adapter for the tiny SDXL UNet in the h94/IP-Adapter layout.
+
+    ``sdxl_models/ip-adapter_sdxl.bin`` holds ``image_proj`` (a linear map to 4 tokens + layer norm) and
+    ``ip_adapter`` (``to_k_ip``/``to_v_ip`` per cross-attention, numbered 1, 3, 5, ... over all attention
+    layers as the original checkpoints are); ``sdxl_models/image_encoder`` is a tiny CLIP vision tower.
+    """
+    folder = Path(folder)
+    models = folder / "sdxl_models"
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=16, projection_dim=16,
+        )
+    )  # fmt: skip
+    encoder.save_pretrained(models / "image_encoder")
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    cross_dim = unet.config.cross_attention_dim
+    image_embed_dim = encoder.config.projection_dim
+    ip_layers: dict[str, torch.Tensor] = {}
+    # Numbered over all attention layers in the UNet's processor order (attn1, attn2, ...): cross-attentions
+    # land on the odd numbers, which is how diffusers reads the original checkpoints.
+    attentions = [(name, module) for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))]
+    for number, (name, attention) in enumerate(attentions):
+        if name.endswith("attn2"):
+            hidden = attention.to_k.out_features
+            ip_layers[f"{number}.to_k_ip.weight"] = torch.randn(hidden, cross_dim) * 0.02
+            ip_layers[f"{number}.to_v_ip.weight"] = torch.randn(hidden, cross_dim) * 0.02
+    image_proj = {
+        "proj.weight": torch.randn(IP_ADAPTER_TOKENS * cross_dim, image_embed_dim) * 0.02,
+        "proj.bias": torch.zeros(IP_ADAPTER_TOKENS * cross_dim),
+        "norm.weight": torch.ones(cross_dim),
+        "norm.bias": torch.zeros(cross_dim),
+    }
+    torch.save({"image_proj": image_proj, "ip_adapter": ip_layers}, models / "ip-adapter_sdxl.bin")
+    return folder
