@@ -166,18 +166,20 @@ def test_two_markers_give_two_faces(analyzer: InsightFaceAnalyzer) -> None:
     assert len(analyzer.detect(image)) == 2
 
 
-def test_the_largest_face_comes_first_even_when_a_smaller_one_scores_higher(
+def test_the_largest_confident_face_comes_first_and_weak_detections_are_dropped(
     analyzer: InsightFaceAnalyzer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keypoints = np.zeros((5, 2), np.float32)
     small = Face((10.0, 10.0, 30.0, 30.0), 0.99, keypoints)
-    large = Face((100.0, 100.0, 180.0, 180.0), 0.60, keypoints)
-    twin = Face((200.0, 100.0, 280.0, 180.0), 0.70, keypoints)  # as large: the higher score wins the tie
+    large = Face((100.0, 100.0, 180.0, 180.0), 0.60, keypoints)  # under 0.7 x 0.99: dropped, although largest
+    twin = Face((200.0, 100.0, 280.0, 180.0), 0.70, keypoints)
     decoded = (np.array([s.bbox for s in (small, large, twin)], np.float32), np.array([0.99, 0.6, 0.7], np.float32),
                np.zeros((3, 5, 2), np.float32))
     monkeypatch.setattr(backend, "decode_scrfd", lambda *args, **kwargs: decoded)
-    faces = analyzer.detect(red_marker_image(320, 240, (100, 100, 108, 108)))
-    assert [face.score for face in faces] == pytest.approx([0.70, 0.60, 0.99])
+    image = red_marker_image(320, 240, (100, 100, 108, 108))
+    assert [face.score for face in analyzer.detect(image)] == pytest.approx([0.70, 0.99])
+    # the raw detections keep InsightFace's order, most confident first, weak ones included
+    assert [face.score for face in analyzer.detections_at_size(image, 640)] == pytest.approx([0.99, 0.70, 0.60])
 
 
 def test_detection_sizes_must_fit_scrfd_strides(tmp_path: Path) -> None:

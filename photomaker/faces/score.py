@@ -17,6 +17,8 @@ import numpy as np
 
 from photomaker.errors import NoFaceError
 from photomaker.faces.base import FaceAnalyzer
+from photomaker.faces.prepare import prepare_id_photos
+from photomaker.faces.registry import get_face_analyzer
 from photomaker.images import load_image
 
 
@@ -97,9 +99,6 @@ def score_images(
     :class:`NoFaceError` naming the file when a reference photo or the image has no face (here a missing face
     is a user error: there is nothing to score).
     """
-    from photomaker.faces import get_face_analyzer
-    from photomaker.faces.prepare import prepare_id_photos
-
     if not reference_paths:
         raise ValueError("score needs at least one --reference photo")
     analyzer = get_face_analyzer(backend, model_dir)  # type: ignore[arg-type]
