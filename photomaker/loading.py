@@ -30,10 +30,10 @@ from .id_encoder import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PreparedAdapterCache",
     "build_id_encoder",
     "check_lora_applied",
     "detect_version",
-    "PreparedAdapterCache",
     "fuse_lora_into_unet",
     "load_checkpoint",
     "lora_target_modules",

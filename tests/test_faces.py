@@ -14,7 +14,12 @@ import pytest
 from faces_fixtures import ASTRONAUT, GRACE_HOPPER
 from PIL import Image
 
-from photomaker.errors import FaceModelUnavailableError, IDImageError, InvalidRequestError, NoFaceError
+from photomaker.errors import (
+    FaceModelUnavailableError,
+    IDImageError,
+    InvalidRequestError,
+    NoFaceError,
+)
 from photomaker.faces import (
     DEFAULT_FACE_FRACTION,
     Face,
@@ -29,8 +34,12 @@ from photomaker.faces import (
     select_confident_faces,
 )
 from photomaker.faces.dlib_backend import DlibFaceAnalyzer
+from photomaker.faces.geometry import (
+    ARCFACE_TEMPLATE_112,
+    similarity_transform,
+    transform_points,
+)
 from photomaker.faces.insightface_backend import InsightFaceAnalyzer
-from photomaker.faces.geometry import ARCFACE_TEMPLATE_112, similarity_transform, transform_points
 from photomaker.images import load_image
 
 # Hand-checked face regions of the example portraits (x0, y0, x1, y1): forehead to chin, cheek to cheek.
@@ -362,7 +371,7 @@ def test_score_images_for_the_cli(tmp_path: Path) -> None:
 
     blank = tmp_path / "blank.png"
     _no_face_image().save(blank)
-    with pytest.raises(NoFaceError, match=f"reference photo 2 \({blank}\): no face found"):
+    with pytest.raises(NoFaceError, match=rf"reference photo 2 \({blank}\): no face found"):
         score_images([GRACE_HOPPER, blank], mirrored)
     with pytest.raises(NoFaceError, match=f"image {blank}: no face found"):
         score_images([GRACE_HOPPER], blank)

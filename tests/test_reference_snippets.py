@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from faces_fixtures import GRACE_HOPPER, build_arcface_model, build_scrfd_model, red_marker_image, SyntheticDetector
+from faces_fixtures import (
+    GRACE_HOPPER,
+    SyntheticDetector,
+    build_arcface_model,
+    build_scrfd_model,
+    red_marker_image,
+)
 from PIL import Image
 
 from photomaker import PhotoMakerStableDiffusionXLPipeline
@@ -209,7 +215,7 @@ def test_v1_readme_snippet_runs_unchanged(tiny_models_dir: Path, tmp_path: Path,
         "device": "cpu",
         "num_steps": 12,
     }
-    exec(compile(V1_README_SNIPPET, "README.md (v1)", "exec"), namespace)
+    exec(compile(V1_README_SNIPPET, "README.md (v1)", "exec"), namespace)  # noqa: S102 - running it is the test
 
     pipe = namespace["pipe"]
     assert pipe.pm_version == 1 and pipe.unet.dtype == torch.bfloat16
@@ -255,7 +261,7 @@ def test_v2_snippet_with_face_analysis2_runs_unchanged(
         "torch_dtype": torch.float32,
         "output_dir": "./outputs",
     }
-    exec(compile(V2_SNIPPET, "inference_pmv2.py", "exec"), namespace)
+    exec(compile(V2_SNIPPET, "inference_pmv2.py", "exec"), namespace)  # noqa: S102 - running it is the test
 
     pipe = namespace["pipe"]
     assert pipe.pm_version == 2

@@ -7,7 +7,12 @@ Backends import their heavy dependencies (dlib, onnxruntime, cv2) only when cons
 
 from __future__ import annotations
 
-from photomaker.faces.base import LANDMARK_NAMES, Face, FaceAnalyzer, select_confident_faces
+from photomaker.faces.base import (
+    LANDMARK_NAMES,
+    Face,
+    FaceAnalyzer,
+    select_confident_faces,
+)
 from photomaker.faces.consistency import identity_outliers
 from photomaker.faces.geometry import DEFAULT_FACE_FRACTION, crop_image, face_crop_box
 from photomaker.faces.prepare import PreparedPhotos, prepare_id_photos

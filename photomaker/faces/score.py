@@ -9,9 +9,10 @@ numbers averaged, the backend's published pairwise threshold keeps its meaning.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
