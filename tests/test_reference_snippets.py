@@ -32,6 +32,8 @@ from photomaker import PhotoMakerStableDiffusionXLPipeline
 from photomaker.faces import insightface_backend
 from photomaker.faces.insightface_backend import InsightFaceAnalyzer
 
+pytestmark = pytest.mark.slow  # whole pipelines, and the v2 script's default 50 steps
+
 V1_README_SNIPPET = '''
 import torch
 import os
