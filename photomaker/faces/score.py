@@ -1,7 +1,7 @@
 """How much a generated image looks like the ID photos: the identity score shown in the app and CLI.
 
-The largest confidently detected face in the generated image is compared with every reference embedding (one per ID photo) and the
-per-reference cosine similarities and distances are averaged. The mean (rather than the best match) rewards
+The largest confidently detected face in the generated image is compared with every reference embedding (one
+per ID photo) and the per-reference cosine similarities and distances are averaged. The mean (rather than the best match) rewards
 an image that resembles the person in all photos, not one photo's pose or lighting; with the per-pair
 numbers averaged, the backend's published pairwise threshold keeps its meaning.
 """
@@ -57,7 +57,7 @@ def identity_score(
     *,
     name: str | None = None,
 ) -> IdentityScore:
-    """Compare the largest confident face in ``image`` (anything ``load_image`` takes) with the reference embeddings.
+    """Compare the largest confident face in ``image`` (anything ``load_image`` takes) with the references.
 
     ``reference_embeddings`` is (N, embedding_dim) or a list of N embeddings from the same ``analyzer``.
     A generated image without a face is not an error here: the score says "no face found".
