@@ -201,7 +201,9 @@ def _assert_lora_applied_once(base_unet_state: dict[str, torch.Tensor], unet_sta
         assert error < 0.1, f"{name}: weight moved by {float(change.norm() / delta.norm()):.2f} x the LoRA"
 
 
-def test_v1_readme_snippet_runs_unchanged(tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_v1_readme_snippet_runs_unchanged(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base_fp16 = tmp_path / "base-fp16"  # the README loads variant="fp16" files
     StableDiffusionXLPipeline.from_pretrained(tiny_models_dir / "base").save_pretrained(base_fp16, variant="fp16")
     base_unet = StableDiffusionXLPipeline.from_pretrained(base_fp16, variant="fp16", torch_dtype=torch.bfloat16).unet

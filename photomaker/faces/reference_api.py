@@ -107,7 +107,8 @@ class FaceAnalysis2:
             where = (
                 f"FaceAnalysis2 looked in {self.model_dir} (root={os.fspath(root)!r})"
                 if root is not None
-                else f"FaceAnalysis2 also uses an InsightFace download in {DEFAULT_ROOT}/models/{name} when it holds both files"
+                else f"FaceAnalysis2 also uses an InsightFace download in {DEFAULT_ROOT}/models/{name} "
+                "when it holds both files"
             )
             raise FaceModelUnavailableError(f"{exc} {where}.") from exc
         self.det_thresh = DETECTION_THRESHOLD
@@ -172,7 +173,8 @@ def analyze_faces(
     """
     if not isinstance(face_analysis, FaceAnalysis2):
         raise TypeError(
-            f"analyze_faces needs a FaceAnalysis2 (from photomaker import FaceAnalysis2), got {type(face_analysis).__name__}"
+            "analyze_faces needs a FaceAnalysis2 (from photomaker import FaceAnalysis2), got "
+            f"{type(face_analysis).__name__}"
         )
     for size in (None, *DETECTION_SIZES):
         faces = face_analysis.get(img_data, det_size=size)

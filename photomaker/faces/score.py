@@ -1,8 +1,8 @@
 """How much a generated image looks like the ID photos: the identity score shown in the app and CLI.
 
 The largest confidently detected face in the generated image is compared with every reference embedding (one
-per ID photo) and the per-reference cosine similarities and distances are averaged. The mean (rather than the best match) rewards
-an image that resembles the person in all photos, not one photo's pose or lighting; with the per-pair
+per ID photo) and the per-reference cosine similarities and distances are averaged. The mean (rather than the
+best match) rewards an image that resembles the person in all photos, not one photo's pose or lighting; with the per-pair
 numbers averaged, the backend's published pairwise threshold keeps its meaning.
 """
 
