@@ -2,8 +2,8 @@
 
 The largest confidently detected face in the generated image is compared with every reference embedding (one
 per ID photo) and the per-reference cosine similarities and distances are averaged. The mean (rather than the
-best match) rewards an image that resembles the person in all photos, not one photo's pose or lighting; with the per-pair
-numbers averaged, the backend's published pairwise threshold keeps its meaning.
+best match) rewards an image that resembles the person in all photos, not one photo's pose or lighting; with
+the per-pair numbers averaged, the backend's published pairwise threshold keeps its meaning.
 """
 
 from __future__ import annotations
