@@ -30,13 +30,14 @@ from .id_encoder import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PreparedAdapterCache",
     "build_id_encoder",
     "check_lora_applied",
     "detect_version",
-    "PreparedAdapterCache",
     "fuse_lora_into_unet",
     "load_checkpoint",
     "lora_target_modules",
+    "parse_pm_version",
     "resolve_checkpoint_file",
 ]
 
@@ -283,21 +284,44 @@ def detect_version(id_encoder_state_dict: Mapping[str, torch.Tensor]) -> int:
     )
 
 
+_VERSION_SPELLINGS = {"1": 1, "v1": 1, "2": 2, "v2": 2}
+
+
+def parse_pm_version(value: int | str | None) -> int | None:
+    """The PhotoMaker version as 1, 2 or None (auto-detect) from any accepted spelling.
+
+    Accepts 1 / 2, "1" / "2" and the reference's "v1" / "v2" (any case, surrounding spaces ignored), so code
+    written for the reference package runs unchanged; "auto" means None. Anything else raises
+    :class:`CheckpointError`.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value in (1, 2):
+        return int(value)
+    if isinstance(value, str):
+        spelled = value.strip().lower()
+        if spelled == "auto":
+            return None
+        if spelled in _VERSION_SPELLINGS:
+            return _VERSION_SPELLINGS[spelled]
+    raise CheckpointError(
+        f"PhotoMaker version must be 1, 2, 'v1', 'v2' or None (auto-detect from the weights); got {value!r}."
+    )
+
+
 def build_id_encoder(
-    id_encoder_state_dict: Mapping[str, torch.Tensor], version: int | None = None,
+    id_encoder_state_dict: Mapping[str, torch.Tensor], version: int | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> PhotoMakerIDEncoder:
     """Build the encoder the weights describe (sizes inferred from shapes) and load them strictly, in eval mode.
 
     The skeleton is created on the ``meta`` device, so no time is spent on random initialisation of the
-    300 M-parameter vision tower. ``version`` (1 or 2), when given, must match the weights.
+    300 M-parameter vision tower. ``version`` (1 or 2, or "v1" / "v2" as the reference spells it; see
+    :func:`parse_pm_version`), when given, must match the weights.
     ``dtype=None`` gives an fp32 copy of the weights; with a ``dtype`` the encoder takes the given tensors
     themselves (converted only where their dtype differs), so no fp32 copy is made on the way to fp16/bf16.
     """
-    if version is not None and version not in (1, 2):
-        raise CheckpointError(
-            f"PhotoMaker version must be 1, 2 or None (auto-detect); got {version!r}."
-        )
+    version = parse_pm_version(version)
     detected = detect_version(id_encoder_state_dict)
     if version is not None and version != detected:
         found = "has" if detected == 2 else "has no"

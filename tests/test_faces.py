@@ -14,7 +14,12 @@ import pytest
 from faces_fixtures import ASTRONAUT, GRACE_HOPPER
 from PIL import Image
 
-from photomaker.errors import FaceModelUnavailableError, IDImageError, InvalidRequestError, NoFaceError
+from photomaker.errors import (
+    FaceModelUnavailableError,
+    IDImageError,
+    InvalidRequestError,
+    NoFaceError,
+)
 from photomaker.faces import (
     DEFAULT_FACE_FRACTION,
     Face,
@@ -22,12 +27,19 @@ from photomaker.faces import (
     crop_image,
     face_crop_box,
     get_face_analyzer,
+    identity_outliers,
     identity_score,
     prepare_id_photos,
     score_images,
+    select_confident_faces,
 )
 from photomaker.faces.dlib_backend import DlibFaceAnalyzer
-from photomaker.faces.geometry import ARCFACE_TEMPLATE_112, similarity_transform, transform_points
+from photomaker.faces.geometry import (
+    ARCFACE_TEMPLATE_112,
+    similarity_transform,
+    transform_points,
+)
+from photomaker.faces.insightface_backend import InsightFaceAnalyzer
 from photomaker.images import load_image
 
 # Hand-checked face regions of the example portraits (x0, y0, x1, y1): forehead to chin, cheek to cheek.
@@ -238,7 +250,8 @@ def test_mirrored_recropped_copy_is_the_same_person_and_the_two_people_differ(dl
 
 def test_photos_are_cropped_around_the_face_and_keep_their_order(dlib_analyzer: FaceAnalyzer) -> None:
     prepared = prepare_id_photos([GRACE_HOPPER, ASTRONAUT], dlib_analyzer)
-    assert prepared.warnings == [] and prepared.face_embeds is None
+    assert prepared.face_embeds is None  # embedded for the one-person check, but not handed out unasked
+    assert len(prepared.warnings) == 1 and "do not look like the same person" in prepared.warnings[0]
     for image, face, path in zip(prepared.images, prepared.faces, (GRACE_HOPPER, ASTRONAUT), strict=True):
         original = load_image(path)
         box = face_crop_box(face.bbox, original.size)
@@ -358,7 +371,7 @@ def test_score_images_for_the_cli(tmp_path: Path) -> None:
 
     blank = tmp_path / "blank.png"
     _no_face_image().save(blank)
-    with pytest.raises(NoFaceError, match=f"reference photo 2 \({blank}\): no face found"):
+    with pytest.raises(NoFaceError, match=rf"reference photo 2 \({blank}\): no face found"):
         score_images([GRACE_HOPPER, blank], mirrored)
     with pytest.raises(NoFaceError, match=f"image {blank}: no face found"):
         score_images([GRACE_HOPPER], blank)
@@ -377,3 +390,82 @@ def test_file_objects_are_named_in_messages(dlib_analyzer: FaceAnalyzer) -> None
     buffer.name = "/uploads/holiday.png"  # what web frameworks set on uploaded files
     with pytest.raises(NoFaceError, match=r"photo 1 \(holiday\.png\)"):
         prepare_id_photos([buffer], dlib_analyzer)
+
+
+# ---------------------------------------------------------------- which detection is the subject (pure)
+
+
+def _face(box: tuple[float, float, float, float], score: float) -> Face:
+    return Face(bbox=box, score=score, landmarks=np.zeros((5, 2), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("backend", "weak_score", "strong_score"),
+    [(DlibFaceAnalyzer, 0.02, 1.41), (DlibFaceAnalyzer, 0.36, 0.8), (InsightFaceAnalyzer, 0.55, 0.92)],
+)
+def test_a_weak_detection_never_wins_over_a_much_stronger_one(
+    backend: type[FaceAnalyzer], weak_score: float, strong_score: float
+) -> None:
+    weak = _face((100.0, 300.0, 210.0, 410.0), weak_score)  # slightly larger than the real face
+    real = _face((170.0, 80.0, 270.0, 180.0), strong_score)
+    for order in ([weak, real], [real, weak]):
+        assert select_confident_faces(order, backend.min_relative_score) == [real]
+
+
+@pytest.mark.parametrize(("backend", "scores"), [(DlibFaceAnalyzer, (1.3, 1.44)), (InsightFaceAnalyzer, (0.74, 0.9))])
+def test_among_confident_faces_the_largest_comes_first(backend: type[FaceAnalyzer], scores: tuple[float, ...]) -> None:
+    large = _face((500.0, 90.0, 716.0, 306.0), scores[0])
+    small = _face((100.0, 200.0, 205.0, 305.0), scores[1])
+    assert select_confident_faces([small, large], backend.min_relative_score) == [large, small]
+
+
+def test_confident_face_ranking_edge_cases() -> None:
+    twin_a, twin_b = _face((0.0, 0.0, 50.0, 50.0), 0.9), _face((60.0, 0.0, 110.0, 50.0), 0.95)
+    assert select_confident_faces([twin_a, twin_b], 0.5) == [twin_b, twin_a]  # same size: higher score first
+    assert select_confident_faces([], 0.5) == []
+    lone_weak = _face((0.0, 0.0, 50.0, 50.0), 0.01)
+    assert select_confident_faces([lone_weak], 0.5) == [lone_weak]  # the only detection is kept
+    negative = [_face((0.0, 0.0, 90.0, 90.0), -0.3), _face((0.0, 0.0, 40.0, 40.0), -0.1)]
+    assert [f.score for f in select_confident_faces(negative, 0.5)] == [-0.1]  # no positive best: only the best
+    with pytest.raises(ValueError, match=r"min_relative_score must be in \[0, 1\], got 1.5"):
+        select_confident_faces([twin_a], 1.5)
+
+
+# ---------------------------------------------------------------- one person in the ID photos?
+
+
+def test_identity_outliers_name_the_photo_that_differs(dlib_analyzer: FaceAnalyzer) -> None:
+    person = np.zeros(128, np.float32)
+    same = person.copy()
+    same[0] = 0.2  # distance 0.2 < 0.6
+    other = person.copy()
+    other[1] = 0.9
+    other_too = other.copy()
+    other_too[2] = 0.1
+    assert identity_outliers([person], dlib_analyzer).outliers == []
+    assert identity_outliers([person, same], dlib_analyzer).outliers == []
+    assert identity_outliers([person, other], dlib_analyzer).outliers == [0, 1]
+    assert identity_outliers([person, same, other], dlib_analyzer).outliers == [2]
+    assert identity_outliers([other, person, same], dlib_analyzer).outliers == [0]
+    assert identity_outliers([person, same, other, other_too], dlib_analyzer).outliers == [0, 1, 2, 3]
+    check = identity_outliers([person, same, other], dlib_analyzer)
+    assert check.distances[0, 1] == pytest.approx(0.2) and check.distances[1, 0] == pytest.approx(0.2)
+
+
+def test_two_different_people_get_a_warning_naming_both_photos_and_are_still_used(dlib_analyzer: FaceAnalyzer) -> None:
+    prepared = prepare_id_photos([GRACE_HOPPER, ASTRONAUT], dlib_analyzer, names=["grace.jpg", "astro.png"])
+    assert len(prepared.images) == 2  # not refused: mixing identities is a feature
+    (warning,) = prepared.warnings
+    assert warning.startswith("photo 1 (grace.jpg) and photo 2 (astro.png) do not look like the same person (distance")
+    assert "same person when distance < 0.6" in warning and "mixes the two faces" in warning
+
+
+def test_the_odd_photo_out_is_named(dlib_analyzer: FaceAnalyzer) -> None:
+    grace = load_image(GRACE_HOPPER)
+    mirrored = grace.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    prepared = prepare_id_photos([GRACE_HOPPER, ASTRONAUT, mirrored], dlib_analyzer, need_embeddings=True)
+    (warning,) = prepared.warnings
+    assert warning.startswith("photo 2 (astronaut.png) (distance ")
+    assert "does not look like the same person as the other photos" in warning and "photo 1" not in warning
+    assert prepared.face_embeds is not None and prepared.face_embeds.shape == (3, 128)
+    assert prepare_id_photos([GRACE_HOPPER, mirrored], dlib_analyzer).warnings == []

@@ -8,6 +8,7 @@ channel; the recogniser is a fixed linear map. No network: the model download is
 from __future__ import annotations
 
 import logging
+import os
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -166,18 +167,20 @@ def test_two_markers_give_two_faces(analyzer: InsightFaceAnalyzer) -> None:
     assert len(analyzer.detect(image)) == 2
 
 
-def test_the_largest_face_comes_first_even_when_a_smaller_one_scores_higher(
+def test_the_largest_confident_face_comes_first_and_weak_detections_are_dropped(
     analyzer: InsightFaceAnalyzer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keypoints = np.zeros((5, 2), np.float32)
     small = Face((10.0, 10.0, 30.0, 30.0), 0.99, keypoints)
-    large = Face((100.0, 100.0, 180.0, 180.0), 0.60, keypoints)
-    twin = Face((200.0, 100.0, 280.0, 180.0), 0.70, keypoints)  # as large: the higher score wins the tie
+    large = Face((100.0, 100.0, 180.0, 180.0), 0.60, keypoints)  # under 0.7 x 0.99: dropped, although largest
+    twin = Face((200.0, 100.0, 280.0, 180.0), 0.70, keypoints)
     decoded = (np.array([s.bbox for s in (small, large, twin)], np.float32), np.array([0.99, 0.6, 0.7], np.float32),
                np.zeros((3, 5, 2), np.float32))
     monkeypatch.setattr(backend, "decode_scrfd", lambda *args, **kwargs: decoded)
-    faces = analyzer.detect(red_marker_image(320, 240, (100, 100, 108, 108)))
-    assert [face.score for face in faces] == pytest.approx([0.70, 0.60, 0.99])
+    image = red_marker_image(320, 240, (100, 100, 108, 108))
+    assert [face.score for face in analyzer.detect(image)] == pytest.approx([0.70, 0.99])
+    # the raw detections keep InsightFace's order, most confident first, weak ones included
+    assert [face.score for face in analyzer.detections_at_size(image, 640)] == pytest.approx([0.99, 0.70, 0.60])
 
 
 def test_detection_sizes_must_fit_scrfd_strides(tmp_path: Path) -> None:
@@ -308,3 +311,116 @@ def test_get_face_analyzer_builds_the_onnx_backend_once(tmp_path: Path) -> None:
     first = get_face_analyzer("insightface", model_dir=folder)
     assert isinstance(first, InsightFaceAnalyzer) and first.embedding_dim == 512
     assert get_face_analyzer("insightface", model_dir=str(folder)) is first
+
+
+# ---------------------------------------------------------------- the reference's FaceAnalysis2 / analyze_faces
+
+
+@pytest.fixture
+def reference_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from photomaker import FaceAnalysis2
+
+    monkeypatch.setenv(backend.MODEL_DIR_ENV, str(_model_dir(tmp_path / "pack")))
+    # the reference's call pattern, unchanged (no CUDA here: onnxruntime's CPU provider takes over)
+    face_detector = FaceAnalysis2(providers=["CUDAExecutionProvider"], allowed_modules=["detection", "recognition"])
+    face_detector.prepare(ctx_id=0, det_size=(640, 640))
+    return face_detector
+
+
+def test_analyze_faces_returns_the_reference_dicts_from_a_bgr_image(reference_detector) -> None:
+    from photomaker import analyze_faces
+
+    rgb = red_marker_image(320, 240, (100, 100, 108, 108))
+    bgr = rgb[:, :, ::-1]  # what the reference passes: np.array(pil_image)[:, :, ::-1]
+    faces = analyze_faces(reference_detector, bgr)
+    assert len(faces) == 1 and set(faces[0]) == {"bbox", "kps", "det_score", "embedding"}
+    (face,) = faces
+    box, keypoints = _expected_face((192, 192), scale=2.0)
+    assert face["bbox"].shape == (4,) and np.allclose(face["bbox"], box, atol=1e-4)
+    assert face["kps"].shape == (5, 2) and np.allclose(face["kps"], keypoints, atol=1e-4)
+    assert face["det_score"] > 0.99
+    ours = InsightFaceAnalyzer(Path(os.environ[backend.MODEL_DIR_ENV]), download=False)
+    expected = ours.embed(rgb, ours.detect(rgb)[0])
+    assert face["embedding"].shape == (512,) and face["embedding"].dtype == np.float32
+    assert np.array_equal(face["embedding"], expected)  # raw, not normalised
+    assert abs(np.linalg.norm(face["embedding"]) - 1.0) > 0.5
+    assert face.embedding is face["embedding"] and np.linalg.norm(face.normed_embedding) == pytest.approx(1.0)
+    assert reference_detector.providers == ["CPUExecutionProvider"]
+    assert analyze_faces(reference_detector, np.ascontiguousarray(rgb)) == []  # RGB given: the marker is blue
+
+
+def test_faces_come_in_the_reference_order_with_weak_ones_kept(
+    reference_detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from photomaker import analyze_faces
+
+    boxes = np.array([(10, 10, 30, 30), (100, 100, 180, 180), (200, 100, 280, 180)], np.float32)
+    scores = np.array([0.6, 0.99, 0.7], np.float32)
+    keypoints = np.stack([b[:2] + ARCFACE_TEMPLATE_112 / 112 * (b[2:] - b[:2]) for b in boxes]).astype(np.float32)
+    scale = 2.0  # the 320x240 photo is letterboxed into 640: decoded boxes are in canvas pixels
+    monkeypatch.setattr(backend, "decode_scrfd", lambda *a, **k: (boxes * scale, scores, keypoints * scale))
+    image = red_marker_image(320, 240, (100, 100, 108, 108))[:, :, ::-1]
+    faces = analyze_faces(reference_detector, image)
+    assert [float(f["det_score"]) for f in faces] == pytest.approx([0.99, 0.7, 0.6])  # most confident first
+    # max_num keeps large faces near the centre (160, 120) first, as InsightFace does
+    (kept,) = reference_detector.get(image, max_num=1)
+    assert np.allclose(kept["bbox"], (100, 100, 180, 180))
+
+
+def test_analyze_faces_retries_smaller_detector_sizes(tmp_path: Path) -> None:
+    from photomaker import FaceAnalysis2, analyze_faces
+
+    _model_dir(tmp_path / "models" / "buffalo_l", SyntheticDetector(max_input_size=320))
+    detector = FaceAnalysis2(root=tmp_path, allowed_modules=["detection", "recognition"], download=False)
+    detector.prepare(ctx_id=-1, det_size=(640, 640))
+    assert detector.providers == ["CPUExecutionProvider"]
+    bgr = red_marker_image(320, 240, (100, 100, 108, 108))[:, :, ::-1]
+    assert detector.get(bgr) == []  # at 640 this detector sees nothing
+    (face,) = analyze_faces(detector, bgr)
+    box, _ = _expected_face((96, 96), scale=1.0)  # found at 320
+    assert np.allclose(face["bbox"], box)
+    assert analyze_faces(detector, np.zeros((240, 320, 3), np.uint8)) == []
+
+
+def test_detection_only_gives_no_embedding(tmp_path: Path) -> None:
+    from photomaker import FaceAnalysis2
+
+    _model_dir(tmp_path / "models" / "buffalo_l")
+    detector = FaceAnalysis2(root=tmp_path, allowed_modules=["detection"], download=False)
+    (face,) = detector.get(red_marker_image(320, 240, (100, 100, 108, 108))[:, :, ::-1])
+    assert set(face) == {"bbox", "kps", "det_score"}
+    with pytest.raises(AttributeError, match="face has no 'embedding'; it has bbox, kps, det_score"):
+        getattr(face, "embedding")  # noqa: B009 - the attribute access is what is tested
+
+
+def test_missing_model_pack_says_where_to_put_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from photomaker import FaceAnalysis2
+
+    with pytest.raises(FaceModelUnavailableError) as caught:
+        FaceAnalysis2(root=tmp_path / "insightface", download=False)
+    message = str(caught.value)
+    for needed in ("det_10g.onnx", "w600k_r50.onnx", str(tmp_path / "insightface" / "models" / "buffalo_l")):
+        assert needed in message
+    monkeypatch.setattr(backend, "_download", _refuse_download)
+    monkeypatch.setenv(backend.MODEL_DIR_ENV, str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(FaceModelUnavailableError, match=r"(?s)download failed.*~/.insightface/models/buffalo_l"):
+        FaceAnalysis2(providers=["CUDAExecutionProvider"], allowed_modules=["detection", "recognition"])
+
+
+def test_reference_api_refuses_what_it_cannot_do(reference_detector, tmp_path: Path) -> None:
+    from photomaker import FaceAnalysis2, analyze_faces
+    from photomaker.errors import InvalidRequestError
+
+    with pytest.raises(FaceModelUnavailableError, match="'antelopev2' is not supported; use name='buffalo_l'"):
+        FaceAnalysis2(name="antelopev2")
+    with pytest.raises(InvalidRequestError, match=r"'genderage' are not provided here"):
+        FaceAnalysis2(allowed_modules=["detection", "recognition", "genderage"])
+    with pytest.raises(InvalidRequestError, match="unknown InsightFace module"):
+        FaceAnalysis2(allowed_modules=["detect"])
+    with pytest.raises(InvalidRequestError, match=r"det_size must be square .* got \(640, 480\)"):
+        reference_detector.prepare(ctx_id=0, det_size=(640, 480))
+    with pytest.raises(InvalidRequestError, match="HxWx3 uint8 BGR array"):
+        analyze_faces(reference_detector, np.zeros((240, 320), np.float32))
+    with pytest.raises(TypeError, match="needs a FaceAnalysis2"):
+        analyze_faces(object(), np.zeros((240, 320, 3), np.uint8))

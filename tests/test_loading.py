@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from photomaker.loading import (
     check_lora_applied,
     detect_version,
     load_checkpoint,
+    parse_pm_version,
 )
 from photomaker.testing import tiny_checkpoint, tiny_sdxl_components
 
@@ -326,3 +328,23 @@ def test_a_hub_checkpoint_is_fetched_before_the_prepared_adapter_cache_looks_for
         ("TencentARC/PhotoMaker", "photomaker-v1.bin", None),
         ("nobody/nothing", "photomaker-v1.bin", None),
     ]
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [(None, None), (1, 1), (2, 2), ("1", 1), ("2", 2), ("v1", 1), ("v2", 2), ("V2", 2), (" v1 ", 1), ("auto", None)],
+)
+def test_pm_version_accepts_the_reference_spelling(spelling, expected) -> None:
+    assert parse_pm_version(spelling) == expected
+
+
+@pytest.mark.parametrize("spelling", [3, 0, True, 1.0, "v3", "version 2", "", "2.0"])
+def test_pm_version_refuses_anything_else_and_says_what_is_accepted(spelling) -> None:
+    with pytest.raises(CheckpointError, match=r"must be 1, 2, 'v1', 'v2' or None .*got " + re.escape(repr(spelling))):
+        parse_pm_version(spelling)
+
+
+def test_build_id_encoder_takes_the_reference_version_spelling(checkpoints) -> None:
+    assert build_id_encoder(checkpoints[2]["id_encoder"], version="v2").version == 2
+    with pytest.raises(CheckpointError, match=r"v1 was requested.*v2 file"):
+        build_id_encoder(checkpoints[2]["id_encoder"], version="v1")

@@ -44,7 +44,7 @@ class Face:
 
     @property
     def area(self) -> float:
-        """Box area in pixels; faces are ranked by it (the largest face is the photo's subject)."""
+        """Box area in pixels; confident faces are ranked by it (the largest one is the photo's subject)."""
         return max(self.width, 0.0) * max(self.height, 0.0)
 
 
@@ -61,10 +61,16 @@ class FaceAnalyzer(ABC):
     same_person_threshold: float
     licence: str
     """Licence of the model files, shown in the service's ready message (some forbid commercial use)."""
+    min_relative_score: ClassVar[float]
+    """Detections scoring below this fraction of the best one in the photo are dropped as unreliable
+    (see :func:`select_confident_faces`); set per backend because score scales differ."""
 
     @abstractmethod
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        """All faces in ``rgb`` (HxWx3 uint8, RGB), largest first; empty when there is none."""
+        """The confidently detected faces in ``rgb`` (HxWx3 uint8, RGB), largest first; empty when there is none.
+
+        Implementations pass their raw detections through :func:`select_confident_faces`.
+        """
 
     @abstractmethod
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
@@ -110,6 +116,21 @@ def check_rgb(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def sort_largest_first(faces: list[Face]) -> list[Face]:
-    """Largest box first; ties broken by detector score so the order is deterministic."""
-    return sorted(faces, key=lambda face: (-face.area, -face.score))
+def select_confident_faces(faces: list[Face], min_relative_score: float) -> list[Face]:
+    """The faces a photo's subject can be chosen from: confident detections only, largest first.
+
+    A detection counts as confident when its score is at least ``min_relative_score`` times the best score in
+    the photo. "Largest first" alone is not safe: dlib's HOG detector was seen reporting a patch of a space
+    suit (score 0.02) slightly larger than the real face (score 1.41), and picking it cropped the wrong region
+    and made the identity score call a copy of the portrait a different person. Among confident faces the
+    largest is the subject (ties: higher score first, so the order is deterministic). When the best score is
+    not positive, only the faces scoring as high as the best are kept.
+    """
+    if not 0.0 <= min_relative_score <= 1.0:
+        raise ValueError(f"min_relative_score must be in [0, 1], got {min_relative_score}")
+    if not faces:
+        return []
+    best = max(face.score for face in faces)
+    floor = best * min_relative_score if best > 0 else best
+    confident = [face for face in faces if face.score >= floor]
+    return sorted(confident, key=lambda face: (-face.area, -face.score))

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from photomaker.errors import FaceModelUnavailableError
-from photomaker.faces.base import Face, FaceAnalyzer, check_rgb, sort_largest_first
+from photomaker.faces.base import Face, FaceAnalyzer, check_rgb, select_confident_faces
 from photomaker.faces.geometry import ARCFACE_TEMPLATE_112
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ class DlibFaceAnalyzer(FaceAnalyzer):
     name = "dlib"
     embedding_dim = 128
     threshold_metric = "distance"
+    min_relative_score = 0.5
+    """HOG margins of real faces measured 0.66-1.67 on the example portraits under crops, mirroring and
+    rescaling; false detections on the space suit 0.01-0.36, never above 0.31 of the real face's score."""
 
     def __init__(
         self,
@@ -131,7 +134,7 @@ class DlibFaceAnalyzer(FaceAnalyzer):
             for (x0, y0, x1, y1), score in found:
                 bbox = (x0 / scale, y0 / scale, x1 / scale, y1 / scale)
                 faces.append(Face(bbox=bbox, score=score, landmarks=self._landmarks(rgb, bbox)))
-        return sort_largest_first(faces)
+        return select_confident_faces(faces, self.min_relative_score)
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         rgb = check_rgb(rgb)

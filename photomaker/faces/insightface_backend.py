@@ -18,13 +18,13 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from photomaker.errors import FaceModelUnavailableError
-from photomaker.faces.base import Face, FaceAnalyzer, check_rgb, sort_largest_first
+from photomaker.faces.base import Face, FaceAnalyzer, check_rgb, select_confident_faces
 from photomaker.faces.geometry import ARCFACE_TEMPLATE_112, similarity_transform
 
 logger = logging.getLogger(__name__)
@@ -229,8 +229,10 @@ class InsightFaceAnalyzer(FaceAnalyzer):
     files to put where.
 
     Detection: SCRFD on a letterboxed square input, tried at :data:`DETECTION_SIZES` until a face is found,
-    score threshold 0.5, NMS at IoU 0.4. Faces come back largest first (the reference takes the first face
-    InsightFace returns, i.e. the most confident; for a one-person ID photo they are the same face).
+    score threshold 0.5, NMS at IoU 0.4. Faces come back as :func:`select_confident_faces` ranks them:
+    detections under :attr:`min_relative_score` of the best dropped, then largest first (the reference takes
+    the most confident face; for a one-person ID photo they are the same face). :meth:`detections_at_size`
+    gives the raw detections in the reference's order, for :class:`~photomaker.faces.reference_api.FaceAnalysis2`.
     Embedding: the raw, unnormalised 512-d ArcFace output on the 112x112 chip aligned by a least-squares
     similarity transform of the 5 landmarks onto the ArcFace template; this is what PhotoMaker v2 consumes.
     Same person when the cosine similarity is at least ``same_person_threshold`` (0.4 by default: a
@@ -242,6 +244,9 @@ class InsightFaceAnalyzer(FaceAnalyzer):
     embedding_dim = 512
     threshold_metric = "similarity"
     licence = LICENCE
+    min_relative_score = 0.7
+    """SCRFD scores are probabilities above the 0.5 detection threshold; a clear face scores 0.8-0.95, so a
+    detection under 70% of the best (e.g. 0.6 next to 0.9) is not a candidate for the photo's subject."""
 
     def __init__(
         self,
@@ -308,13 +313,20 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         return []
 
     def detect_at_size(self, rgb: np.ndarray, size: int) -> list[Face]:
-        """One detector pass at input size ``size`` (a multiple of 32), in original image coordinates."""
+        """One detector pass at input size ``size`` (a multiple of 32): confident faces, largest first."""
+        return select_confident_faces(self.detections_at_size(rgb, size), self.min_relative_score)
+
+    def detections_at_size(self, rgb: np.ndarray, size: int, threshold: float | None = None) -> list[Face]:
+        """Every detection scoring at least ``threshold`` (default: the analyzer's) at input size ``size``, in
+        original image coordinates, highest score first (InsightFace's order)."""
         blob, (scale_x, scale_y) = detection_blob(check_rgb(rgb), size)
         outputs = self._detector.run(None, {self._detector_input: blob})
-        boxes, scores, keypoints = decode_scrfd(outputs, size, self.detection_threshold)
+        boxes, scores, keypoints = decode_scrfd(
+            outputs, size, self.detection_threshold if threshold is None else threshold
+        )
         keep = nms(boxes, scores, self.nms_threshold)
         scale = np.array([scale_x, scale_y], dtype=np.float32)
-        faces = [
+        return [
             Face(
                 bbox=tuple(float(v) for v in (boxes[i].reshape(2, 2) / scale).ravel()),
                 score=float(scores[i]),
@@ -322,7 +334,6 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             )
             for i in keep
         ]
-        return sort_largest_first(faces)
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         chip, _ = align_face(check_rgb(rgb), face.landmarks, self._chip_size)

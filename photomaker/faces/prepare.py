@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from photomaker.errors import IDImageError, NoFaceError
 from photomaker.faces.base import Face, FaceAnalyzer
+from photomaker.faces.consistency import describe_mismatch, identity_outliers
 from photomaker.faces.geometry import DEFAULT_FACE_FRACTION, crop_image, face_crop_box
 from photomaker.images import load_image
 
@@ -37,7 +39,8 @@ class PreparedPhotos:
     face_embeds: np.ndarray | None
     """(N, embedding_dim) float32, row i from photo i's face in the original photo; None unless requested."""
     warnings: list[str]
-    """Messages for the user (several faces, small face); the photos were still used."""
+    """Messages for the user (several faces, small face, photos that do not look like one person); the photos
+    were still used."""
 
 
 def photo_label(index: int, name: str | None, noun: str = "photo") -> str:
@@ -55,12 +58,16 @@ def prepare_id_photos(
     noun: str = "photo",
     face_fraction: float = DEFAULT_FACE_FRACTION,
 ) -> PreparedPhotos:
-    """Load each photo, find its face (the largest one), crop around it, and embed it if asked.
+    """Load each photo, find its face (the largest confident one), crop around it, and embed it if asked.
 
     ``photos`` are anything :func:`photomaker.images.load_image` accepts; ``names`` (e.g. upload file names)
     label them in messages, defaulting to file names for paths. Raises :class:`NoFaceError` for a photo
     without a face and :class:`IDImageError` for an unreadable photo, both naming the photo. PhotoMaker v2
     needs ``need_embeddings=True`` with the ``insightface`` backend (512-d ArcFace embeddings).
+
+    With two or more photos every face is embedded (whatever ``need_embeddings`` says) to check that the
+    photos show one person; when they do not, a warning names the photo that differs. The photos are still
+    used: mixing identities is a feature.
     """
     if len(photos) == 0:
         raise IDImageError("no ID photos given; add at least one photo of the person's face")
@@ -70,8 +77,11 @@ def prepare_id_photos(
     faces: list[Face] = []
     embeddings: list[np.ndarray] = []
     warnings: list[str] = []
+    labels: list[str] = []
+    embed = need_embeddings or len(photos) > 1
     for index, photo in enumerate(photos):
         label = photo_label(index, _name_of(photo, names[index] if names is not None else None), noun)
+        labels.append(label)
         image = load_image(photo, name=label)
         rgb = np.asarray(image)
         found = analyzer.detect(rgb)
@@ -87,11 +97,15 @@ def prepare_id_photos(
             warnings.append(
                 f"{label}: the face is small ({face.width:.0f} px wide); a closer photo gives a better likeness"
             )
-        if need_embeddings:
+        if embed:
             face = dataclasses.replace(face, embedding=analyzer.embed(rgb, face))
             embeddings.append(face.embedding)
         faces.append(face)
         images.append(crop_image(image, face_crop_box(face.bbox, image.size, face_fraction)) if crop else image)
+    if len(embeddings) > 1:
+        mismatch = describe_mismatch(identity_outliers(embeddings, analyzer), labels, analyzer)
+        if mismatch is not None:
+            warnings.append(mismatch)
     for message in warnings:
         logger.info(message)
     face_embeds = np.stack(embeddings).astype(np.float32) if need_embeddings else None

@@ -1,22 +1,25 @@
 """How much a generated image looks like the ID photos: the identity score shown in the app and CLI.
 
-The largest face in the generated image is compared with every reference embedding (one per ID photo) and the
-per-reference cosine similarities and distances are averaged. The mean (rather than the best match) rewards
-an image that resembles the person in all photos, not one photo's pose or lighting; with the per-pair
-numbers averaged, the backend's published pairwise threshold keeps its meaning.
+The largest confidently detected face in the generated image is compared with every reference embedding (one
+per ID photo) and the per-reference cosine similarities and distances are averaged. The mean (rather than the
+best match) rewards an image that resembles the person in all photos, not one photo's pose or lighting; with
+the per-pair numbers averaged, the backend's published pairwise threshold keeps its meaning.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from photomaker.errors import NoFaceError
 from photomaker.faces.base import FaceAnalyzer
+from photomaker.faces.prepare import prepare_id_photos
+from photomaker.faces.registry import get_face_analyzer
 from photomaker.images import load_image
 
 
@@ -54,7 +57,7 @@ def identity_score(
     *,
     name: str | None = None,
 ) -> IdentityScore:
-    """Compare the largest face in ``image`` (anything ``load_image`` takes) with the reference embeddings.
+    """Compare the largest confident face in ``image`` (anything ``load_image`` takes) with the references.
 
     ``reference_embeddings`` is (N, embedding_dim) or a list of N embeddings from the same ``analyzer``.
     A generated image without a face is not an error here: the score says "no face found".
@@ -97,9 +100,6 @@ def score_images(
     :class:`NoFaceError` naming the file when a reference photo or the image has no face (here a missing face
     is a user error: there is nothing to score).
     """
-    from photomaker.faces import get_face_analyzer
-    from photomaker.faces.prepare import prepare_id_photos
-
     if not reference_paths:
         raise ValueError("score needs at least one --reference photo")
     analyzer = get_face_analyzer(backend, model_dir)  # type: ignore[arg-type]
