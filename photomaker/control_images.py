@@ -13,9 +13,7 @@ resized image (``fit="pad"``, keeps everything; black means "no control" for edg
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,9 +25,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from photomaker.errors import (
     ControlImageError,
     ControlModelUnavailableError,
+    IDImageError,
     MaskError,
     NoFaceError,
 )
+from photomaker.images import load_image
 
 if TYPE_CHECKING:
     from photomaker.faces import FaceAnalyzer
@@ -163,7 +163,7 @@ def canny_edges(
 
 
 def flatten_drawing(value: Any, what: str = "the drawing") -> Image.Image:
-    """One image from a drawing: a PIL image, an array, or a Gradio ImageEditor dict.
+    """One image from a drawing: a PIL image, an array, a path, or a Gradio ImageEditor/Sketchpad dict.
 
     For the editor's ``{"background", "layers", "composite"}`` the composite is used when present, else the
     layers are composited over the background; either keeps the alpha channel, which holds the strokes when
@@ -173,7 +173,7 @@ def flatten_drawing(value: Any, what: str = "the drawing") -> Image.Image:
         composite = value.get("composite")
         if composite is not None:
             return _as_image(composite, "the canvas's composite")
-        layers = [_as_image(layer, "a canvas layer").convert("RGBA") for layer in value.get("layers") or ()]
+        layers = _layers(value)
         background = value.get("background")
         if background is None and not layers:
             raise ControlImageError("the canvas is empty: draw on it or upload an image")
@@ -188,18 +188,20 @@ def flatten_drawing(value: Any, what: str = "the drawing") -> Image.Image:
     return _as_image(value, what)
 
 
-def stroke_mask(drawing: Image.Image, *, strokes: Literal["dark", "light"] = "dark") -> np.ndarray:
+def stroke_mask(drawing: Image.Image, *, strokes: Literal["dark", "light", "sparse"] = "dark") -> np.ndarray:
     """Where the drawing has strokes, as floats in [0, 1] (1 = stroke).
 
     An image whose alpha channel is not fully opaque is a canvas layer: its strokes are the alpha. Otherwise
-    the strokes are the dark pixels (a pencil drawing) or, with ``strokes="light"``, the light ones (a mask
-    painted white).
+    the strokes are the dark pixels (a pencil drawing), the light ones (a mask painted white), or, with
+    ``"sparse"``, whichever of the two covers less of a sketch (its background is the majority).
     """
     if drawing.mode in ("RGBA", "LA", "PA") or "transparency" in drawing.info:
         alpha = np.asarray(drawing.convert("RGBA"))[..., 3]
         if alpha.min() < 255:
             return alpha.astype(np.float32) / 255.0
     luminance = np.asarray(drawing.convert("L")).astype(np.float32) / 255.0
+    if strokes == "sparse":
+        strokes = "light" if luminance.mean() < 0.5 else "dark"
     return 1.0 - luminance if strokes == "dark" else luminance
 
 
@@ -208,10 +210,11 @@ def sketch_to_adapter_input(
 ) -> ControlImage:
     """The T2I sketch adapter's input: white strokes on black, binarised at 0.5, 3 channels.
 
-    ``drawing`` is dark strokes on a light background, a transparent canvas (strokes in alpha), or an
-    ImageEditor dict. Raises :class:`ControlImageError` when there is no stroke.
+    ``drawing`` is dark strokes on a light background, light strokes on a dark one (an adapter input made
+    elsewhere), a transparent canvas (strokes in alpha), or an ImageEditor dict. Raises
+    :class:`ControlImageError` when there is no stroke.
     """
-    mask = stroke_mask(flatten_drawing(drawing), strokes="dark")
+    mask = stroke_mask(flatten_drawing(drawing), strokes="sparse")
     grey = Image.fromarray((mask * 255.0).round().astype(np.uint8), mode="L")
     notes: list[str] = []
     if width is not None and height is not None:
@@ -232,7 +235,8 @@ def check_mask(mask: Image.Image) -> Image.Image:
     selected = grey >= 128
     if not selected.any():
         raise MaskError(
-            "the mask is empty (all black): paint the region to regenerate in white, or use 'mask the face'"
+            "the mask is empty (nothing painted, or all black): paint the region to regenerate (white on a "
+            "black mask image), or use 'mask the face'"
         )
     if selected.all():
         raise MaskError(
@@ -247,12 +251,12 @@ def prepare_mask(mask: Any, width: int, height: int, *, fit: FitMode = "crop") -
 
     Accepts a white-on-black image, a transparent canvas whose strokes are in alpha, or an ImageEditor dict.
     For the dict, the strokes painted on its layers are the mask (the background is the target photo the
-    user painted over); without painted layers, the background itself is read as a mask image.
+    user painted over, never a mask); a dict without layers carries an uploaded mask image as its background.
     Raises :class:`MaskError` for an empty or all-white mask.
     """
-    painted = _painted_layers(mask) if isinstance(mask, Mapping) else None
-    if painted is not None:
-        values = painted
+    layers = _layers(mask) if isinstance(mask, Mapping) else []
+    if layers:
+        values = _painted_strokes(layers, mask.get("background"))
     else:
         source = mask.get("background") if isinstance(mask, Mapping) else mask
         if source is None:
@@ -263,16 +267,28 @@ def prepare_mask(mask: Any, width: int, height: int, *, fit: FitMode = "crop") -
     return ControlImage(check_mask(grey), (note,) if note else ())
 
 
-def _painted_layers(value: Mapping[str, Any]) -> np.ndarray | None:
-    """The union of an ImageEditor value's layer alphas in [0, 1], or None when nothing was painted."""
-    layers = [_as_image(layer, "a canvas layer").convert("RGBA") for layer in value.get("layers") or ()]
-    if not layers:
-        return None
-    background = value.get("background")
+def _layers(value: Mapping[str, Any]) -> list[Image.Image]:
+    """An ImageEditor value's layers as RGBA, transparent where nothing was painted.
+
+    An editor with ``image_mode="RGB"`` drops the layers' alpha and leaves black where the layer was
+    transparent, so a layer without alpha counts its non-black pixels as painted.
+    """
+    layers = []
+    for raw in value.get("layers") or ():
+        layer = _as_image(raw, "a canvas layer")
+        if layer.mode != "RGBA":
+            rgb = np.asarray(layer.convert("RGB"))
+            alpha = np.where(rgb.any(axis=-1), 255, 0).astype(np.uint8)
+            layer = Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
+        layers.append(layer)
+    return layers
+
+
+def _painted_strokes(layers: Sequence[Image.Image], background: Any) -> np.ndarray:
+    """The union of an ImageEditor value's painted strokes in [0, 1], at the background's size."""
     size = _as_image(background, "the canvas's background").size if background is not None else layers[0].size
     alphas = [np.asarray(layer.resize(size) if layer.size != size else layer)[..., 3] for layer in layers]
-    union = np.max(alphas, axis=0)
-    return union.astype(np.float32) / 255.0 if union.any() else None
+    return np.max(alphas, axis=0).astype(np.float32) / 255.0
 
 
 def face_mask(
@@ -384,9 +400,13 @@ def draw_openpose(
     stick_width = stick_width or default_stroke
     keypoint_radius = keypoint_radius or default_stroke
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    for points, scores in people:
-        visible = np.asarray(scores) >= score_threshold
-        points = np.asarray(points, dtype=np.float64).tolist()  # Python floats: round() gives ints
+    # Python floats (tolist), so that round() gives the ints OpenCV wants.
+    skeletons = [
+        (np.asarray(points, dtype=np.float64).tolist(), np.asarray(scores) >= score_threshold)
+        for points, scores in people
+    ]
+    # Every person's limbs first, then every keypoint, so no limb covers anyone's joints (as OpenPose draws).
+    for points, visible in skeletons:
         for limb_index, (a, b) in enumerate(OPENPOSE_LIMBS):
             if not (visible[a] and visible[b]):
                 continue
@@ -397,6 +417,7 @@ def draw_openpose(
             polygon = cv2.ellipse2Poly(centre, (round(length / 2), stick_width), round(angle), 0, 360, 1)
             color = tuple(int(c * LIMB_COLOR_FACTOR) for c in OPENPOSE_COLORS[limb_index])
             cv2.fillConvexPoly(canvas, polygon, color)
+    for points, visible in skeletons:
         for index, (x, y) in enumerate(points):
             if visible[index]:
                 cv2.circle(canvas, (round(x), round(y)), keypoint_radius, OPENPOSE_COLORS[index], -1)
@@ -624,19 +645,8 @@ def prepare_control_image(
 
 
 def _as_image(value: Any, what: str) -> Image.Image:
-    """A PIL image from PIL, a uint8 array, a path or bytes; unlike ``load_image`` it keeps the alpha channel."""
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype != np.uint8:
-            raise ControlImageError(f"{what} as an array must be uint8 (0-255), got {value.dtype}")
-        return Image.fromarray(value)
-    if isinstance(value, (str, bytes, os.PathLike)):
-        source = io.BytesIO(value) if isinstance(value, bytes) else value
-        try:
-            with Image.open(source) as opened:
-                opened.load()
-                return opened.copy()
-        except (OSError, ValueError) as exc:
-            raise ControlImageError(f"{what} cannot be read as an image ({exc}); use a PNG or JPEG file") from exc
-    raise ControlImageError(f"{what} must be an image (PIL, uint8 array, file path), got {type(value).__name__}")
+    """A decoded image with ``load_image``'s limits, keeping the alpha channel that holds a canvas's strokes."""
+    try:
+        return load_image(value, name=what, keep_alpha=True)
+    except IDImageError as exc:
+        raise ControlImageError(str(exc)) from exc

@@ -302,7 +302,7 @@ def test_prepare_canny_returns_edges_at_the_output_size_from_a_file(tmp_path):
     assert result.image.size == (64, 64) and result.notes[0].startswith("The control image (32x32) was resized")
     assert np.asarray(result.image).any()
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(ControlImageError, match="the control image cannot be read as an image"):
+    with pytest.raises(ControlImageError, match="the control image: not a readable image file"):
         prepare_control_image("canny", str(tmp_path / "broken.png"), 64, 64)
 
 
@@ -380,3 +380,56 @@ def test_a_drawn_mask_from_the_canvas_uses_the_alpha_and_is_resized_with_a_note(
     assert result.image.mode == "L" and pixels.shape == (32, 32)
     assert (pixels[9:15, 9:15] == 255).all() and pixels[0, 0] == 0 and pixels[20, 20] == 0
     assert result.notes == ("The mask (16x16) was resized to 32x32, the output size.",)
+
+
+# ------------------------------------------------------------------------------------- review additions
+
+
+def test_a_sketch_already_white_on_black_keeps_its_polarity():
+    drawing = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(drawing).line((0, 16, 31, 16), fill=255, width=1)
+    pixels = np.asarray(sketch_to_adapter_input(drawing).image)[..., 0]
+    expected = np.asarray(drawing)
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_an_untouched_layer_over_the_target_photo_is_an_empty_mask_not_the_photo():
+    photo = Image.open(EXAMPLES / "astronaut.png").convert("RGB").resize((64, 64))
+    value = {"background": photo, "layers": [Image.new("RGBA", (64, 64))], "composite": photo}
+    with pytest.raises(MaskError, match="the mask is empty"):
+        prepare_mask(value, 64, 64)
+
+
+def test_a_mask_painted_in_an_rgb_mode_editor_is_its_non_black_strokes():
+    # gr.ImageEditor(image_mode="RGB") drops a layer's alpha: unpainted pixels arrive as black.
+    layer = np.zeros((16, 16, 3), dtype=np.uint8)
+    layer[2:6, 10:14] = (255, 0, 0)
+    value = {"background": Image.new("RGB", (16, 16), "white"), "layers": [layer], "composite": None}
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[2:6, 10:14] = 255
+    np.testing.assert_array_equal(np.asarray(prepare_mask(value, 16, 16).image), expected)
+
+
+def test_no_person_s_limb_covers_another_person_s_keypoint():
+    crossed = np.zeros((18, 2), dtype=np.float32), np.zeros(18, dtype=np.float32)
+    crossed[0][0], crossed[1][0] = (32, 32), 1.0  # only the nose, at the centre
+    crossing = np.zeros((18, 2), dtype=np.float32), np.zeros(18, dtype=np.float32)
+    crossing[0][1], crossing[0][2] = (10, 32), (54, 32)  # neck to right shoulder, through the centre
+    crossing[1][[1, 2]] = 1.0
+    pixels = np.asarray(draw_openpose((64, 64), [crossed, crossing]))
+    assert tuple(pixels[32, 32]) == OPENPOSE_COLORS[0]
+    assert tuple(pixels[32, 20]) == tuple(int(c * LIMB_COLOR_FACTOR) for c in OPENPOSE_COLORS[0])
+
+
+def test_control_images_from_files_get_the_upload_limits_and_keep_a_canvas_s_alpha(tmp_path):
+    huge = tmp_path / "huge.png"
+    Image.new("L", (6500, 6500)).save(huge)  # 42 megapixels, over load_image's 40
+    with pytest.raises(ControlImageError, match="the control image: the image is too large"):
+        prepare_control_image("canny", str(huge), 64, 64)
+    canvas = np.zeros((16, 16, 4), dtype=np.uint8)
+    canvas[4:8, 4:8] = (255, 255, 255, 255)  # white strokes on a transparent canvas: only alpha tells them apart
+    path = tmp_path / "mask.png"
+    Image.fromarray(canvas, "RGBA").save(path)
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[4:8, 4:8] = 255
+    np.testing.assert_array_equal(np.asarray(prepare_mask(str(path), 16, 16).image), expected)
