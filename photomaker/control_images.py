@@ -71,6 +71,10 @@ OPENPOSE_COLORS: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 """RGB colour of keypoint ``i`` and of limb ``i``; limbs are drawn at 60 % of it, keypoints at full strength."""
 LIMB_COLOR_FACTOR = 0.6
+METRIC_DEPTH_MODEL_TYPES = frozenset({"zoedepth", "glpn", "depth_pro", "prompt_depth_anything"})
+"""transformers depth models whose ``predicted_depth`` is a distance (far = large), not inverse depth."""
+MIN_DISTANCE = 1e-3
+"""Distances are clamped to this before inverting (bicubic upsampling can undershoot to zero or below)."""
 OPENPOSE_STROKE_PER_512 = 4
 """OpenPose maps are drawn with 4 px limbs and dots on a 512 px (short side) canvas; larger maps scale them."""
 
@@ -460,7 +464,26 @@ def looks_like_pose_skeleton(image: Image.Image) -> bool:
     return float((saturation > 0.6).mean()) > 0.8
 
 
-class PersonDetector:
+class _TransformersVisionModel:
+    """A transformers vision model with its image processor, run on the model's own device and dtype."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> _TransformersVisionModel:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def _run(self, inputs: Mapping[str, torch.Tensor]) -> Any:
+        """The model's output for the processor's ``pixel_values``, moved to where the model's weights are."""
+        parameter = next(self.model.parameters())
+        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
+        with torch.inference_mode():
+            return self.model(pixel_values=pixel_values)
+
+
+class PersonDetector(_TransformersVisionModel):
     """Finds people with a transformers object detector (e.g. RT-DETR on COCO), for top-down pose models."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, threshold: float = 0.5):
@@ -470,22 +493,13 @@ class PersonDetector:
                 f"the person detector {model.config.name_or_path!r} has no 'person' class: use a COCO detector "
                 "(PHOTOMAKER_PERSON_DETECTOR), or 'none' to take the whole photo as the person's box"
             )
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor)
         self.threshold = threshold
         self.person_labels = {index for index, name in labels.items() if name == "person"}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PersonDetector:
-        self.model.to(device=device, dtype=dtype)
-        return self
-
     def detect(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
         """(x0, y0, x1, y1) of each person scoring at least ``threshold``, most confident first."""
-        parameter = next(self.model.parameters())
-        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=pixel_values)
+        outputs = self._run(self.processor(images=image.convert("RGB"), return_tensors="pt"))
         outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
         result = self.processor.post_process_object_detection(
             outputs, threshold=self.threshold, target_sizes=[(image.height, image.width)]
@@ -498,7 +512,7 @@ class PersonDetector:
         return [box for _, box in sorted(people, key=lambda item: -item[0])]
 
 
-class PoseEstimator:
+class PoseEstimator(_TransformersVisionModel):
     """Finds people's keypoints with a transformers ViTPose model (COCO-17), in the person boxes it is given.
 
     ViTPose is top-down: it needs a box per person. With a ``detector`` the boxes are its person detections;
@@ -506,12 +520,11 @@ class PoseEstimator:
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, detector: PersonDetector | None = None):
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor)
         self.detector = detector
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PoseEstimator:
-        self.model.to(device=device, dtype=dtype)
+        super().to(device, dtype)
         if self.detector is not None:
             self.detector.to(device, dtype)
         return self
@@ -531,11 +544,7 @@ class PoseEstimator:
         if not xyxy:
             return []
         coco_boxes = [[[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in xyxy]]
-        parameter = next(self.model.parameters())
-        inputs = self.processor(image, boxes=coco_boxes, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=pixel_values)
+        outputs = self._run(self.processor(image, boxes=coco_boxes, return_tensors="pt"))
         outputs.heatmaps = outputs.heatmaps.float()
         results = self.processor.post_process_pose_estimation(outputs, boxes=coco_boxes)[0]
         return [
@@ -568,27 +577,30 @@ def pose_map(
 # ------------------------------------------------------------------------------------------------ depth
 
 
-class DepthEstimator:
-    """Relative depth with a transformers depth model (DPT, Depth Anything), drawn as near = white."""
+class DepthEstimator(_TransformersVisionModel):
+    """Depth with a transformers depth model (DPT, Depth Anything, ...), as inverse depth: near = large.
+
+    Relative models (MiDaS DPT, Depth Anything "relative") already predict inverse depth; metric ones
+    (Depth Anything "metric", ZoeDepth, GLPN, Depth Pro) predict distance, which is inverted here, so that
+    the depth map is near = white whichever model ``PHOTOMAKER_DEPTH_MODEL`` names.
+    """
 
     def __init__(self, model: torch.nn.Module, processor: Any):
-        self.model = model
-        self.processor = processor
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DepthEstimator:
-        self.model.to(device=device, dtype=dtype)
-        return self
+        super().__init__(model, processor)
+        config = model.config
+        self.predicts_distance = (
+            getattr(config, "depth_estimation_type", None) == "metric"
+            or config.model_type in METRIC_DEPTH_MODEL_TYPES
+        )
 
     def estimate(self, image: Image.Image) -> np.ndarray:
-        """(height, width) float32 relative inverse depth (larger = nearer), at the image's size."""
+        """(height, width) float32 inverse depth (larger = nearer, relative scale), at the image's size."""
         image = image.convert("RGB")
-        parameter = next(self.model.parameters())
-        inputs = self.processor(images=image, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=pixel_values)
+        outputs = self._run(self.processor(images=image, return_tensors="pt"))
         depth = outputs.predicted_depth.float().unsqueeze(1)
         depth = torch.nn.functional.interpolate(depth, size=(image.height, image.width), mode="bicubic")
+        if self.predicts_distance:
+            depth = 1.0 / depth.clamp_min(MIN_DISTANCE)
         return depth[0, 0].cpu().numpy()
 
 

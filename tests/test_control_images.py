@@ -433,3 +433,23 @@ def test_control_images_from_files_get_the_upload_limits_and_keep_a_canvas_s_alp
     expected = np.zeros((16, 16), dtype=np.uint8)
     expected[4:8, 4:8] = 255
     np.testing.assert_array_equal(np.asarray(prepare_mask(str(path), 16, 16).image), expected)
+
+
+@pytest.mark.parametrize("depth_estimation_type", ["relative", "metric"])
+def test_depth_map_is_near_bright_whether_the_model_predicts_inverse_depth_or_distance(
+    depth_estimation_type, tmp_path
+):
+    import torch
+
+    from photomaker.control_models import ControlModelRegistry
+    from photomaker.testing_control import save_tiny_depth_model
+
+    folder = save_tiny_depth_model(tmp_path, depth_estimation_type=depth_estimation_type)
+    estimator = ControlModelRegistry(overrides={"depth_estimator": folder}).depth_estimator()
+    photo = Image.open(EXAMPLES / "grace_hopper.jpg").convert("RGB").resize((40, 50))
+    with torch.inference_mode():
+        predicted = estimator.model(**estimator.processor(images=photo, return_tensors="pt")).predicted_depth
+    predicted = torch.nn.functional.interpolate(predicted[:, None], size=(50, 40), mode="bicubic")[0, 0].numpy()
+    nearness = predicted if depth_estimation_type == "relative" else 1.0 / np.maximum(predicted, 1e-3)
+    expected = (nearness - nearness.min()) / (nearness.max() - nearness.min()) * 255.0
+    np.testing.assert_allclose(np.asarray(depth_map(photo, estimator))[..., 0], expected, atol=1.0)
