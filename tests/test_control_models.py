@@ -222,3 +222,36 @@ def test_ip_adapter_loads_into_a_pipeline_once_and_takes_its_scale(tmp_path):
     registry.load_ip_adapter(pipe, scale=0.3)
     assert pipe.unet.encoder_hid_proj is projection  # kept, not loaded a second time
     assert all(p.scale == [0.3] for p in ip_processors)
+
+
+def test_a_model_loading_holds_up_neither_loaded_models_nor_to_and_loads_once(
+    controlnet_dir, adapter_dir, monkeypatch
+):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from photomaker import control_models
+
+    started, release = threading.Event(), threading.Event()
+    loads = []
+    load_adapter = control_models._LOADERS["t2i_adapter"]
+
+    def slow_download(model_id, dtype):  # the real loader, after a wait standing in for a long download
+        loads.append(model_id)
+        started.set()
+        assert release.wait(10)
+        return load_adapter(model_id, dtype)
+
+    monkeypatch.setitem(control_models._LOADERS, "t2i_adapter", slow_download)
+    registry = ControlModelRegistry(overrides={"canny": controlnet_dir, "sketch": adapter_dir})
+    canny = registry.control_model("canny")
+    with ThreadPoolExecutor(3) as pool:
+        adapters = [pool.submit(registry.control_model, "sketch") for _ in range(2)]
+        assert started.wait(10)
+        assert pool.submit(registry.control_model, "canny").result(timeout=5) is canny
+        pool.submit(registry.to, "cpu", torch.bfloat16).result(timeout=5)
+        release.set()
+        first, second = (future.result(timeout=30) for future in adapters)
+    assert first is second and loads == [str(adapter_dir)]
+    assert {p.dtype for p in first.parameters()} == {torch.bfloat16}  # the move during its load applies
+    assert {p.dtype for p in canny.parameters()} == {torch.bfloat16}
