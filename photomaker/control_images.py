@@ -317,6 +317,8 @@ def face_mask(
         raise MaskError(f"the face box {tuple(face_bbox)} is empty: x1 must exceed x0 and y1 must exceed y0")
     if grow < 0 or feather < 0:
         raise MaskError(f"grow and feather must be >= 0, got grow={grow}, feather={feather}")
+    if region not in ("face", "face_and_hair"):
+        raise MaskError(f"unknown face mask region {region!r}; use 'face' or 'face_and_hair'")
     top_extra = 0.6 if region == "face_and_hair" else 0.0
     side_extra = 0.25 if region == "face_and_hair" else 0.0
     box = (
@@ -354,7 +356,7 @@ def mask_face(
             "no face was found in the target photo, so 'mask the face' has nothing to mask: draw the mask "
             "yourself, or use a photo where the face is visible and at least about 80 pixels wide"
         )
-    largest = max(faces, key=lambda face: face.area)
+    largest = faces[0]  # analyzers return faces largest first
     return face_mask(photo.size, largest.bbox, region=region, grow=grow, feather=feather)
 
 
@@ -426,28 +428,6 @@ def draw_openpose(
             if visible[index]:
                 cv2.circle(canvas, (round(x), round(y)), keypoint_radius, OPENPOSE_COLORS[index], -1)
     return Image.fromarray(canvas)
-
-
-def person_box_from_face(
-    face_bbox: Sequence[float], image_size: tuple[int, int]
-) -> tuple[float, float, float, float]:
-    """A person box (x0, y0, x1, y1) guessed from a face box, for pose estimation without a person detector.
-
-    Adult proportions: shoulders span about three face widths and a standing body about eight face heights
-    below the top of the head; the box is clipped to the image, so a portrait gets head and shoulders.
-    """
-    width, height = image_size
-    x0, y0, x1, y1 = (float(v) for v in face_bbox)
-    face_w, face_h = x1 - x0, y1 - y0
-    if face_w <= 0 or face_h <= 0:
-        raise ControlImageError(f"the face box {tuple(face_bbox)} is empty: x1 must exceed x0 and y1 must exceed y0")
-    centre_x = (x0 + x1) / 2
-    return (
-        max(0.0, centre_x - 2.0 * face_w),
-        max(0.0, y0 - 0.3 * face_h),
-        min(float(width), centre_x + 2.0 * face_w),
-        min(float(height), y0 + 8.0 * face_h),
-    )
 
 
 def looks_like_pose_skeleton(image: Image.Image) -> bool:

@@ -22,7 +22,6 @@ from photomaker.control_images import (
     fit_to_size,
     looks_like_pose_skeleton,
     mask_face,
-    person_box_from_face,
     pose_map,
     prepare_control_image,
     prepare_mask,
@@ -211,13 +210,6 @@ def test_limb_thickness_follows_openpose_s_4_px_per_512():
         assert np.count_nonzero(pixels[:, 250].any(axis=-1)) == 2 * half_width + 1
 
 
-def test_person_box_from_face_spans_shoulders_and_body_clipped_to_the_image():
-    assert person_box_from_face((40, 20, 60, 45), (200, 400)) == (10.0, 12.5, 90.0, 220.0)
-    assert person_box_from_face((10, 5, 50, 45), (100, 100)) == (0.0, 0.0, 100.0, 100.0)
-    with pytest.raises(ControlImageError, match="face box"):
-        person_box_from_face((50, 5, 10, 45), (100, 100))
-
-
 def test_low_scoring_keypoints_and_their_limbs_are_left_out():
     points = np.array([[10 + 2 * i, 32] for i in range(18)], dtype=np.float32)
     points[1], points[2] = (10, 32), (54, 32)
@@ -319,6 +311,8 @@ def test_face_mask_covers_the_grown_face_box_and_feathers_outwards():
     assert hair[30, 50] == 255 and mask[30, 50] == 0  # hair extends upwards only with face_and_hair
     with pytest.raises(MaskError, match="face box"):
         face_mask((100, 100), (60, 40, 40, 60))
+    with pytest.raises(MaskError, match="unknown face mask region 'hair'"):
+        face_mask((100, 100), (40, 40, 60, 60), region="hair")
 
 
 @pytest.mark.parametrize("name", ["astronaut.png", "grace_hopper.jpg"])

@@ -158,21 +158,23 @@ def test_ip_adapter_offline_explains_itself(monkeypatch):
     assert "h94/IP-Adapter" in message and "PHOTOMAKER_IP_ADAPTER" in message and "HF_HUB_OFFLINE" in message
 
 
+def _registry_with_a_person_detector(folder, labels):
+    from photomaker.testing_control import save_tiny_person_detector, save_tiny_pose_model
+
+    return ControlModelRegistry(
+        overrides={
+            "pose_estimator": save_tiny_pose_model(folder / "pose"),
+            "person_detector": save_tiny_person_detector(folder / "detector", labels=labels),
+        }
+    )
+
+
 def test_pose_estimator_uses_only_the_detector_s_person_boxes(tmp_path):
     from PIL import Image
 
     from photomaker.control_images import PersonDetector
-    from photomaker.testing_control import (
-        save_tiny_person_detector,
-        save_tiny_pose_model,
-    )
 
-    registry = ControlModelRegistry(
-        overrides={
-            "pose_estimator": save_tiny_pose_model(tmp_path / "pose"),
-            "person_detector": save_tiny_person_detector(tmp_path / "detector", labels=("person", "car")),
-        }
-    )
+    registry = _registry_with_a_person_detector(tmp_path, labels=("person", "car"))
     estimator = registry.pose_estimator()
     assert isinstance(estimator.detector, PersonDetector)
     assert registry.loaded() == ("person_detector", "pose_estimator")
@@ -191,17 +193,7 @@ def test_pose_estimator_uses_only_the_detector_s_person_boxes(tmp_path):
 
 
 def test_a_detector_without_a_person_class_is_refused(tmp_path):
-    from photomaker.testing_control import (
-        save_tiny_person_detector,
-        save_tiny_pose_model,
-    )
-
-    registry = ControlModelRegistry(
-        overrides={
-            "pose_estimator": save_tiny_pose_model(tmp_path / "pose"),
-            "person_detector": save_tiny_person_detector(tmp_path / "detector", labels=("car", "bus")),
-        }
-    )
+    registry = _registry_with_a_person_detector(tmp_path, labels=("car", "bus"))
     with pytest.raises(ControlModelUnavailableError, match="has no 'person' class"):
         registry.pose_estimator()
 
