@@ -215,10 +215,16 @@ def sketch_to_adapter_input(
     """The T2I sketch adapter's input: white strokes on black, binarised at 0.5, 3 channels.
 
     ``drawing`` is dark strokes on a light background, light strokes on a dark one (an adapter input made
-    elsewhere), a transparent canvas (strokes in alpha), or an ImageEditor dict. Raises
-    :class:`ControlImageError` when there is no stroke.
+    elsewhere), a transparent canvas (strokes in alpha), or an ImageEditor dict, whose painted layers are
+    the strokes whatever their colour and whatever the background (an uploaded drawing without painted
+    layers is read as a drawing). Raises :class:`ControlImageError` when there is no stroke.
     """
-    mask = stroke_mask(flatten_drawing(drawing), strokes="sparse")
+    layers = _layers(drawing) if isinstance(drawing, Mapping) else []
+    painted = _painted_strokes(layers, drawing.get("background")) if layers else None
+    if painted is not None and painted.any():
+        mask = painted
+    else:
+        mask = stroke_mask(flatten_drawing(drawing), strokes="sparse")
     grey = Image.fromarray((mask * 255.0).round().astype(np.uint8), mode="L")
     notes: list[str] = []
     if width is not None and height is not None:

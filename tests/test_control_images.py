@@ -447,3 +447,15 @@ def test_depth_map_is_near_bright_whether_the_model_predicts_inverse_depth_or_di
     nearness = predicted if depth_estimation_type == "relative" else 1.0 / np.maximum(predicted, 1e-3)
     expected = (nearness - nearness.min()) / (nearness.max() - nearness.min()) * 255.0
     np.testing.assert_allclose(np.asarray(depth_map(photo, estimator))[..., 0], expected, atol=1.0)
+
+
+def test_a_sketch_painted_over_a_background_photo_is_its_strokes_whatever_their_colour():
+    photo = Image.open(EXAMPLES / "astronaut.png").convert("RGB").resize((32, 32))
+    layer = np.zeros((32, 32, 4), dtype=np.uint8)
+    layer[10, 4:28] = (255, 230, 0, 255)  # a yellow brush: too light to count as a dark stroke
+    composite = photo.convert("RGBA")
+    composite.alpha_composite(Image.fromarray(layer, "RGBA"))
+    value = {"background": photo, "layers": [Image.fromarray(layer, "RGBA")], "composite": composite}
+    expected = np.zeros((32, 32), dtype=np.uint8)
+    expected[10, 4:28] = 255
+    np.testing.assert_array_equal(np.asarray(sketch_to_adapter_input(value).image)[..., 0], expected)
