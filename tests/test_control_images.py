@@ -459,3 +459,12 @@ def test_a_sketch_painted_over_a_background_photo_is_its_strokes_whatever_their_
     expected = np.zeros((32, 32), dtype=np.uint8)
     expected[10, 4:28] = 255
     np.testing.assert_array_equal(np.asarray(sketch_to_adapter_input(value).image)[..., 0], expected)
+
+
+def test_a_phone_photo_s_exif_rotation_is_applied_before_fitting(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored landscape, shown rotated 90 degrees (portrait)
+    _square_image(64).resize((64, 32)).save(path, exif=exif)
+    result = prepare_control_image("canny", str(path), 32, 64)
+    assert result.image.size == (32, 64) and result.notes == ()  # portrait as shown: nothing cropped
