@@ -70,7 +70,8 @@ def load_image(
     if isinstance(source, np.ndarray):
         return _from_array(source, name or "the image array", max_pixels, channels_first=False, keep_alpha=keep_alpha)
     if _is_torch_tensor(source):
-        return _from_array(_tensor_to_numpy(source), name or "the image tensor", max_pixels, channels_first=True)
+        label = name or "the image tensor"
+        return _from_array(_tensor_to_numpy(source), label, max_pixels, channels_first=True, keep_alpha=keep_alpha)
     if hasattr(source, "read"):
         label = name or _file_label(source)
         data = source.read(max_bytes + 1)
