@@ -177,6 +177,8 @@ class ControlModelRegistry:
         """Guards ``_models``, ``_loading``, ``device`` and ``dtype``; never held while a model loads."""
         self._loading: dict[str, threading.Lock] = {}
         """One lock per key, held while that model loads, so that concurrent first requests load it once."""
+        self._ip_adapter_lock = threading.Lock()
+        """Held while an IP-Adapter loads into a pipeline, so that two first requests do not both load it."""
 
     def model_id(self, key: str) -> str:
         return resolve_model_id(key, self.overrides.get(key))
@@ -194,15 +196,16 @@ class ControlModelRegistry:
         The IP-Adapter lives inside the pipeline (its UNet's attention processors and image encoder), so it is
         loaded with diffusers' ``pipe.load_ip_adapter`` rather than kept here.
         """
-        if getattr(pipe.unet, "encoder_hid_proj", None) is None:
-            source = self.ip_adapter_source()
-            logger.info("Loading the IP-Adapter %s", source)
-            try:
-                pipe.load_ip_adapter(**source.load_kwargs(), **_hub_kwargs())
-            except (OSError, ValueError) as exc:
-                raise unavailable_error("ip_adapter", source.location, exc) from exc
-        if scale is not None:
-            pipe.set_ip_adapter_scale(scale)
+        with self._ip_adapter_lock:
+            if getattr(pipe.unet, "encoder_hid_proj", None) is None:
+                source = self.ip_adapter_source()
+                logger.info("Loading the IP-Adapter %s", source)
+                try:
+                    pipe.load_ip_adapter(**source.load_kwargs(), **_hub_kwargs())
+                except (OSError, ValueError) as exc:
+                    raise unavailable_error("ip_adapter", source.location, exc) from exc
+            if scale is not None:
+                pipe.set_ip_adapter_scale(scale)
 
     def control_model(self, control_type: str) -> torch.nn.Module:
         """The ControlNet ("pose", "canny", "depth") or T2I-Adapter ("sketch") for a control type."""

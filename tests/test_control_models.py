@@ -247,3 +247,31 @@ def test_a_model_loading_holds_up_neither_loaded_models_nor_to_and_loads_once(
     assert first is second and loads == [str(adapter_dir)]
     assert {p.dtype for p in first.parameters()} == {torch.bfloat16}  # the move during its load applies
     assert {p.dtype for p in canny.parameters()} == {torch.bfloat16}
+
+
+def test_two_first_requests_load_the_ip_adapter_into_a_pipeline_once(tmp_path):
+    import threading
+    import time
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from photomaker.testing import tiny_sdxl_components
+    from photomaker.testing_control import save_tiny_ip_adapter
+
+    registry = ControlModelRegistry(overrides={"ip_adapter": save_tiny_ip_adapter(tmp_path / "ip")})
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components())
+    loads = []
+    load_ip_adapter = pipe.load_ip_adapter
+
+    def slow_load(*args, **kwargs):  # the real load, after a pause in which a second request arrives
+        loads.append(kwargs["pretrained_model_name_or_path_or_dict"])
+        time.sleep(0.3)
+        return load_ip_adapter(*args, **kwargs)
+
+    pipe.load_ip_adapter = slow_load
+    threads = [threading.Thread(target=registry.load_ip_adapter, args=(pipe, 0.5)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(loads) == 1 and pipe.unet.encoder_hid_proj is not None
