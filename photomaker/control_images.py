@@ -13,9 +13,7 @@ resized image (``fit="pad"``, keeps everything; black means "no control" for edg
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,9 +25,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from photomaker.errors import (
     ControlImageError,
     ControlModelUnavailableError,
+    IDImageError,
     MaskError,
     NoFaceError,
 )
+from photomaker.images import load_image
 
 if TYPE_CHECKING:
     from photomaker.faces import FaceAnalyzer
@@ -71,6 +71,10 @@ OPENPOSE_COLORS: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 """RGB colour of keypoint ``i`` and of limb ``i``; limbs are drawn at 60 % of it, keypoints at full strength."""
 LIMB_COLOR_FACTOR = 0.6
+METRIC_DEPTH_MODEL_TYPES = frozenset({"zoedepth", "glpn", "depth_pro", "prompt_depth_anything"})
+"""transformers depth models whose ``predicted_depth`` is a distance (far = large), not inverse depth."""
+MIN_DISTANCE = 1e-3
+"""Distances are clamped to this before inverting (bicubic upsampling can undershoot to zero or below)."""
 OPENPOSE_STROKE_PER_512 = 4
 """OpenPose maps are drawn with 4 px limbs and dots on a 512 px (short side) canvas; larger maps scale them."""
 
@@ -163,7 +167,7 @@ def canny_edges(
 
 
 def flatten_drawing(value: Any, what: str = "the drawing") -> Image.Image:
-    """One image from a drawing: a PIL image, an array, or a Gradio ImageEditor dict.
+    """One image from a drawing: a PIL image, an array, a path, or a Gradio ImageEditor/Sketchpad dict.
 
     For the editor's ``{"background", "layers", "composite"}`` the composite is used when present, else the
     layers are composited over the background; either keeps the alpha channel, which holds the strokes when
@@ -173,7 +177,7 @@ def flatten_drawing(value: Any, what: str = "the drawing") -> Image.Image:
         composite = value.get("composite")
         if composite is not None:
             return _as_image(composite, "the canvas's composite")
-        layers = [_as_image(layer, "a canvas layer").convert("RGBA") for layer in value.get("layers") or ()]
+        layers = _layers(value)
         background = value.get("background")
         if background is None and not layers:
             raise ControlImageError("the canvas is empty: draw on it or upload an image")
@@ -188,18 +192,20 @@ def flatten_drawing(value: Any, what: str = "the drawing") -> Image.Image:
     return _as_image(value, what)
 
 
-def stroke_mask(drawing: Image.Image, *, strokes: Literal["dark", "light"] = "dark") -> np.ndarray:
+def stroke_mask(drawing: Image.Image, *, strokes: Literal["dark", "light", "sparse"] = "dark") -> np.ndarray:
     """Where the drawing has strokes, as floats in [0, 1] (1 = stroke).
 
     An image whose alpha channel is not fully opaque is a canvas layer: its strokes are the alpha. Otherwise
-    the strokes are the dark pixels (a pencil drawing) or, with ``strokes="light"``, the light ones (a mask
-    painted white).
+    the strokes are the dark pixels (a pencil drawing), the light ones (a mask painted white), or, with
+    ``"sparse"``, whichever of the two covers less of a sketch (its background is the majority).
     """
     if drawing.mode in ("RGBA", "LA", "PA") or "transparency" in drawing.info:
         alpha = np.asarray(drawing.convert("RGBA"))[..., 3]
         if alpha.min() < 255:
             return alpha.astype(np.float32) / 255.0
     luminance = np.asarray(drawing.convert("L")).astype(np.float32) / 255.0
+    if strokes == "sparse":
+        strokes = "light" if luminance.mean() < 0.5 else "dark"
     return 1.0 - luminance if strokes == "dark" else luminance
 
 
@@ -208,10 +214,17 @@ def sketch_to_adapter_input(
 ) -> ControlImage:
     """The T2I sketch adapter's input: white strokes on black, binarised at 0.5, 3 channels.
 
-    ``drawing`` is dark strokes on a light background, a transparent canvas (strokes in alpha), or an
-    ImageEditor dict. Raises :class:`ControlImageError` when there is no stroke.
+    ``drawing`` is dark strokes on a light background, light strokes on a dark one (an adapter input made
+    elsewhere), a transparent canvas (strokes in alpha), or an ImageEditor dict, whose painted layers are
+    the strokes whatever their colour and whatever the background (an uploaded drawing without painted
+    layers is read as a drawing). Raises :class:`ControlImageError` when there is no stroke.
     """
-    mask = stroke_mask(flatten_drawing(drawing), strokes="dark")
+    layers = _layers(drawing) if isinstance(drawing, Mapping) else []
+    painted = _painted_strokes(layers, drawing.get("background")) if layers else None
+    if painted is not None and painted.any():
+        mask = painted
+    else:
+        mask = stroke_mask(flatten_drawing(drawing), strokes="sparse")
     grey = Image.fromarray((mask * 255.0).round().astype(np.uint8), mode="L")
     notes: list[str] = []
     if width is not None and height is not None:
@@ -232,7 +245,8 @@ def check_mask(mask: Image.Image) -> Image.Image:
     selected = grey >= 128
     if not selected.any():
         raise MaskError(
-            "the mask is empty (all black): paint the region to regenerate in white, or use 'mask the face'"
+            "the mask is empty (nothing painted, or all black): paint the region to regenerate (white on a "
+            "black mask image), or use 'mask the face'"
         )
     if selected.all():
         raise MaskError(
@@ -247,12 +261,12 @@ def prepare_mask(mask: Any, width: int, height: int, *, fit: FitMode = "crop") -
 
     Accepts a white-on-black image, a transparent canvas whose strokes are in alpha, or an ImageEditor dict.
     For the dict, the strokes painted on its layers are the mask (the background is the target photo the
-    user painted over); without painted layers, the background itself is read as a mask image.
+    user painted over, never a mask); a dict without layers carries an uploaded mask image as its background.
     Raises :class:`MaskError` for an empty or all-white mask.
     """
-    painted = _painted_layers(mask) if isinstance(mask, Mapping) else None
-    if painted is not None:
-        values = painted
+    layers = _layers(mask) if isinstance(mask, Mapping) else []
+    if layers:
+        values = _painted_strokes(layers, mask.get("background"))
     else:
         source = mask.get("background") if isinstance(mask, Mapping) else mask
         if source is None:
@@ -263,16 +277,28 @@ def prepare_mask(mask: Any, width: int, height: int, *, fit: FitMode = "crop") -
     return ControlImage(check_mask(grey), (note,) if note else ())
 
 
-def _painted_layers(value: Mapping[str, Any]) -> np.ndarray | None:
-    """The union of an ImageEditor value's layer alphas in [0, 1], or None when nothing was painted."""
-    layers = [_as_image(layer, "a canvas layer").convert("RGBA") for layer in value.get("layers") or ()]
-    if not layers:
-        return None
-    background = value.get("background")
+def _layers(value: Mapping[str, Any]) -> list[Image.Image]:
+    """An ImageEditor value's layers as RGBA, transparent where nothing was painted.
+
+    An editor with ``image_mode="RGB"`` drops the layers' alpha and leaves black where the layer was
+    transparent, so a layer without alpha counts its non-black pixels as painted.
+    """
+    layers = []
+    for raw in value.get("layers") or ():
+        layer = _as_image(raw, "a canvas layer")
+        if layer.mode != "RGBA":
+            rgb = np.asarray(layer.convert("RGB"))
+            alpha = np.where(rgb.any(axis=-1), 255, 0).astype(np.uint8)
+            layer = Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
+        layers.append(layer)
+    return layers
+
+
+def _painted_strokes(layers: Sequence[Image.Image], background: Any) -> np.ndarray:
+    """The union of an ImageEditor value's painted strokes in [0, 1], at the background's size."""
     size = _as_image(background, "the canvas's background").size if background is not None else layers[0].size
     alphas = [np.asarray(layer.resize(size) if layer.size != size else layer)[..., 3] for layer in layers]
-    union = np.max(alphas, axis=0)
-    return union.astype(np.float32) / 255.0 if union.any() else None
+    return np.max(alphas, axis=0).astype(np.float32) / 255.0
 
 
 def face_mask(
@@ -297,6 +323,8 @@ def face_mask(
         raise MaskError(f"the face box {tuple(face_bbox)} is empty: x1 must exceed x0 and y1 must exceed y0")
     if grow < 0 or feather < 0:
         raise MaskError(f"grow and feather must be >= 0, got grow={grow}, feather={feather}")
+    if region not in ("face", "face_and_hair"):
+        raise MaskError(f"unknown face mask region {region!r}; use 'face' or 'face_and_hair'")
     top_extra = 0.6 if region == "face_and_hair" else 0.0
     side_extra = 0.25 if region == "face_and_hair" else 0.0
     box = (
@@ -334,7 +362,7 @@ def mask_face(
             "no face was found in the target photo, so 'mask the face' has nothing to mask: draw the mask "
             "yourself, or use a photo where the face is visible and at least about 80 pixels wide"
         )
-    largest = max(faces, key=lambda face: face.area)
+    largest = faces[0]  # analyzers return faces largest first
     return face_mask(photo.size, largest.bbox, region=region, grow=grow, feather=feather)
 
 
@@ -384,9 +412,13 @@ def draw_openpose(
     stick_width = stick_width or default_stroke
     keypoint_radius = keypoint_radius or default_stroke
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    for points, scores in people:
-        visible = np.asarray(scores) >= score_threshold
-        points = np.asarray(points, dtype=np.float64).tolist()  # Python floats: round() gives ints
+    # Python floats (tolist), so that round() gives the ints OpenCV wants.
+    skeletons = [
+        (np.asarray(points, dtype=np.float64).tolist(), np.asarray(scores) >= score_threshold)
+        for points, scores in people
+    ]
+    # Every person's limbs first, then every keypoint, so no limb covers anyone's joints (as OpenPose draws).
+    for points, visible in skeletons:
         for limb_index, (a, b) in enumerate(OPENPOSE_LIMBS):
             if not (visible[a] and visible[b]):
                 continue
@@ -397,32 +429,11 @@ def draw_openpose(
             polygon = cv2.ellipse2Poly(centre, (round(length / 2), stick_width), round(angle), 0, 360, 1)
             color = tuple(int(c * LIMB_COLOR_FACTOR) for c in OPENPOSE_COLORS[limb_index])
             cv2.fillConvexPoly(canvas, polygon, color)
+    for points, visible in skeletons:
         for index, (x, y) in enumerate(points):
             if visible[index]:
                 cv2.circle(canvas, (round(x), round(y)), keypoint_radius, OPENPOSE_COLORS[index], -1)
     return Image.fromarray(canvas)
-
-
-def person_box_from_face(
-    face_bbox: Sequence[float], image_size: tuple[int, int]
-) -> tuple[float, float, float, float]:
-    """A person box (x0, y0, x1, y1) guessed from a face box, for pose estimation without a person detector.
-
-    Adult proportions: shoulders span about three face widths and a standing body about eight face heights
-    below the top of the head; the box is clipped to the image, so a portrait gets head and shoulders.
-    """
-    width, height = image_size
-    x0, y0, x1, y1 = (float(v) for v in face_bbox)
-    face_w, face_h = x1 - x0, y1 - y0
-    if face_w <= 0 or face_h <= 0:
-        raise ControlImageError(f"the face box {tuple(face_bbox)} is empty: x1 must exceed x0 and y1 must exceed y0")
-    centre_x = (x0 + x1) / 2
-    return (
-        max(0.0, centre_x - 2.0 * face_w),
-        max(0.0, y0 - 0.3 * face_h),
-        min(float(width), centre_x + 2.0 * face_w),
-        min(float(height), y0 + 8.0 * face_h),
-    )
 
 
 def looks_like_pose_skeleton(image: Image.Image) -> bool:
@@ -439,7 +450,26 @@ def looks_like_pose_skeleton(image: Image.Image) -> bool:
     return float((saturation > 0.6).mean()) > 0.8
 
 
-class PersonDetector:
+class _TransformersVisionModel:
+    """A transformers vision model with its image processor, run on the model's own device and dtype."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> _TransformersVisionModel:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def _run(self, inputs: Mapping[str, torch.Tensor]) -> Any:
+        """The model's output for the processor's ``pixel_values``, moved to where the model's weights are."""
+        parameter = next(self.model.parameters())
+        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
+        with torch.inference_mode():
+            return self.model(pixel_values=pixel_values)
+
+
+class PersonDetector(_TransformersVisionModel):
     """Finds people with a transformers object detector (e.g. RT-DETR on COCO), for top-down pose models."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, threshold: float = 0.5):
@@ -449,22 +479,13 @@ class PersonDetector:
                 f"the person detector {model.config.name_or_path!r} has no 'person' class: use a COCO detector "
                 "(PHOTOMAKER_PERSON_DETECTOR), or 'none' to take the whole photo as the person's box"
             )
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor)
         self.threshold = threshold
         self.person_labels = {index for index, name in labels.items() if name == "person"}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PersonDetector:
-        self.model.to(device=device, dtype=dtype)
-        return self
-
     def detect(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
         """(x0, y0, x1, y1) of each person scoring at least ``threshold``, most confident first."""
-        parameter = next(self.model.parameters())
-        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=pixel_values)
+        outputs = self._run(self.processor(images=image.convert("RGB"), return_tensors="pt"))
         outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
         result = self.processor.post_process_object_detection(
             outputs, threshold=self.threshold, target_sizes=[(image.height, image.width)]
@@ -477,7 +498,7 @@ class PersonDetector:
         return [box for _, box in sorted(people, key=lambda item: -item[0])]
 
 
-class PoseEstimator:
+class PoseEstimator(_TransformersVisionModel):
     """Finds people's keypoints with a transformers ViTPose model (COCO-17), in the person boxes it is given.
 
     ViTPose is top-down: it needs a box per person. With a ``detector`` the boxes are its person detections;
@@ -485,12 +506,11 @@ class PoseEstimator:
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, detector: PersonDetector | None = None):
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor)
         self.detector = detector
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PoseEstimator:
-        self.model.to(device=device, dtype=dtype)
+        super().to(device, dtype)
         if self.detector is not None:
             self.detector.to(device, dtype)
         return self
@@ -510,11 +530,7 @@ class PoseEstimator:
         if not xyxy:
             return []
         coco_boxes = [[[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in xyxy]]
-        parameter = next(self.model.parameters())
-        inputs = self.processor(image, boxes=coco_boxes, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=pixel_values)
+        outputs = self._run(self.processor(image, boxes=coco_boxes, return_tensors="pt"))
         outputs.heatmaps = outputs.heatmaps.float()
         results = self.processor.post_process_pose_estimation(outputs, boxes=coco_boxes)[0]
         return [
@@ -547,27 +563,30 @@ def pose_map(
 # ------------------------------------------------------------------------------------------------ depth
 
 
-class DepthEstimator:
-    """Relative depth with a transformers depth model (DPT, Depth Anything), drawn as near = white."""
+class DepthEstimator(_TransformersVisionModel):
+    """Depth with a transformers depth model (DPT, Depth Anything, ...), as inverse depth: near = large.
+
+    Relative models (MiDaS DPT, Depth Anything "relative") already predict inverse depth; metric ones
+    (Depth Anything "metric", ZoeDepth, GLPN, Depth Pro) predict distance, which is inverted here, so that
+    the depth map is near = white whichever model ``PHOTOMAKER_DEPTH_MODEL`` names.
+    """
 
     def __init__(self, model: torch.nn.Module, processor: Any):
-        self.model = model
-        self.processor = processor
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DepthEstimator:
-        self.model.to(device=device, dtype=dtype)
-        return self
+        super().__init__(model, processor)
+        config = model.config
+        self.predicts_distance = (
+            getattr(config, "depth_estimation_type", None) == "metric"
+            or config.model_type in METRIC_DEPTH_MODEL_TYPES
+        )
 
     def estimate(self, image: Image.Image) -> np.ndarray:
-        """(height, width) float32 relative inverse depth (larger = nearer), at the image's size."""
+        """(height, width) float32 inverse depth (larger = nearer, relative scale), at the image's size."""
         image = image.convert("RGB")
-        parameter = next(self.model.parameters())
-        inputs = self.processor(images=image, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=pixel_values)
+        outputs = self._run(self.processor(images=image, return_tensors="pt"))
         depth = outputs.predicted_depth.float().unsqueeze(1)
         depth = torch.nn.functional.interpolate(depth, size=(image.height, image.width), mode="bicubic")
+        if self.predicts_distance:
+            depth = 1.0 / depth.clamp_min(MIN_DISTANCE)
         return depth[0, 0].cpu().numpy()
 
 
@@ -624,19 +643,8 @@ def prepare_control_image(
 
 
 def _as_image(value: Any, what: str) -> Image.Image:
-    """A PIL image from PIL, a uint8 array, a path or bytes; unlike ``load_image`` it keeps the alpha channel."""
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype != np.uint8:
-            raise ControlImageError(f"{what} as an array must be uint8 (0-255), got {value.dtype}")
-        return Image.fromarray(value)
-    if isinstance(value, (str, bytes, os.PathLike)):
-        source = io.BytesIO(value) if isinstance(value, bytes) else value
-        try:
-            with Image.open(source) as opened:
-                opened.load()
-                return opened.copy()
-        except (OSError, ValueError) as exc:
-            raise ControlImageError(f"{what} cannot be read as an image ({exc}); use a PNG or JPEG file") from exc
-    raise ControlImageError(f"{what} must be an image (PIL, uint8 array, file path), got {type(value).__name__}")
+    """A decoded image with ``load_image``'s limits, keeping the alpha channel that holds a canvas's strokes."""
+    try:
+        return load_image(value, name=what, keep_alpha=True)
+    except IDImageError as exc:
+        raise ControlImageError(str(exc)) from exc

@@ -151,8 +151,10 @@ def unavailable_error(key: str, model_id: str, exc: BaseException) -> ControlMod
 class ControlModelRegistry:
     """Loads each control model on first use, keeps it, and moves the loaded ones with the pipeline.
 
-    Thread-safe: concurrent first requests for one model load it once. ``to(device, dtype)`` moves every
-    loaded model and sets where later ones load; call it whenever the pipeline moves (offload included).
+    Thread-safe: concurrent first requests for one model load it once, while models already loaded stay
+    available (a multi-GB download of one does not hold up requests for another). ``to(device, dtype)`` moves
+    every loaded model and sets where later ones load, a load in progress included; call it whenever the
+    pipeline moves (offload included).
     """
 
     def __init__(
@@ -172,6 +174,11 @@ class ControlModelRegistry:
         self.overrides = dict(overrides or {})
         self._models: dict[str, Any] = {}
         self._lock = threading.Lock()
+        """Guards ``_models``, ``_loading``, ``device`` and ``dtype``; never held while a model loads."""
+        self._loading: dict[str, threading.Lock] = {}
+        """One lock per key, held while that model loads, so that concurrent first requests load it once."""
+        self._ip_adapter_lock = threading.Lock()
+        """Held while an IP-Adapter loads into a pipeline, so that two first requests do not both load it."""
 
     def model_id(self, key: str) -> str:
         return resolve_model_id(key, self.overrides.get(key))
@@ -189,15 +196,16 @@ class ControlModelRegistry:
         The IP-Adapter lives inside the pipeline (its UNet's attention processors and image encoder), so it is
         loaded with diffusers' ``pipe.load_ip_adapter`` rather than kept here.
         """
-        if getattr(pipe.unet, "encoder_hid_proj", None) is None:
-            source = self.ip_adapter_source()
-            logger.info("Loading the IP-Adapter %s", source)
-            try:
-                pipe.load_ip_adapter(**source.load_kwargs(), **_hub_kwargs())
-            except (OSError, ValueError) as exc:
-                raise unavailable_error("ip_adapter", source.location, exc) from exc
-        if scale is not None:
-            pipe.set_ip_adapter_scale(scale)
+        with self._ip_adapter_lock:
+            if getattr(pipe.unet, "encoder_hid_proj", None) is None:
+                source = self.ip_adapter_source()
+                logger.info("Loading the IP-Adapter %s", source)
+                try:
+                    pipe.load_ip_adapter(**source.load_kwargs(), **_hub_kwargs())
+                except (OSError, ValueError) as exc:
+                    raise unavailable_error("ip_adapter", source.location, exc) from exc
+            if scale is not None:
+                pipe.set_ip_adapter_scale(scale)
 
     def control_model(self, control_type: str) -> torch.nn.Module:
         """The ControlNet ("pose", "canny", "depth") or T2I-Adapter ("sketch") for a control type."""
@@ -212,7 +220,8 @@ class ControlModelRegistry:
         """ViTPose with the person detector, or without one (whole-photo box) when that is set to "none"."""
         detector = None if self.model_id("person_detector").lower() == NO_MODEL else self._get("person_detector")
         estimator = self._get("pose_estimator")
-        estimator.detector = detector
+        with self._lock:
+            estimator.detector = detector
         return estimator
 
     def depth_estimator(self) -> DepthEstimator:
@@ -229,14 +238,21 @@ class ControlModelRegistry:
 
     def _get(self, key: str) -> Any:
         with self._lock:
-            model = self._models.get(key)
-            if model is None:
-                model_id = self.model_id(key)
-                logger.info("Loading the %s from %s", _spec(key).description, model_id)
-                try:
-                    model = _LOADERS[_spec(key).kind](model_id, self.dtype)
-                except (OSError, ValueError) as exc:  # missing files, offline cache misses, bad configs
-                    raise unavailable_error(key, model_id, exc) from exc
+            if key in self._models:
+                return self._models[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:  # another thread loaded it while this one waited
+                    return self._models[key]
+                dtype = self.dtype
+            model_id = self.model_id(key)
+            logger.info("Loading the %s from %s", _spec(key).description, model_id)
+            try:
+                model = _LOADERS[_spec(key).kind](model_id, dtype)
+            except (OSError, ValueError) as exc:  # missing files, offline cache misses, bad configs
+                raise unavailable_error(key, model_id, exc) from exc
+            with self._lock:  # where the registry is now: a to() during the load counts
                 model.to(self.device, self.dtype)
                 self._models[key] = model
             return model

@@ -45,8 +45,12 @@ def load_image(
     name: str | None = None,
     max_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    keep_alpha: bool = False,
 ) -> Image.Image:
     """Return ``source`` as a fully decoded RGB image with its EXIF orientation applied.
+
+    With ``keep_alpha`` an image with transparency comes back as RGBA instead of composited onto white (a
+    drawing canvas's strokes live in its alpha channel).
 
     ``source`` may be a path, encoded bytes, a binary file object, a PIL image, a numpy array (HxW, HxWx1/3/4;
     uint8, uint16, or float in [0, 1]) or a torch tensor ([3,H,W], [H,W,3], optionally with a batch dim of 1;
@@ -54,26 +58,27 @@ def load_image(
     """
     if isinstance(source, (str, os.PathLike)):
         label = name or str(source)
-        return _decode_bytes(_read_path(Path(source), label, max_bytes), label, max_pixels)
+        return _decode_bytes(_read_path(Path(source), label, max_bytes), label, max_pixels, keep_alpha)
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "the uploaded image"
         data = bytes(source)
         _check_byte_count(len(data), label, max_bytes)
-        return _decode_bytes(data, label, max_pixels)
+        return _decode_bytes(data, label, max_pixels, keep_alpha)
     if isinstance(source, Image.Image):
         label = name or _pil_label(source)
-        return _finish(source, label, max_pixels)
+        return _finish(source, label, max_pixels, keep_alpha)
     if isinstance(source, np.ndarray):
-        return _from_array(source, name or "the image array", max_pixels, channels_first=False)
+        return _from_array(source, name or "the image array", max_pixels, channels_first=False, keep_alpha=keep_alpha)
     if _is_torch_tensor(source):
-        return _from_array(_tensor_to_numpy(source), name or "the image tensor", max_pixels, channels_first=True)
+        label = name or "the image tensor"
+        return _from_array(_tensor_to_numpy(source), label, max_pixels, channels_first=True, keep_alpha=keep_alpha)
     if hasattr(source, "read"):
         label = name or _file_label(source)
         data = source.read(max_bytes + 1)
         if not isinstance(data, (bytes, bytearray)):
             raise IDImageError(f"{label}: the file was opened in text mode; open it with 'rb'")
         _check_byte_count(len(data), label, max_bytes)
-        return _decode_bytes(bytes(data), label, max_pixels)
+        return _decode_bytes(bytes(data), label, max_pixels, keep_alpha)
     raise IDImageError(
         f"{name or 'the photo'}: cannot use an object of type {type(source).__name__} as an image; "
         "pass a file path, image bytes, a PIL image, a numpy array or a torch tensor"
@@ -110,7 +115,7 @@ def _check_byte_count(size: int, label: str, max_bytes: int) -> None:
         )
 
 
-def _decode_bytes(data: bytes, label: str, max_pixels: int) -> Image.Image:
+def _decode_bytes(data: bytes, label: str, max_pixels: int, keep_alpha: bool = False) -> Image.Image:
     """Open encoded data, check the header's size, then force a full decode so corrupt data fails here."""
     try:
         image = Image.open(io.BytesIO(data))
@@ -118,10 +123,10 @@ def _decode_bytes(data: bytes, label: str, max_pixels: int) -> Image.Image:
         raise _too_many_pixels(label, None, max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise IDImageError(f"{label}: not a readable image file; {_FIX_FORMAT}") from None
-    return _finish(image, label, max_pixels)
+    return _finish(image, label, max_pixels, keep_alpha)
 
 
-def _finish(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
+def _finish(image: Image.Image, label: str, max_pixels: int, keep_alpha: bool = False) -> Image.Image:
     """Size checks on the header, first frame, full decode, EXIF rotation, conversion to RGB."""
     _check_pixel_count(image.size, label, max_pixels)
     if getattr(image, "n_frames", 1) > 1:
@@ -139,7 +144,7 @@ def _finish(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError) as exc:
         logger.warning("%s: ignoring unreadable EXIF orientation (%s)", label, exc)
-    return _to_rgb(image, label)
+    return _to_rgb(image, label, keep_alpha)
 
 
 def _check_pixel_count(size: tuple[int, int], label: str, max_pixels: int) -> None:
@@ -158,9 +163,11 @@ def _too_many_pixels(label: str, size: tuple[int, int] | None, max_pixels: int) 
     )
 
 
-def _to_rgb(image: Image.Image, label: str) -> Image.Image:
+def _to_rgb(image: Image.Image, label: str, keep_alpha: bool = False) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB without clipping high-bit-depth data or blackening transparency."""
     mode = image.mode
+    if keep_alpha and (mode in _ALPHA_MODES or "transparency" in image.info):
+        return image.convert("RGBA")
     if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode.startswith("I") or mode == "F":
@@ -189,7 +196,9 @@ def _high_depth_to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def _from_array(array: np.ndarray, label: str, max_pixels: int, *, channels_first: bool) -> Image.Image:
+def _from_array(
+    array: np.ndarray, label: str, max_pixels: int, *, channels_first: bool, keep_alpha: bool = False
+) -> Image.Image:
     """Build an RGB image from an HxW / HxWxC (or, for tensors, CxHxW) array after validating it."""
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
@@ -204,7 +213,7 @@ def _from_array(array: np.ndarray, label: str, max_pixels: int, *, channels_firs
     _check_pixel_count((width, height), label, max_pixels)
     array = _array_to_uint8(array, label)
     image = Image.fromarray(array)
-    return _to_rgb(image, label)
+    return _to_rgb(image, label, keep_alpha)
 
 
 def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:

@@ -100,8 +100,11 @@ def save_tiny_person_detector(
     return folder
 
 
-def save_tiny_depth_model(folder: str | Path, seed: int = 0) -> Path:
-    """A Depth Anything (DINOv2 backbone, DPT head) and its image processor, saved to ``folder``."""
+def save_tiny_depth_model(folder: str | Path, seed: int = 0, depth_estimation_type: str = "relative") -> Path:
+    """A Depth Anything (DINOv2 backbone, DPT head) and its image processor, saved to ``folder``.
+
+    ``depth_estimation_type="metric"`` gives the metric head, which predicts distance (far = large).
+    """
     folder = Path(folder)
     torch.manual_seed(seed)
     backbone = Dinov2Config(
@@ -120,6 +123,7 @@ def save_tiny_depth_model(folder: str | Path, seed: int = 0) -> Path:
         neck_hidden_sizes=[4, 8, 8, 16],
         fusion_hidden_size=16,
         head_hidden_size=8,
+        depth_estimation_type=depth_estimation_type,
     )
     DepthAnythingForDepthEstimation(config).save_pretrained(folder)
     DPTImageProcessorPil(

@@ -22,7 +22,6 @@ from photomaker.control_images import (
     fit_to_size,
     looks_like_pose_skeleton,
     mask_face,
-    person_box_from_face,
     pose_map,
     prepare_control_image,
     prepare_mask,
@@ -211,13 +210,6 @@ def test_limb_thickness_follows_openpose_s_4_px_per_512():
         assert np.count_nonzero(pixels[:, 250].any(axis=-1)) == 2 * half_width + 1
 
 
-def test_person_box_from_face_spans_shoulders_and_body_clipped_to_the_image():
-    assert person_box_from_face((40, 20, 60, 45), (200, 400)) == (10.0, 12.5, 90.0, 220.0)
-    assert person_box_from_face((10, 5, 50, 45), (100, 100)) == (0.0, 0.0, 100.0, 100.0)
-    with pytest.raises(ControlImageError, match="face box"):
-        person_box_from_face((50, 5, 10, 45), (100, 100))
-
-
 def test_low_scoring_keypoints_and_their_limbs_are_left_out():
     points = np.array([[10 + 2 * i, 32] for i in range(18)], dtype=np.float32)
     points[1], points[2] = (10, 32), (54, 32)
@@ -302,7 +294,7 @@ def test_prepare_canny_returns_edges_at_the_output_size_from_a_file(tmp_path):
     assert result.image.size == (64, 64) and result.notes[0].startswith("The control image (32x32) was resized")
     assert np.asarray(result.image).any()
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(ControlImageError, match="the control image cannot be read as an image"):
+    with pytest.raises(ControlImageError, match="the control image: not a readable image file"):
         prepare_control_image("canny", str(tmp_path / "broken.png"), 64, 64)
 
 
@@ -319,6 +311,8 @@ def test_face_mask_covers_the_grown_face_box_and_feathers_outwards():
     assert hair[30, 50] == 255 and mask[30, 50] == 0  # hair extends upwards only with face_and_hair
     with pytest.raises(MaskError, match="face box"):
         face_mask((100, 100), (60, 40, 40, 60))
+    with pytest.raises(MaskError, match="unknown face mask region 'hair'"):
+        face_mask((100, 100), (40, 40, 60, 60), region="hair")
 
 
 @pytest.mark.parametrize("name", ["astronaut.png", "grace_hopper.jpg"])
@@ -380,3 +374,97 @@ def test_a_drawn_mask_from_the_canvas_uses_the_alpha_and_is_resized_with_a_note(
     assert result.image.mode == "L" and pixels.shape == (32, 32)
     assert (pixels[9:15, 9:15] == 255).all() and pixels[0, 0] == 0 and pixels[20, 20] == 0
     assert result.notes == ("The mask (16x16) was resized to 32x32, the output size.",)
+
+
+# ------------------------------------------------------------------------------------- review additions
+
+
+def test_a_sketch_already_white_on_black_keeps_its_polarity():
+    drawing = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(drawing).line((0, 16, 31, 16), fill=255, width=1)
+    pixels = np.asarray(sketch_to_adapter_input(drawing).image)[..., 0]
+    expected = np.asarray(drawing)
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_an_untouched_layer_over_the_target_photo_is_an_empty_mask_not_the_photo():
+    photo = Image.open(EXAMPLES / "astronaut.png").convert("RGB").resize((64, 64))
+    value = {"background": photo, "layers": [Image.new("RGBA", (64, 64))], "composite": photo}
+    with pytest.raises(MaskError, match="the mask is empty"):
+        prepare_mask(value, 64, 64)
+
+
+def test_a_mask_painted_in_an_rgb_mode_editor_is_its_non_black_strokes():
+    # gr.ImageEditor(image_mode="RGB") drops a layer's alpha: unpainted pixels arrive as black.
+    layer = np.zeros((16, 16, 3), dtype=np.uint8)
+    layer[2:6, 10:14] = (255, 0, 0)
+    value = {"background": Image.new("RGB", (16, 16), "white"), "layers": [layer], "composite": None}
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[2:6, 10:14] = 255
+    np.testing.assert_array_equal(np.asarray(prepare_mask(value, 16, 16).image), expected)
+
+
+def test_no_person_s_limb_covers_another_person_s_keypoint():
+    crossed = np.zeros((18, 2), dtype=np.float32), np.zeros(18, dtype=np.float32)
+    crossed[0][0], crossed[1][0] = (32, 32), 1.0  # only the nose, at the centre
+    crossing = np.zeros((18, 2), dtype=np.float32), np.zeros(18, dtype=np.float32)
+    crossing[0][1], crossing[0][2] = (10, 32), (54, 32)  # neck to right shoulder, through the centre
+    crossing[1][[1, 2]] = 1.0
+    pixels = np.asarray(draw_openpose((64, 64), [crossed, crossing]))
+    assert tuple(pixels[32, 32]) == OPENPOSE_COLORS[0]
+    assert tuple(pixels[32, 20]) == tuple(int(c * LIMB_COLOR_FACTOR) for c in OPENPOSE_COLORS[0])
+
+
+def test_control_images_from_files_get_the_upload_limits_and_keep_a_canvas_s_alpha(tmp_path):
+    huge = tmp_path / "huge.png"
+    Image.new("L", (6500, 6500)).save(huge)  # 42 megapixels, over load_image's 40
+    with pytest.raises(ControlImageError, match="the control image: the image is too large"):
+        prepare_control_image("canny", str(huge), 64, 64)
+    canvas = np.zeros((16, 16, 4), dtype=np.uint8)
+    canvas[4:8, 4:8] = (255, 255, 255, 255)  # white strokes on a transparent canvas: only alpha tells them apart
+    path = tmp_path / "mask.png"
+    Image.fromarray(canvas, "RGBA").save(path)
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[4:8, 4:8] = 255
+    np.testing.assert_array_equal(np.asarray(prepare_mask(str(path), 16, 16).image), expected)
+
+
+@pytest.mark.parametrize("depth_estimation_type", ["relative", "metric"])
+def test_depth_map_is_near_bright_whether_the_model_predicts_inverse_depth_or_distance(
+    depth_estimation_type, tmp_path
+):
+    import torch
+
+    from photomaker.control_models import ControlModelRegistry
+    from photomaker.testing_control import save_tiny_depth_model
+
+    folder = save_tiny_depth_model(tmp_path, depth_estimation_type=depth_estimation_type)
+    estimator = ControlModelRegistry(overrides={"depth_estimator": folder}).depth_estimator()
+    photo = Image.open(EXAMPLES / "grace_hopper.jpg").convert("RGB").resize((40, 50))
+    with torch.inference_mode():
+        predicted = estimator.model(**estimator.processor(images=photo, return_tensors="pt")).predicted_depth
+    predicted = torch.nn.functional.interpolate(predicted[:, None], size=(50, 40), mode="bicubic")[0, 0].numpy()
+    nearness = predicted if depth_estimation_type == "relative" else 1.0 / np.maximum(predicted, 1e-3)
+    expected = (nearness - nearness.min()) / (nearness.max() - nearness.min()) * 255.0
+    np.testing.assert_allclose(np.asarray(depth_map(photo, estimator))[..., 0], expected, atol=1.0)
+
+
+def test_a_sketch_painted_over_a_background_photo_is_its_strokes_whatever_their_colour():
+    photo = Image.open(EXAMPLES / "astronaut.png").convert("RGB").resize((32, 32))
+    layer = np.zeros((32, 32, 4), dtype=np.uint8)
+    layer[10, 4:28] = (255, 230, 0, 255)  # a yellow brush: too light to count as a dark stroke
+    composite = photo.convert("RGBA")
+    composite.alpha_composite(Image.fromarray(layer, "RGBA"))
+    value = {"background": photo, "layers": [Image.fromarray(layer, "RGBA")], "composite": composite}
+    expected = np.zeros((32, 32), dtype=np.uint8)
+    expected[10, 4:28] = 255
+    np.testing.assert_array_equal(np.asarray(sketch_to_adapter_input(value).image)[..., 0], expected)
+
+
+def test_a_phone_photo_s_exif_rotation_is_applied_before_fitting(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored landscape, shown rotated 90 degrees (portrait)
+    _square_image(64).resize((64, 32)).save(path, exif=exif)
+    result = prepare_control_image("canny", str(path), 32, 64)
+    assert result.image.size == (32, 64) and result.notes == ()  # portrait as shown: nothing cropped

@@ -158,21 +158,23 @@ def test_ip_adapter_offline_explains_itself(monkeypatch):
     assert "h94/IP-Adapter" in message and "PHOTOMAKER_IP_ADAPTER" in message and "HF_HUB_OFFLINE" in message
 
 
+def _registry_with_a_person_detector(folder, labels):
+    from photomaker.testing_control import save_tiny_person_detector, save_tiny_pose_model
+
+    return ControlModelRegistry(
+        overrides={
+            "pose_estimator": save_tiny_pose_model(folder / "pose"),
+            "person_detector": save_tiny_person_detector(folder / "detector", labels=labels),
+        }
+    )
+
+
 def test_pose_estimator_uses_only_the_detector_s_person_boxes(tmp_path):
     from PIL import Image
 
     from photomaker.control_images import PersonDetector
-    from photomaker.testing_control import (
-        save_tiny_person_detector,
-        save_tiny_pose_model,
-    )
 
-    registry = ControlModelRegistry(
-        overrides={
-            "pose_estimator": save_tiny_pose_model(tmp_path / "pose"),
-            "person_detector": save_tiny_person_detector(tmp_path / "detector", labels=("person", "car")),
-        }
-    )
+    registry = _registry_with_a_person_detector(tmp_path, labels=("person", "car"))
     estimator = registry.pose_estimator()
     assert isinstance(estimator.detector, PersonDetector)
     assert registry.loaded() == ("person_detector", "pose_estimator")
@@ -191,17 +193,7 @@ def test_pose_estimator_uses_only_the_detector_s_person_boxes(tmp_path):
 
 
 def test_a_detector_without_a_person_class_is_refused(tmp_path):
-    from photomaker.testing_control import (
-        save_tiny_person_detector,
-        save_tiny_pose_model,
-    )
-
-    registry = ControlModelRegistry(
-        overrides={
-            "pose_estimator": save_tiny_pose_model(tmp_path / "pose"),
-            "person_detector": save_tiny_person_detector(tmp_path / "detector", labels=("car", "bus")),
-        }
-    )
+    registry = _registry_with_a_person_detector(tmp_path, labels=("car", "bus"))
     with pytest.raises(ControlModelUnavailableError, match="has no 'person' class"):
         registry.pose_estimator()
 
@@ -222,3 +214,64 @@ def test_ip_adapter_loads_into_a_pipeline_once_and_takes_its_scale(tmp_path):
     registry.load_ip_adapter(pipe, scale=0.3)
     assert pipe.unet.encoder_hid_proj is projection  # kept, not loaded a second time
     assert all(p.scale == [0.3] for p in ip_processors)
+
+
+def test_a_model_loading_holds_up_neither_loaded_models_nor_to_and_loads_once(
+    controlnet_dir, adapter_dir, monkeypatch
+):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from photomaker import control_models
+
+    started, release = threading.Event(), threading.Event()
+    loads = []
+    load_adapter = control_models._LOADERS["t2i_adapter"]
+
+    def slow_download(model_id, dtype):  # the real loader, after a wait standing in for a long download
+        loads.append(model_id)
+        started.set()
+        assert release.wait(10)
+        return load_adapter(model_id, dtype)
+
+    monkeypatch.setitem(control_models._LOADERS, "t2i_adapter", slow_download)
+    registry = ControlModelRegistry(overrides={"canny": controlnet_dir, "sketch": adapter_dir})
+    canny = registry.control_model("canny")
+    with ThreadPoolExecutor(3) as pool:
+        adapters = [pool.submit(registry.control_model, "sketch") for _ in range(2)]
+        assert started.wait(10)
+        assert pool.submit(registry.control_model, "canny").result(timeout=5) is canny
+        pool.submit(registry.to, "cpu", torch.bfloat16).result(timeout=5)
+        release.set()
+        first, second = (future.result(timeout=30) for future in adapters)
+    assert first is second and loads == [str(adapter_dir)]
+    assert {p.dtype for p in first.parameters()} == {torch.bfloat16}  # the move during its load applies
+    assert {p.dtype for p in canny.parameters()} == {torch.bfloat16}
+
+
+def test_two_first_requests_load_the_ip_adapter_into_a_pipeline_once(tmp_path):
+    import threading
+    import time
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from photomaker.testing import tiny_sdxl_components
+    from photomaker.testing_control import save_tiny_ip_adapter
+
+    registry = ControlModelRegistry(overrides={"ip_adapter": save_tiny_ip_adapter(tmp_path / "ip")})
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components())
+    loads = []
+    load_ip_adapter = pipe.load_ip_adapter
+
+    def slow_load(*args, **kwargs):  # the real load, after a pause in which a second request arrives
+        loads.append(kwargs["pretrained_model_name_or_path_or_dict"])
+        time.sleep(0.3)
+        return load_ip_adapter(*args, **kwargs)
+
+    pipe.load_ip_adapter = slow_load
+    threads = [threading.Thread(target=registry.load_ip_adapter, args=(pipe, 0.5)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(loads) == 1 and pipe.unet.encoder_hid_proj is not None
