@@ -19,7 +19,7 @@ import spaces  # before anything imports torch (the photomaker modules below), s
 from gradio import processing_utils
 from spaces.config import Config as SpacesConfig
 
-from aspect_ratio_template import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from photomaker.aspect_ratios import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from photomaker import fault_injection, presets
 from photomaker.errors import PhotoMakerError
 from photomaker.faces import get_face_analyzer, prepare_id_photos
@@ -35,7 +35,7 @@ from photomaker.service import (
     ServiceStatus,
     parse_switch,
 )
-from style_template import DEFAULT_STYLE_NAME, STYLE_NAMES
+from photomaker.styles import DEFAULT_STYLE_NAME, STYLE_NAMES
 
 log = logging.getLogger("photomaker.app")
 

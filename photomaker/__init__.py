@@ -16,8 +16,8 @@ _LAZY = {
     "PhotoMakerIDEncoderV2": "photomaker.id_encoder",
     "load_checkpoint": "photomaker.loading",
     "PhotoMakerService": "photomaker.service",
-    "ServiceConfig": "photomaker.service",
-    "GenerationRequest": "photomaker.service",
+    "ServiceConfig": "photomaker.config",
+    "GenerationRequest": "photomaker.requests",
 }
 
 __all__ = ["__version__", *_LAZY]

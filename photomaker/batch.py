@@ -40,7 +40,7 @@ from photomaker.presets import OUTPUTS_MAX, OUTPUTS_MIN, SEED_MAX
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-    from photomaker.service import GenerationRequest, GenerationResult
+    from photomaker.requests import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def derive_seed(fields: dict[str, Any]) -> int:
 
 
 def _request_fields() -> tuple[str, ...]:
-    from photomaker.service import GenerationRequest
+    from photomaker.requests import GenerationRequest
 
     return tuple(item.name for item in dataclasses.fields(GenerationRequest))
 
@@ -136,7 +136,7 @@ def _resolve_paths(value: Any, name: str, base_dir: Path) -> list[str]:
 
 def parse_job(fields: Any, base_dir: Path) -> GenerationRequest:
     """A `GenerationRequest` from one decoded JSON line; raises `InvalidRequestError` saying what is wrong."""
-    from photomaker.service import GenerationRequest
+    from photomaker.requests import GenerationRequest
 
     if not isinstance(fields, dict):
         raise InvalidRequestError(f"a job must be a JSON object, got {type(fields).__name__}.")

@@ -13,18 +13,16 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from aspect_ratio_template import ASPECT_RATIOS
 from photomaker import presets
+from photomaker.aspect_ratios import ASPECT_RATIOS
 from photomaker.errors import InvalidRequestError
 from photomaker.images import MAX_IMAGE_PIXELS
-from style_template import STYLE_NAMES
-
-if TYPE_CHECKING:
-    from photomaker.service import GenerationRequest
+from photomaker.requests import GenerationRequest
+from photomaker.styles import STYLE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +228,6 @@ def restore_settings(
     styles, sizes and presets fall back to the defaults, and `changes` says so. A width and height equal to the
     stored output size's are left to it (None).
     """
-    from photomaker.service import GenerationRequest
-
     for key in ("prompt", "seed"):
         if params.get(key) is None:
             raise InvalidRequestError(f"The stored parameters lack {key!r}; this image cannot be reproduced.")
