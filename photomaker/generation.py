@@ -22,6 +22,7 @@ from PIL import Image
 from photomaker import metadata, presets
 from photomaker.config import ServiceConfig
 from photomaker.errors import InvalidRequestError, PhotoMakerError
+from photomaker.fields import FIELDS, REQUEST_FIELDS
 from photomaker.lifecycle import ModelLifecycle, error_chain, explain_load_error, is_out_of_memory
 from photomaker.requests import GeneratedImage, GenerationPlan, GenerationResult, ProgressCallback
 
@@ -275,28 +276,18 @@ class GenerationRunner:
         )
 
     def _parameters(self, plan: GenerationPlan, seed: int, identity: dict[str, Any] | None) -> dict[str, Any]:
-        request = plan.request
+        """What the PNG of one image records: every request field with a PNG key (as validated), what was
+        derived from them, and the model."""
         config = self.config
+        stored = {item.metadata_key: _stored_value(plan, item.name) for item in REQUEST_FIELDS if item.metadata_key}
         return metadata.complete_parameters(
             {
-                "prompt": plan.prompt,
-                "negative_prompt": plan.negative_prompt,
+                **stored,
+                "seed": seed,  # this image's own
+                "crop_faces": plan.request.crop_faces and config.resolved_face_backend != "none",  # what was done
                 "prompt_used": plan.positive,
                 "negative_prompt_used": plan.negative,
-                "style": request.style,
-                "aspect_ratio": request.aspect_ratio,
-                "width": plan.width,
-                "height": plan.height,
-                "seed": seed,
-                "num_steps": plan.num_steps,
-                "guidance_scale": plan.guidance_scale,
-                "style_strength": plan.style_strength,
                 "start_merge_step": plan.start_merge_step,
-                "num_id_images": len(plan.id_images),
-                "num_mix_images": len(plan.mix_images),
-                "mix_strength": plan.mix_strength,
-                "crop_faces": request.crop_faces and config.resolved_face_backend != "none",  # what was done
-                "fast": plan.fast.key if plan.fast else None,
                 "base_model": self._model.base_model_label,
                 "pm_version": config.pm_version,
                 "adapter": self._model.adapter_label,
@@ -304,6 +295,17 @@ class GenerationRunner:
                 "identity": identity,
             }
         )
+
+
+def _stored_value(plan: GenerationPlan, name: str) -> Any:
+    """Field `name` as it was used: the plan's checked value where it has one, else the request's; photos as
+    their number, a fast preset as its key."""
+    value = getattr(plan, name) if hasattr(plan, name) else getattr(plan.request, name)
+    if FIELDS[name].kind == "images":
+        return len(value)
+    if isinstance(value, presets.FastPreset):
+        return value.key
+    return value
 
 
 def _similarity(identity: dict[str, Any] | None) -> float:

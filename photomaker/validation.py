@@ -22,6 +22,7 @@ from photomaker import aspect_ratios, presets, styles
 from photomaker.config import ServiceConfig
 from photomaker.errors import IDImageError, InvalidRequestError, PromptError
 from photomaker.faces.prepare import photo_label
+from photomaker.fields import FIELDS
 from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image
 from photomaker.prompt import check_prompt_text, insert_trigger_word, strip_trigger_word
 from photomaker.requests import GenerationPlan, GenerationRequest
@@ -50,6 +51,13 @@ def _number(name: str, value: Any, low: float, high: float, *, integer: bool, hi
     if not low <= value <= high:
         raise InvalidRequestError(f"{name} must be {bounds}, got {_show(value)}.{hint}")
     return int(value) if integer else float(value)
+
+
+def _field_number(name: str, value: Any, config: ServiceConfig | None) -> float:
+    """`value` checked against the range that the field table gives field `name` (and `config`, if any)."""
+    item = FIELDS[name]
+    low, high = item.bounds(config)
+    return _number(name, value, low, high, integer=item.integer, hint=item.hint)
 
 
 def _photo_list(value: Any, what: str) -> list[Any]:
@@ -95,16 +103,16 @@ def validate_request(request: GenerationRequest, config: ServiceConfig) -> Gener
     warnings: list[str] = []
 
     photos = _photo_list(request.id_images, "id_images")
-    if not presets.ID_IMAGES_MIN <= len(photos) <= presets.ID_IMAGES_MAX:
+    fewest, most = (int(bound) for bound in FIELDS["id_images"].bounds())
+    if not fewest <= len(photos) <= most:
         raise IDImageError(
-            f"Got {len(photos)} ID photos; give {presets.ID_IMAGES_MIN} to {presets.ID_IMAGES_MAX} photos of "
+            f"Got {len(photos)} ID photos; give {fewest} to {most} photos of "
             "the same person (more photos from different angles give a more faithful likeness)."
         )
     mix_photos = _photo_list(request.mix_images, "mix_images")
-    if len(mix_photos) > presets.MIX_IMAGES_MAX:
-        raise IDImageError(
-            f"Got {len(mix_photos)} photos of the second person; give at most {presets.MIX_IMAGES_MAX}."
-        )
+    most_mixed = int(FIELDS["mix_images"].high)
+    if len(mix_photos) > most_mixed:
+        raise IDImageError(f"Got {len(mix_photos)} photos of the second person; give at most {most_mixed}.")
 
     prompt = _clean_text("prompt", request.prompt, warnings)
     if not prompt:
@@ -139,33 +147,10 @@ def validate_request(request: GenerationRequest, config: ServiceConfig) -> Gener
                 "Fast mode cannot be used with PHOTOMAKER_OFFLOAD=sequential (its LoRA is fused into weights "
                 "that sequential offload keeps off the device); use PHOTOMAKER_OFFLOAD=model."
             )
-    style_strength = _number(
-        "style_strength",
-        request.style_strength,
-        presets.STYLE_STRENGTH_MIN,
-        presets.STYLE_STRENGTH_MAX,
-        integer=False,
-        hint=" Higher keeps more of the prompt's style, lower more of the face.",
-    )
+    style_strength = _field_number("style_strength", request.style_strength, config)
     if fast is None:
-        num_steps = int(
-            _number(
-                "num_steps",
-                request.num_steps,
-                config.steps_min,
-                presets.STEPS_MAX,
-                integer=True,
-                hint=f" The default is {presets.STEPS_DEFAULT}.",
-            )
-        )
-        guidance = _number(
-            "guidance_scale",
-            request.guidance_scale,
-            presets.GUIDANCE_MIN,
-            presets.GUIDANCE_MAX,
-            integer=False,
-            hint=f" The default is {presets.GUIDANCE_DEFAULT:g}.",
-        )
+        num_steps = int(_field_number("num_steps", request.num_steps, config))
+        guidance = _field_number("guidance_scale", request.guidance_scale, config)
         merge_step = presets.start_merge_step(style_strength, num_steps)
     else:
         num_steps, guidance = fast.steps, fast.guidance_scale
@@ -183,10 +168,8 @@ def validate_request(request: GenerationRequest, config: ServiceConfig) -> Gener
                 f"{fast.label} uses its own {fast.steps} steps and guidance {fast.guidance_scale:g}; "
                 f"the given {' and '.join(ignored)} were not used."
             )
-    num_outputs = int(
-        _number("num_outputs", request.num_outputs, presets.OUTPUTS_MIN, presets.OUTPUTS_MAX, integer=True)
-    )
-    best_of = int(_number("best_of", request.best_of, presets.BEST_OF_MIN, presets.BEST_OF_MAX, integer=True))
+    num_outputs = int(_field_number("num_outputs", request.num_outputs, config))
+    best_of = int(_field_number("best_of", request.best_of, config))
     if best_of > 1 and config.resolved_face_backend == "none":
         raise InvalidRequestError(
             "best_of needs identity scores to pick the most alike images, and this service runs without face "
@@ -195,23 +178,12 @@ def validate_request(request: GenerationRequest, config: ServiceConfig) -> Gener
     if request.seed is None:
         seed = secrets.randbelow(presets.SEED_MAX + 1)
     else:
-        seed = int(
-            _number(
-                "seed",
-                request.seed,
-                presets.SEED_MIN,
-                presets.SEED_MAX,
-                integer=True,
-                hint=" Leave it empty for a random seed.",
-            )
-        )
+        seed = int(_field_number("seed", request.seed, config))
     if not isinstance(request.crop_faces, bool):
         raise InvalidRequestError(f"crop_faces must be true or false, got {request.crop_faces!r}.")
     mix_strength = None
     if mix_photos:
-        mix_strength = _number(
-            "mix_strength", request.mix_strength, presets.MIX_STRENGTH_MIN, presets.MIX_STRENGTH_MAX, integer=False
-        )
+        mix_strength = _field_number("mix_strength", request.mix_strength, config)
 
     id_names = [_file_name(src) for src in photos]
     mix_names = [f"second person, {name}" if name else "second person" for name in map(_file_name, mix_photos)]
@@ -261,7 +233,7 @@ def _validate_size(request: GenerationRequest) -> tuple[int, int]:
         raise InvalidRequestError("Give both width and height, or neither (then the aspect ratio decides).")
     sizes = []
     for name, value in (("width", request.width), ("height", request.height)):
-        size = int(_number(name, value, presets.SIZE_MIN, presets.SIZE_MAX, integer=True))
+        size = int(_field_number(name, value, None))
         if size % presets.SIZE_MULTIPLE:
             lower = size - size % presets.SIZE_MULTIPLE
             raise InvalidRequestError(
