@@ -31,7 +31,7 @@ class RequestField:
     help: str  # the CLI's help text and the API's description
     api_name: str  # the `/generate` parameter
     cli_flag: str  # a bool flag turns the default off ("--no-crop") or on
-    metadata_key: str | None  # PNG parameter; None: not stored (a PNG holds one image of a request)
+    metadata_key: str | None  # PNG parameter (photos: their number); None: not stored
     low: float | None = None  # range of a number, or of a photo count
     high: float | None = None
     nullable: bool = False  # None is a valid value (seed: random; width: from the aspect ratio; fast: off)
@@ -40,6 +40,9 @@ class RequestField:
     low_setting: str | None = None  # a ServiceConfig attribute that replaces `low` (steps from 1 with --tiny)
     hint: str = ""  # added to an out-of-range message: what the value does, or its default
     set_by_fast_mode: bool = False  # a fast-mode preset uses its own value (steps, guidance)
+    # Restored from a PNG (photos are not stored; a PNG is one output at its own seed, remade by one request
+    # with num_outputs=1 and best_of=1 whatever its own request asked).
+    restored: bool = True
     cli_metavar: str | None = None
     cli_options: Mapping[str, Any] = field(default_factory=dict)  # extra argparse keywords (nargs, const, ...)
 
@@ -94,7 +97,7 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "id_images", "images", (), "ID photos", "photo of the person (repeat for 1-4 photos)", "id_photos",
         "--id-image", "num_id_images", low=presets.ID_IMAGES_MIN, high=presets.ID_IMAGES_MAX, required=True,
-        cli_metavar="PHOTO",
+        restored=False, cli_metavar="PHOTO",
     ),
     RequestField(
         "prompt", "text", "", "prompt",
@@ -131,7 +134,8 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "num_outputs", "int", presets.OUTPUTS_DEFAULT, "number of images",
         f"images to make, {presets.OUTPUTS_MIN}-{presets.OUTPUTS_MAX} (default {presets.OUTPUTS_DEFAULT})",
-        "num_outputs", "--num-outputs", None, low=presets.OUTPUTS_MIN, high=presets.OUTPUTS_MAX, cli_metavar="N",
+        "num_outputs", "--num-outputs", "num_outputs", low=presets.OUTPUTS_MIN, high=presets.OUTPUTS_MAX,
+        restored=False, cli_metavar="N",
     ),
     RequestField(
         "guidance_scale", "float", presets.GUIDANCE_DEFAULT, "guidance scale",
@@ -151,7 +155,7 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "mix_images", "images", (), "photos of the second person",
         "photo of a second person to blend in (repeatable)", "mix_photos", "--mix-image", "num_mix_images",
-        low=0, high=presets.MIX_IMAGES_MAX, cli_metavar="PHOTO",
+        low=0, high=presets.MIX_IMAGES_MAX, restored=False, cli_metavar="PHOTO",
     ),
     RequestField(
         "mix_strength", "float", presets.MIX_STRENGTH_DEFAULT, "mix strength",
@@ -168,7 +172,7 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     ),
     RequestField(
         "best_of", "int", 1, "best of", "make N candidates per output, keep the most alike", "best_of", "--best-of",
-        None, low=presets.BEST_OF_MIN, high=presets.BEST_OF_MAX, cli_metavar="N",
+        "best_of", low=presets.BEST_OF_MIN, high=presets.BEST_OF_MAX, restored=False, cli_metavar="N",
     ),
     RequestField(
         "width", "int", None, "width", "with --height: explicit size, overrides --aspect", "width", "--width",

@@ -249,7 +249,7 @@ def restore_settings(
         key = item.metadata_key
         if (
             key is None
-            or item.kind == "images"  # photos are not stored, only their number
+            or not item.restored
             or item.name in values
             or item.name == "fast"
             or params.get(key) is None
