@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import spaces  # before anything imports torch (the photomaker modules below), so that ZeroGPU can patch CUDA
 from gradio import processing_utils
-from pydantic import model_validator
+from pydantic import ConfigDict, ValidationError
 from spaces.config import Config as SpacesConfig
 
 from photomaker import fault_injection, presets
@@ -115,14 +115,20 @@ def accept_bare_files(gallery: gr.Gallery, api_name: str) -> gr.Gallery:
     """
 
     class PhotoListPayload(gallery.data_model):  # type: ignore[name-defined,misc]
-        @model_validator(mode="before")
+        model_config = ConfigDict(title=gallery.data_model.__name__)  # the API page shows the Gallery's schema
+
         @classmethod
-        def as_gallery_items(cls, value: Any) -> Any:
-            if isinstance(value, cls) or value is None:
-                return value
-            if not isinstance(value, list):
-                raise gr.Error(f"{photo_list_format(api_name)}; got {value!r}.")
-            return [_gallery_item(item, api_name) for item in value]
+        def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            # gr.Error raised here reaches the client; raised inside a pydantic validator it would be wrapped
+            # into a ValidationError, and so shown as the opaque message.
+            if isinstance(obj, list):
+                obj = [_gallery_item(item, api_name) for item in obj]
+            elif obj is not None and not isinstance(obj, cls):
+                raise gr.Error(f"{photo_list_format(api_name)}; got {obj!r}.")
+            try:
+                return super().model_validate(obj, *args, **kwargs)
+            except ValidationError as error:
+                raise gr.Error(f"{photo_list_format(api_name)}; got {obj!r}.") from error
 
     gallery.data_model = PhotoListPayload
     return gallery
