@@ -422,19 +422,41 @@ def test_second_start_maps_the_prepared_adapter_and_generates_the_same(
         service.pipeline.set_progress_bar_config(disable=True)
         return service
 
+    def weights(service: PhotoMakerService) -> dict[str, torch.Tensor]:
+        pipe = service.pipeline
+        return {
+            **{f"unet.{k}": v.detach().clone() for k, v in pipe.unet.state_dict().items()},
+            **{f"id_encoder.{k}": v.detach().clone() for k, v in pipe.id_encoder.state_dict().items()},
+        }
+
+    def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+        assert actual.keys() == expected.keys()
+        differing = [name for name in expected if not torch.equal(actual[name], expected[name])]
+        assert differing == [], f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+    def assert_same_picture(actual: Image.Image, expected: Image.Image) -> None:
+        # Fused at load and mapped from the cache, the weights are bit-identical (checked above), but the two
+        # loading paths leave the tensors laid out differently, and some CPUs' kernels then round differently:
+        # one 8-bit level on one pixel in 12,288 was seen on an AMD EPYC. Allow one level, nowhere more.
+        difference = np.abs(pixels(actual) - pixels(expected))
+        assert difference.max() <= 1, f"max difference {difference.max()} levels"
+
     first = start()
     (cache_file,) = tmp_path.glob("photomaker-prepared-*.safetensors")
     stored = cache_file.read_bytes()
+    fused_at_load = weights(first)
     expected = first.generate(request(seed=9)).images[0]
     del first
 
     with caplog.at_level("INFO", logger="photomaker.loading"):
         second = start()
     assert "mapped from" in caplog.text
-    assert np.array_equal(pixels(second.generate(request(seed=9)).images[0].image), pixels(expected.image))
-    # Fast mode fuses into the mapped weights: the cache file on disk must stay as it was.
+    assert_same_weights(weights(second), fused_at_load)
+    assert_same_picture(second.generate(request(seed=9)).images[0].image, expected.image)
+    # Fast mode fuses into the mapped weights: leaving it restores them exactly, and the file on disk stays.
     second.generate(request(seed=9, fast="lightning-8"))
-    assert np.array_equal(pixels(second.generate(request(seed=9)).images[0].image), pixels(expected.image))
+    assert_same_picture(second.generate(request(seed=9)).images[0].image, expected.image)
+    assert_same_weights(weights(second), fused_at_load)
     assert cache_file.read_bytes() == stored
 
 
