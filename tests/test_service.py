@@ -75,10 +75,35 @@ def test_config_from_env_then_overrides() -> None:
     assert config.device is None  # a None override keeps the environment / default
 
 
+@pytest.mark.parametrize(("spelling", "version"), [("1", 1), ("v1", 1), ("2", 2), ("v2", 2), ("V2", 2)])
+def test_pm_version_accepts_the_reference_spelling(spelling: str, version: int) -> None:
+    """The reference and its tutorials write pm_version="v2"; the variable, the flags and the config take it."""
+    backend = {"PHOTOMAKER_FACE_BACKEND": "insightface"}
+    assert ServiceConfig.from_env(environ={"PHOTOMAKER_VERSION": spelling, **backend}).pm_version == version
+    assert ServiceConfig(pm_version=spelling, face_backend="insightface").pm_version == version
+    from photomaker import cli
+
+    flags = ["--pm-version", spelling, "--face-backend", "insightface"]
+    args = cli.build_parser().parse_args(["batch", "jobs.jsonl", "--out", "o", *flags])
+    assert cli.service_config(args, device="cpu").pm_version == version
+
+
+def test_validation_is_a_pure_function_of_request_and_config() -> None:
+    """No service and no model: the plan comes from the request and the configuration alone."""
+    from photomaker.validation import validate_request
+
+    plan = validate_request(request(num_steps=3, style_strength=50), ServiceConfig(tiny_dir="unused", device="cpu"))
+    assert (plan.width, plan.height, plan.num_steps, plan.seed, plan.start_merge_step) == (64, 64, 3, 7, 1)
+    assert plan.id_images[0].size == (40, 48) and plan.prompt == "a photo of a man img"
+    with pytest.raises(InvalidRequestError, match="num_steps must be between 20 and 100, got 3"):
+        validate_request(request(num_steps=3), ServiceConfig(device="cpu"))  # steps from 20 without --tiny
+
+
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
         ({"PHOTOMAKER_VERSION": "3"}, "PHOTOMAKER_VERSION must be 1 or 2"),
+        ({"PHOTOMAKER_VERSION": "v3"}, "PHOTOMAKER_VERSION must be 1 or 2"),
         ({"PHOTOMAKER_VERSION": "two"}, "PHOTOMAKER_VERSION='two' is not valid"),
         ({"PHOTOMAKER_OFFLOAD": "gpu"}, "PHOTOMAKER_OFFLOAD must be one of none, model, sequential"),
         ({"PHOTOMAKER_DTYPE": "int8"}, "PHOTOMAKER_DTYPE must be float16, bfloat16 or float32"),
