@@ -104,7 +104,6 @@ def test_the_package_never_imports_the_top_level_template_modules() -> None:
 def test_the_top_level_template_modules_are_the_package_tables() -> None:
     import aspect_ratio_template
     import style_template
-
     from photomaker import aspect_ratios, styles
 
     assert style_template.STYLES is styles.STYLES and style_template.apply_style is styles.apply_style
