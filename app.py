@@ -556,7 +556,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             if item.kind == "images":
                 accept_bare_files(control, item.api_name)
             else:
-                named_in_errors(control, item.describe_type())
+                named_in_errors(control, item.describe_type(service.config))
             api_inputs[item.api_name] = control
             if item.name == "seed":
                 api_inputs[RANDOMIZE_SEED] = named_in_errors(randomize_seed, "true or false")

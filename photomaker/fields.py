@@ -67,13 +67,15 @@ class RequestField:
         }[self.kind]
         return (*base, type(None)) if self.nullable else base
 
-    def describe_type(self) -> str:
-        """What a value must look like, for error messages: "a whole number from 64 to 2048 or null"."""
+    def describe_type(self, config: Any = None) -> str:
+        """What a value must look like, for error messages: "a whole number from 64 to 2048 or null"; `config`
+        as in `bounds`."""
         if self.kind == "images":
             text = "a list of image paths"
         elif self.kind in ("int", "float"):
             number = "a whole number" if self.integer else "a number"
-            text = f"{number} from {_show(self.low)} to {_show(self.high)}"
+            low, high = self.bounds(config)
+            text = f"{number} from {_show(low)} to {_show(high)}"
         elif self.kind == "choice":
             text = "one of " + ", ".join(repr(choice) for choice in self.choices())
         elif self.kind == "bool":
