@@ -170,7 +170,8 @@ MALFORMED_PAYLOADS = {
     "a dict without a path": (dict(id_photos=[{"caption": "me"}]), r"\{'image': handle_file"),
     "a number in the list": (dict(id_photos=[42]), r"got 42 in the list"),
     "second person as a string": (dict(mix_photos="someone.jpg"), r"mix_photos takes a list of image files"),
-    "steps as text": (dict(num_steps="many"), r"Sampling steps: expected a whole number from 1 to 100"),  # --tiny: from 1
+    # The --tiny app takes steps from 1, and the message says so.
+    "steps as text": (dict(num_steps="many"), r"Sampling steps: expected a whole number from 1 to 100"),
     "seed as a list": (dict(seed=[1, 2]), r"Seed: expected a whole number"),
 }
 
