@@ -17,25 +17,21 @@ from typing import Any
 import gradio as gr
 import spaces  # before anything imports torch (the photomaker modules below), so that ZeroGPU can patch CUDA
 from gradio import processing_utils
+from pydantic import ConfigDict, ValidationError
 from spaces.config import Config as SpacesConfig
 
-from aspect_ratio_template import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from photomaker import fault_injection, presets
+from photomaker.aspect_ratios import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from photomaker.config import ENV_VARIABLES, ServiceConfig, parse_switch
 from photomaker.errors import PhotoMakerError
 from photomaker.faces import get_face_analyzer, prepare_id_photos
+from photomaker.fields import REQUEST_FIELDS, RequestField
+from photomaker.flags import MODEL_FLAGS, add_model_flags, model_settings
 from photomaker.images import MAX_UPLOAD_BYTES
 from photomaker.metadata import read_parameters, restore_settings
-from photomaker.service import (
-    DEFAULT_BASE_MODEL,
-    ENV_VARIABLES,
-    GenerationRequest,
-    GenerationResult,
-    PhotoMakerService,
-    ServiceConfig,
-    ServiceStatus,
-    parse_switch,
-)
-from style_template import DEFAULT_STYLE_NAME, STYLE_NAMES
+from photomaker.requests import GenerationRequest, GenerationResult, ServiceStatus
+from photomaker.service import PhotoMakerService
+from photomaker.styles import DEFAULT_STYLE_NAME, STYLE_NAMES
 
 log = logging.getLogger("photomaker.app")
 
@@ -66,9 +62,11 @@ def _save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image",
 processing_utils.save_pil_to_cache = _save_pil_to_cache_atomically
 
 
-def named_in_errors(component: gr.components.Component) -> gr.components.Component:
+def named_in_errors(component: gr.components.Component, expected: str) -> gr.components.Component:
     """Gradio checks slider, number and dropdown values sent through the API before any app code runs, with
-    messages such as "Value 0 is less than minimum value 1."; prefix the control's label so the user knows which.
+    messages such as "Value 0 is less than minimum value 1."; prefix the control's label so the user knows which,
+    and turn any other refusal of a malformed value (a text for a number, ...) into a message saying what
+    `expected` values look like.
 
     Wraps the instance's method: subclassing a Gradio component would make Gradio write an `app.pyi` file.
     """
@@ -79,9 +77,62 @@ def named_in_errors(component: gr.components.Component) -> gr.components.Compone
             return check(payload)
         except gr.Error as error:
             raise gr.Error(f"{component.label}: {error.message}") from error
+        except Exception as error:  # noqa: BLE001 - any malformed API value: say what is expected
+            raise gr.Error(f"{component.label}: expected {expected}, got {payload!r}.") from error
 
     component.preprocess = preprocess
     return component
+
+
+def photo_list_format(api_name: str) -> str:
+    """How a photo list is passed to `/generate` through gradio_client, for error messages."""
+    return (
+        f"{api_name} takes a list of image files: [handle_file('me.jpg'), ...] or gallery items "
+        f"[{{'image': handle_file('me.jpg'), 'caption': None}}, ...] (from gradio_client import handle_file)"
+    )
+
+
+def _gallery_item(item: Any, api_name: str) -> dict[str, Any]:
+    """One photo of an API payload as a gallery item; gr.Error (showing the expected format) if it is none."""
+    if isinstance(item, (list, tuple)) and 1 <= len(item) <= 2:  # (file, caption), as Gallery values read
+        item = {"image": item[0], "caption": item[1] if len(item) == 2 else None}
+    elif isinstance(item, dict) and "image" not in item and "path" in item:  # a bare file: handle_file(path)
+        item = {"image": item, "caption": None}
+    if not (isinstance(item, dict) and isinstance(item.get("image"), dict) and item["image"].get("path")):
+        raise gr.Error(f"{photo_list_format(api_name)}; got {item!r} in the list.")
+    if item.get("caption") is not None and not isinstance(item["caption"], str):
+        item = {**item, "caption": str(item["caption"])}
+    return item
+
+
+def accept_bare_files(gallery: gr.Gallery, api_name: str) -> gr.Gallery:
+    """Let `/generate` take a photo list as bare files (`[handle_file(path)]`, what a gradio_client user tries
+    first) as well as gallery items, and refuse anything else with a message showing the expected format.
+
+    Gradio validates a gallery payload against its data model before any app code runs, and refuses other
+    shapes with an opaque "The upstream Gradio app has raised an exception"; this instance gets a data model
+    that first rewrites the payload (its schema, which the API page shows, stays the Gallery's).
+    """
+
+    class PhotoListPayload(gallery.data_model):  # type: ignore[name-defined,misc]
+        model_config = ConfigDict(title=gallery.data_model.__name__)  # the API page shows the Gallery's schema
+
+        @classmethod
+        def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            # gr.Error raised here reaches the client; raised inside a pydantic validator it would be wrapped
+            # into a ValidationError, and so shown as the opaque message.
+            if isinstance(obj, list):
+                obj = [_gallery_item(item, api_name) for item in obj]
+            elif obj is not None and not isinstance(obj, cls):
+                raise gr.Error(f"{photo_list_format(api_name)}; got {obj!r}.")
+            try:
+                return super().model_validate(obj, *args, **kwargs)
+            except ValidationError as error:
+                raise gr.Error(f"{photo_list_format(api_name)}; got {obj!r}.") from error
+
+    gallery.data_model = PhotoListPayload
+    return gallery
+
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
@@ -127,14 +178,6 @@ CSS = """
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# ServiceConfig field -> the attribute of its flag in `parse_args`' namespace; the other PHOTOMAKER_* settings
-# (photomaker.service.ENV_VARIABLES) are set with their environment variable only.
-MODEL_FLAGS = {
-    "base_model": "base_model", "adapter": "adapter", "pm_version": "pm_version", "device": "device",
-    "dtype": "dtype", "offload": "offload", "face_backend": "face_backend", "tiny_dir": "tiny",
-}
-
-
 def _switch(text: str) -> bool:
     """An on/off setting, spelled as the service's PHOTOMAKER_* switches are."""
     try:
@@ -162,7 +205,8 @@ def _whole_number(low: int, high: int | None = None) -> Any:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags. Model flags left out fall back to the PHOTOMAKER_* variables read by
     `ServiceConfig.from_env`; server flags read the variables named in their help."""
-    env_only = [name for name, (setting, _) in ENV_VARIABLES.items() if setting not in MODEL_FLAGS]
+    flagged = {item.setting for item in MODEL_FLAGS}
+    env_only = [name for name, (setting, _) in ENV_VARIABLES.items() if setting not in flagged]
     parser = argparse.ArgumentParser(
         description="PhotoMaker web app (Gradio). Each flag can also be set with the environment variable "
                     "in brackets; a flag given here wins.",
@@ -180,26 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except argparse.ArgumentTypeError as error:
             parser.error(f"{name}={text!r} is not valid: {error}")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--base-model", help="SDXL base model: Hub id, diffusers folder or .safetensors file "
-                                            f"[PHOTOMAKER_BASE_MODEL, default {DEFAULT_BASE_MODEL}]")
-    model.add_argument("--adapter", help="PhotoMaker checkpoint: Hub repo, folder or file; default: the official "
-                                         "repo of --pm-version [PHOTOMAKER_ADAPTER]")
-    model.add_argument("--pm-version", type=int, choices=(1, 2),
-                       help="PhotoMaker version; v2 needs the insightface face backend "
-                            "[PHOTOMAKER_VERSION, default 1]")
-    model.add_argument("--device", help="cuda, cuda:N, mps or cpu; default: the best available [PHOTOMAKER_DEVICE]")
-    model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
-                       help="weights dtype; default: float16 on GPU, bfloat16 on CPU [PHOTOMAKER_DTYPE]")
-    model.add_argument("--offload", choices=("none", "model", "sequential"),
-                       help="low-VRAM CPU offload [PHOTOMAKER_OFFLOAD, default none]")
-    model.add_argument("--face-backend", choices=("dlib", "insightface", "none"),
-                       help="face cropping and identity scores; default: dlib for v1, insightface for v2 "
-                            "[PHOTOMAKER_FACE_BACKEND]")
-    model.add_argument("--tiny", nargs="?", const=str(DEFAULT_TINY_DIR), metavar="DIR",
-                       help="offline test mode on tiny random-weight models kept in DIR (written if missing; "
-                            f"default {DEFAULT_TINY_DIR.name}/ next to app.py). The outputs are noise "
-                            "[PHOTOMAKER_TINY_DIR]")
+    add_model_flags(parser.add_argument_group("model"), tiny_default=str(DEFAULT_TINY_DIR))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on; 0.0.0.0 for every interface "
@@ -222,7 +247,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def service_config(args: argparse.Namespace) -> ServiceConfig:
     """Environment variables overridden by the flags given; on ZeroGPU the model goes to CUDA at startup."""
-    config = ServiceConfig.from_env({setting: getattr(args, flag) for setting, flag in MODEL_FLAGS.items()})
+    config = ServiceConfig.from_env(model_settings(args))
     if SpacesConfig.zero_gpu and config.device is None:
         config.device = "cuda"
     return config
@@ -264,6 +289,42 @@ def _identity_caption(identity: dict[str, Any] | None) -> str | None:
     return f"identity {identity['similarity']:.2f} ({verdict})"
 
 
+RANDOMIZE_SEED = "randomize_seed"  # the one /generate parameter that is not a request field: it follows seed
+
+
+def _from_control(item: RequestField, value: Any) -> Any:
+    """A control's value as the request field `item` takes it: an empty control means the field's default,
+    and a size of 0 (below the field's range) means "from the aspect ratio"."""
+    if item.kind == "images":
+        return _gallery_paths(value)
+    if value is None or value == "":
+        return None if item.nullable else item.default
+    if item.kind == "bool":
+        return bool(value)
+    if item.kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if item.nullable and item.kind == "int" and value == 0 and item.low > 0:
+        return None
+    return value
+
+
+def _to_control(item: RequestField, value: Any) -> Any:
+    """A request value as the control of field `item` shows it (the reverse of `_from_control`)."""
+    if value is None and item.kind == "choice":
+        return ""  # e.g. fast mode off
+    if value is None and item.kind == "int" and item.low > 0:
+        return 0  # e.g. a size from the aspect ratio
+    return value
+
+
+def request_from_api(values: dict[str, Any]) -> GenerationRequest:
+    """The request for `/generate`'s values, by API name (see `photomaker.fields`)."""
+    fields = {item.name: _from_control(item, values.get(item.api_name)) for item in REQUEST_FIELDS}
+    if values.get(RANDOMIZE_SEED):
+        fields["seed"] = None
+    return GenerationRequest(**fields)
+
+
 def gpu_duration(request: GenerationRequest, progress: Any = None) -> int:
     """Seconds of GPU to reserve on ZeroGPU for `request`: grows with steps, images and pixels.
 
@@ -301,49 +362,11 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                 "and report the problem if it persists."
             ) from error
 
-    def generate(
-        id_photos: list | None,
-        prompt: str,
-        negative_prompt: str,
-        style: str,
-        aspect_ratio: str,
-        num_steps: int,
-        style_strength: float,
-        num_outputs: int,
-        guidance_scale: float,
-        seed: int | None,
-        randomize_seed: bool,
-        crop_faces: bool = True,
-        mix_photos: list | None = None,
-        mix_strength: float = presets.MIX_STRENGTH_DEFAULT,
-        fast_mode: str = "",
-        best_of: int = 1,
-        width: int = 0,
-        height: int = 0,
-        progress: gr.Progress = gr.Progress(),
-    ) -> tuple[list, int, list, str]:
-        """Generate images of the person in `id_photos`; returns (images with identity captions, seed used,
-        face crops used, notes)."""
-        request = GenerationRequest(
-            id_images=_gallery_paths(id_photos),
-            prompt=prompt or "",
-            negative_prompt=negative_prompt or "",
-            style=style,
-            aspect_ratio=aspect_ratio,
-            num_steps=num_steps,
-            style_strength=style_strength,
-            num_outputs=num_outputs,
-            guidance_scale=guidance_scale,
-            seed=None if randomize_seed or seed is None else int(seed),
-            mix_images=_gallery_paths(mix_photos),
-            mix_strength=mix_strength,
-            crop_faces=bool(crop_faces),
-            fast=fast_mode or None,
-            best_of=best_of,
-            width=width or None,  # 0 or empty: the size comes from aspect_ratio
-            height=height or None,
-        )
-
+    def generate(progress: gr.Progress = gr.Progress(), **values: Any) -> tuple[list, int, list, str]:
+        """Generate images of the person in the ID photos; `values` are the `/generate` parameters by API name
+        (the field table's, plus randomize_seed). Returns (images with identity captions, seed used, face crops
+        used, notes)."""
+        request = request_from_api(values)
         if SpacesConfig.zero_gpu:
             # Refuse a bad request before a GPU is reserved for it (off ZeroGPU, `generate` checks it first).
             try:
@@ -391,11 +414,11 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             raise gr.Error(str(error)) from error
         request = restored.request
         updates: dict[gr.components.Component, Any] = {
-            component: getattr(request, key) for key, component in restorable.items()
+            controls[item.name]: _to_control(item, getattr(request, item.name))
+            for item in REQUEST_FIELDS
+            if item.kind != "images"
         }
-        # Empty controls for what the request leaves to its defaults: no fast mode, the size from Output size.
-        updates.update({fast_mode: request.fast or "", width: request.width or 0, height: request.height or 0,
-                        randomize_seed: False})
+        updates[randomize_seed] = False
         for change in restored.changes:
             gr.Warning(change)
         made_with = f"{parameters.get('base_model')}, PhotoMaker v{parameters.get('pm_version')}"
@@ -520,21 +543,26 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         )
         gr.Markdown(EXAMPLE_SOURCES)
 
-        restorable = {  # GenerationRequest field -> the control that shows it
-            "prompt": prompt, "negative_prompt": negative_prompt, "style": style, "aspect_ratio": aspect_ratio,
-            "num_steps": num_steps, "style_strength": style_strength, "guidance_scale": guidance_scale,
-            "seed": seed, "crop_faces": crop_faces, "mix_strength": mix_strength, "num_outputs": num_outputs,
-            "best_of": best_of,
+        controls = {  # request field -> the control that sets it
+            "id_images": id_photos, "prompt": prompt, "negative_prompt": negative_prompt, "style": style,
+            "aspect_ratio": aspect_ratio, "num_steps": num_steps, "style_strength": style_strength,
+            "num_outputs": num_outputs, "guidance_scale": guidance_scale, "seed": seed, "crop_faces": crop_faces,
+            "mix_images": mix_photos, "mix_strength": mix_strength, "fast": fast_mode, "best_of": best_of,
+            "width": width, "height": height,
         }
-        generate_inputs = [id_photos, prompt, negative_prompt, style, aspect_ratio, num_steps, style_strength,
-                           num_outputs, guidance_scale, seed, randomize_seed, crop_faces, mix_photos,
-                           mix_strength, fast_mode, best_of, width, height]
+        api_inputs: dict[str, gr.components.Component] = {}  # /generate's parameters, in the field table's order
+        for item in REQUEST_FIELDS:
+            control = controls[item.name]
+            if item.kind == "images":
+                accept_bare_files(control, item.api_name)
+            else:
+                named_in_errors(control, item.describe_type(service.config))
+            api_inputs[item.api_name] = control
+            if item.name == "seed":
+                api_inputs[RANDOMIZE_SEED] = named_in_errors(randomize_seed, "true or false")
         generate_outputs = [results, seed_used, crops, notes]
-        for control in generate_inputs:
-            if isinstance(control, (gr.Slider, gr.Number, gr.Dropdown)):
-                named_in_errors(control)
-        generation = gr.on([generate_button.click, prompt.submit], generate, generate_inputs, generate_outputs,
-                           api_name="generate", show_progress_on=results)
+        generation = gr.on([generate_button.click, prompt.submit], generate, None, generate_outputs,
+                           inputs_kwargs=api_inputs, api_name="generate", show_progress_on=results)
         generation.success(lambda: gr.Row(visible=True), None, seed_row, api_visibility="private", queue=False)
 
         # Status polls skip the queue: they are instant, and must not take places a generation could use.
@@ -544,7 +572,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         gr.on([id_photos.change, crop_faces.change], preview_crops, [id_photos, crop_faces], crops,
               api_visibility="private", show_progress="minimal")
         png_file.upload(reproduce, png_file,
-                        [*restorable.values(), randomize_seed, fast_mode, width, height],
+                        [*(controls[item.name] for item in REQUEST_FIELDS if item.kind != "images"), randomize_seed],
                         api_visibility="private")
         reuse_seed.click(lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private",
                          queue=False)

@@ -19,8 +19,8 @@ _LAZY = {
     "FaceAnalysis2": "photomaker.faces.reference_api",
     "analyze_faces": "photomaker.faces.reference_api",
     "PhotoMakerService": "photomaker.service",
-    "ServiceConfig": "photomaker.service",
-    "GenerationRequest": "photomaker.service",
+    "ServiceConfig": "photomaker.config",
+    "GenerationRequest": "photomaker.requests",
 }
 
 __all__ = ["__version__", *_LAZY]

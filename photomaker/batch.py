@@ -35,36 +35,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from photomaker.errors import InvalidRequestError, ModelLoadError, PhotoMakerError
-from photomaker.presets import OUTPUTS_MAX, OUTPUTS_MIN, SEED_MAX
+from photomaker.fields import FIELDS, REQUEST_FIELDS
+from photomaker.presets import SEED_MAX
+from photomaker.requests import GenerationRequest
 
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-    from photomaker.service import GenerationRequest, GenerationResult
+    from photomaker.requests import GenerationResult
 
 logger = logging.getLogger(__name__)
 
 ERRORS_FILE = "errors.jsonl"
-# Fields holding photo paths; relative paths are resolved against the JSONL file's folder.
-PATH_FIELDS = ("id_images", "mix_images")
-# JSON types accepted per field (bool is excluded from the numeric fields: `true` is not a step count).
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "prompt": (str,),
-    "negative_prompt": (str,),
-    "style": (str,),
-    "aspect_ratio": (str,),
-    "fast": (str, type(None)),
-    "num_steps": (int,),
-    "num_outputs": (int,),
-    "best_of": (int,),
-    "seed": (int, type(None)),
-    "width": (int, type(None)),
-    "height": (int, type(None)),
-    "style_strength": (int, float),
-    "guidance_scale": (int, float),
-    "mix_strength": (int, float),
-    "crop_faces": (bool,),
-}
 # Long enough that processes that finish early can wait for a slow one at the final barrier.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 
@@ -113,12 +95,6 @@ def derive_seed(fields: dict[str, Any]) -> int:
     return int.from_bytes(_content_hash(fields)[:8], "big") % (SEED_MAX + 1)
 
 
-def _request_fields() -> tuple[str, ...]:
-    from photomaker.service import GenerationRequest
-
-    return tuple(item.name for item in dataclasses.fields(GenerationRequest))
-
-
 def _resolve_paths(value: Any, name: str, base_dir: Path) -> list[str]:
     """The photo paths of field `name` as absolute strings; each must be an existing file."""
     if isinstance(value, str):
@@ -135,32 +111,33 @@ def _resolve_paths(value: Any, name: str, base_dir: Path) -> list[str]:
 
 
 def parse_job(fields: Any, base_dir: Path) -> GenerationRequest:
-    """A `GenerationRequest` from one decoded JSON line; raises `InvalidRequestError` saying what is wrong."""
-    from photomaker.service import GenerationRequest
-
+    """A `GenerationRequest` from one decoded JSON line (keys and types from the field table); raises
+    `InvalidRequestError` saying what is wrong. Photo paths are relative to `base_dir`."""
     if not isinstance(fields, dict):
         raise InvalidRequestError(f"a job must be a JSON object, got {type(fields).__name__}.")
-    known = _request_fields()
+    known = list(FIELDS)
     for key in fields:
-        if key not in known:
+        if key not in FIELDS:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else f" Known fields: {', '.join(known)}."
             raise InvalidRequestError(f"unknown field '{key}'.{hint}")
-    for required in ("id_images", "prompt"):
-        if required not in fields:
-            raise InvalidRequestError(f"missing field '{required}'.")
+    for item in REQUEST_FIELDS:
+        if item.required and item.name not in fields:
+            raise InvalidRequestError(f"missing field '{item.name}'.")
     values = dict(fields)
-    for key, kinds in _FIELD_TYPES.items():
-        value = values.get(key)
-        if key in values and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+    for key, value in fields.items():
+        item = FIELDS[key]
+        if item.kind == "images":
+            values[key] = _resolve_paths(value, key, base_dir)
+            continue
+        kinds = item.json_types()
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in kinds)
             raise InvalidRequestError(f"'{key}' must be {expected}, got {json.dumps(value)}.")
-    for key in PATH_FIELDS:
-        if key in values:
-            values[key] = _resolve_paths(values[key], key, base_dir)
-    num_outputs = values.setdefault("num_outputs", GenerationRequest.num_outputs)
-    if not OUTPUTS_MIN <= num_outputs <= OUTPUTS_MAX:
-        raise InvalidRequestError(f"'num_outputs' must be between {OUTPUTS_MIN} and {OUTPUTS_MAX}, got {num_outputs}.")
+    num_outputs = values.setdefault("num_outputs", FIELDS["num_outputs"].default)
+    low, high = FIELDS["num_outputs"].bounds()
+    if not low <= num_outputs <= high:
+        raise InvalidRequestError(f"'num_outputs' must be between {low:g} and {high:g}, got {num_outputs}.")
     if values.get("seed") is None:
         values["seed"] = derive_seed({key: value for key, value in fields.items() if key != "seed"})
     elif not 0 <= values["seed"] <= SEED_MAX:

@@ -1,6 +1,7 @@
 """``python -m photomaker {generate,batch,score,make-tiny}``: a thin shell around `photomaker.service`.
 
-Model options are shared by every command that loads the model and map one to one onto `ServiceConfig`; a
+Model options (`photomaker.flags.MODEL_FLAGS`, the same as app.py's) are shared by every command that loads the
+model and map one to one onto `ServiceConfig`; generate's request flags come from the field table. A
 flag that is not given falls back to its PHOTOMAKER_* environment variable, then to the service's default.
 A `PhotoMakerError` (a mistake the user can fix) prints ``error: <message>`` and exits with status 2, without
 a traceback; anything else is a bug and keeps its traceback.
@@ -18,16 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from photomaker.errors import InvalidRequestError, PhotoMakerError
-from photomaker.presets import DEFAULT_FAST_PRESET, FAST_PRESETS
+from photomaker.flags import add_model_flags, add_request_flags, model_settings, request_from_flags
 
 if TYPE_CHECKING:
-    from photomaker.service import GenerationRequest, GenerationResult, PhotoMakerService, ServiceConfig
+    from photomaker.config import ServiceConfig
+    from photomaker.requests import GenerationRequest, GenerationResult
+    from photomaker.service import PhotoMakerService
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_JOBS_FAILED = 1
 EXIT_INTERRUPTED = 130
+MODEL_GROUP = "model (each defaults to its environment variable)"
 
 
 class ProgressBar:
@@ -65,62 +69,8 @@ class ProgressBar:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Arguments
+# Arguments (the flags themselves are defined in photomaker.flags, shared with app.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Flags that choose and place the model; None means "not given" so the environment can decide."""
-    group = parser.add_argument_group("model (each defaults to its environment variable)")
-    group.add_argument("--tiny", metavar="DIR",
-                       help="use the tiny random-weight test models in DIR, written there first if absent; "
-                            "outputs are noise [PHOTOMAKER_TINY_DIR]")
-    group.add_argument("--base-model", metavar="ID_OR_PATH",
-                       help="SDXL base: Hub id, diffusers folder or single .safetensors file [PHOTOMAKER_BASE_MODEL]")
-    group.add_argument("--adapter", metavar="ID_OR_PATH",
-                       help="PhotoMaker checkpoint: Hub repo, folder or file; default: the official one "
-                            "[PHOTOMAKER_ADAPTER]")
-    group.add_argument("--pm-version", type=int, choices=(1, 2), help="PhotoMaker version [PHOTOMAKER_VERSION]")
-    group.add_argument("--device", help="cuda, cuda:N, mps or cpu; default: the best available [PHOTOMAKER_DEVICE]")
-    group.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="[PHOTOMAKER_DTYPE]")
-    group.add_argument("--offload", choices=("none", "model", "sequential"),
-                       help="CPU offload for small GPUs [PHOTOMAKER_OFFLOAD]")
-    group.add_argument("--face-backend", choices=("dlib", "insightface", "none"),
-                       help="face detection and identity score; default: dlib for v1, insightface for v2 "
-                            "[PHOTOMAKER_FACE_BACKEND]")
-    group.add_argument("--face-model-dir", metavar="DIR", help="face models folder [PHOTOMAKER_FACE_MODEL_DIR]")
-    group.add_argument("--fast-lora-dir", metavar="DIR",
-                       help="folder with the fast-mode LoRA files, instead of the Hub [PHOTOMAKER_FAST_LORA_DIR]")
-
-
-def _add_request_options(parser: argparse.ArgumentParser) -> None:
-    """The generation parameters; unset ones keep `GenerationRequest`'s defaults (the app's)."""
-    parser.add_argument("--id-image", action="append", required=True, metavar="PHOTO", dest="id_images",
-                        help="photo of the person (repeat for 1-4 photos)")
-    parser.add_argument("--prompt", required=True, metavar="TEXT",
-                        help="e.g. 'a photo of a woman img as an astronaut' (class word, then the trigger 'img')")
-    parser.add_argument("--negative-prompt", metavar="TEXT")
-    parser.add_argument("--style", metavar="NAME",
-                        help="style template name, e.g. 'Photographic (Default)' or '(No style)'")
-    parser.add_argument("--aspect", dest="aspect_ratio", metavar="NAME",
-                        help="aspect-ratio preset name, e.g. 'Instagram (1:1)'")
-    parser.add_argument("--width", type=int, metavar="PX", help="with --height: explicit size, overrides --aspect")
-    parser.add_argument("--height", type=int, metavar="PX")
-    parser.add_argument("--steps", type=int, dest="num_steps", metavar="N", help="sampling steps (default 50)")
-    parser.add_argument("--style-strength", type=float, metavar="PCT", help="percent, 15-50 (default 20)")
-    parser.add_argument("--guidance", type=float, dest="guidance_scale", metavar="G", help="guidance scale (default 5)")
-    parser.add_argument("--seed", type=int, metavar="N", help="default: random; output k uses seed + k")
-    parser.add_argument("--num-outputs", type=int, metavar="N", help="images to make, 1-4 (default 2)")
-    parser.add_argument("--fast", nargs="?", const=DEFAULT_FAST_PRESET, metavar="PRESET",
-                        help=f"few-step mode with a distilled LoRA: {', '.join(FAST_PRESETS)} "
-                             f"(--fast alone: {DEFAULT_FAST_PRESET})")
-    parser.add_argument("--no-crop", action="store_false", dest="crop_faces", default=None,
-                        help="use the photos as they are instead of cropping around the face")
-    parser.add_argument("--mix-image", action="append", dest="mix_images", metavar="PHOTO",
-                        help="photo of a second person to blend in (repeatable)")
-    parser.add_argument("--mix-strength", type=float, metavar="M",
-                        help="0 = first person only, 1 = second only (default 0.5)")
-    parser.add_argument("--best-of", type=int, metavar="N", help="make N candidates per output, keep the most alike")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate images from ID photos and a prompt")
-    _add_request_options(generate)
+    add_request_flags(generate)
     generate.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created if missing)")
-    _add_model_options(generate)
+    add_model_flags(generate.add_argument_group(MODEL_GROUP))
     generate.set_defaults(handler=_cmd_generate)
 
     batch = commands.add_parser(
@@ -142,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "are skipped on a re-run. Run on several GPUs with: accelerate launch -m photomaker batch ...")
     batch.add_argument("jobs", metavar="JOBS.jsonl")
     batch.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and errors.jsonl")
-    _add_model_options(batch)
+    add_model_flags(batch.add_argument_group(MODEL_GROUP))
     batch.set_defaults(handler=_cmd_batch)
 
     score = commands.add_parser("score", help="how much the face in an image looks like the reference photos")
@@ -162,33 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def service_config(args: argparse.Namespace, device: str | None = None) -> ServiceConfig:
     """`ServiceConfig` from the model flags over the environment; `device` (a process's own) beats the env."""
-    from photomaker.service import ServiceConfig
+    from photomaker.config import ServiceConfig
 
-    return ServiceConfig.from_env({
-        "tiny_dir": args.tiny,
-        "base_model": args.base_model,
-        "adapter": args.adapter,
-        "pm_version": args.pm_version,
-        "device": args.device or device,
-        "dtype": args.dtype,
-        "offload": args.offload,
-        "face_backend": args.face_backend,
-        "face_model_dir": args.face_model_dir,
-        "fast_lora_dir": args.fast_lora_dir,
-    })
+    settings = model_settings(args)
+    settings["device"] = settings.get("device") or device
+    return ServiceConfig.from_env(settings)
 
 
 def generation_request(args: argparse.Namespace) -> GenerationRequest:
     """The request for the given flags; flags left out keep the request's defaults."""
-    from photomaker.service import GenerationRequest
-
-    for photo in [*args.id_images, *(args.mix_images or [])]:
-        if not Path(photo).is_file():
-            raise InvalidRequestError(f"photo {photo!r} not found.")
-    names = ("prompt", "negative_prompt", "style", "aspect_ratio", "width", "height", "num_steps", "style_strength",
-             "guidance_scale", "seed", "num_outputs", "fast", "crop_faces", "mix_images", "mix_strength", "best_of")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    return GenerationRequest(id_images=list(args.id_images), **given)
+    return request_from_flags(args)
 
 
 def _quiet_libraries(verbose: bool) -> None:

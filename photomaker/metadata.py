@@ -13,18 +13,16 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from aspect_ratio_template import ASPECT_RATIOS
 from photomaker import presets
+from photomaker.aspect_ratios import ASPECT_RATIOS
 from photomaker.errors import InvalidRequestError
+from photomaker.fields import REQUEST_FIELDS, RequestField
 from photomaker.images import MAX_IMAGE_PIXELS
-from style_template import STYLE_NAMES
-
-if TYPE_CHECKING:
-    from photomaker.service import GenerationRequest
+from photomaker.requests import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -32,31 +30,19 @@ JSON_CHUNK = "photomaker"
 TEXT_CHUNK = "parameters"
 METADATA_VERSION = 1
 
-# Every key a generated image carries (missing values are written as null).
+# Every key a generated image carries (missing values are written as null): the request fields' keys (the
+# field table's), then what the service derived from them and which model made the image.
+DERIVED_KEYS: tuple[str, ...] = (
+    "prompt_used",  # what the text encoders saw: the styled prompt (`prompt` is the user's, trigger inserted)
+    "negative_prompt_used",  # the style's negative, then the user's
+    "start_merge_step",  # from the style strength and the steps
+)
+MODEL_KEYS: tuple[str, ...] = ("base_model", "pm_version", "adapter", "face_backend")
 PARAMETER_KEYS: tuple[str, ...] = (
-    "prompt",  # the user's prompt after trigger-word insertion, before the style template
-    "negative_prompt",  # the user's negative prompt, before the style's negative is added
-    "prompt_used",  # what the text encoders saw: the styled prompt
-    "negative_prompt_used",
-    "style",
-    "aspect_ratio",
-    "width",
-    "height",
-    "seed",  # the seed of this image alone (image k of a request uses seed + k)
-    "num_steps",
-    "guidance_scale",
-    "style_strength",
-    "start_merge_step",
-    "num_id_images",
-    "num_mix_images",
-    "mix_strength",
-    "crop_faces",
-    "fast",
-    "base_model",
-    "pm_version",
-    "adapter",
-    "face_backend",
-    "identity",
+    *(item.metadata_key for item in REQUEST_FIELDS if item.metadata_key),
+    *DERIVED_KEYS,
+    *MODEL_KEYS,
+    "identity",  # the likeness to the ID photos (IdentityScore.as_dict())
     "library_version",
     "metadata_version",
 )
@@ -191,13 +177,8 @@ class RestoredSettings:
     changes: list[str]  # one sentence per stored value not used as it was, for the user
 
 
-def _in_range(
-    params: Mapping[str, Any], key: str, what: str, low: float, high: float, integer: bool, changes: list[str]
-) -> float | None:
-    """params[key] within [low, high] (None when absent or not a number); `changes` says what was changed."""
-    value = params.get(key)
-    if value is None:
-        return None
+def _in_range(value: Any, what: str, low: float, high: float, integer: bool, changes: list[str]) -> float | None:
+    """`value` within [low, high] (None when it is not a number); `changes` says what was changed."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         changes.append(f"The stored {what} {value!r} is not a number; the default is used.")
         return None
@@ -212,6 +193,23 @@ def _in_range(
     return clamped
 
 
+def _restored_value(item: RequestField, value: Any, steps_min: int, changes: list[str]) -> Any:
+    """The stored `value` of field `item` as its control accepts it, or None (the default) with a change said."""
+    if item.kind in ("int", "float"):
+        low, high = (steps_min, item.high) if item.low_setting else item.bounds()
+        return _in_range(value, item.label, low, high, item.integer, changes)
+    if item.kind == "choice":
+        if isinstance(value, str) and value in item.choices():
+            return value
+        changes.append(f"The {item.label} {value!r} is not available here; the default {item.label} is used.")
+        return None
+    expected = {"text": str, "bool": bool}[item.kind]
+    if isinstance(value, expected):
+        return value
+    changes.append(f"The stored {item.label} {value!r} is not {item.describe_type()}; the default is used.")
+    return None
+
+
 def restore_settings(
     params: Mapping[str, Any],
     id_images: Sequence[Any] = (),
@@ -220,7 +218,7 @@ def restore_settings(
     steps_min: int = presets.STEPS_MIN,
 ) -> RestoredSettings:
     """The request that regenerates the image `params` describe, given the same ID photos, as the app's controls
-    (and the service) accept it.
+    (and the service) accept it. Every request field with a PNG key in the field table is restored.
 
     It asks for one output at the image's own seed: since image k of a request uses its own generator seeded
     with seed + k, that single image is the same picture. Photos are not stored in the PNG, so they are passed
@@ -230,65 +228,50 @@ def restore_settings(
     styles, sizes and presets fall back to the defaults, and `changes` says so. A width and height equal to the
     stored output size's are left to it (None).
     """
-    from photomaker.service import GenerationRequest
-
     for key in ("prompt", "seed"):
         if params.get(key) is None:
             raise InvalidRequestError(f"The stored parameters lack {key!r}; this image cannot be reproduced.")
     changes: list[str] = []
-    fields: dict[str, Any] = {}
-    for key in ("negative_prompt", "crop_faces"):
-        if params.get(key) is not None:
-            fields[key] = params[key]
-
-    fast = params.get("fast")
-    if fast:
-        try:
-            fields["fast"] = presets.get_fast_preset(str(fast)).key
-        except InvalidRequestError:
-            changes.append(f"The fast mode {fast!r} is not available here; standard sampling is used.")
-    ranges: dict[str, tuple[str, float, float, bool]] = {
-        "style_strength": ("style strength", presets.STYLE_STRENGTH_MIN, presets.STYLE_STRENGTH_MAX, False),
-        "mix_strength": ("mix strength", presets.MIX_STRENGTH_MIN, presets.MIX_STRENGTH_MAX, False),
-        "width": ("width", presets.SIZE_MIN, presets.SIZE_MAX, True),
-        "height": ("height", presets.SIZE_MIN, presets.SIZE_MAX, True),
-    }
-    if "fast" not in fields:
-        ranges["num_steps"] = ("number of steps", steps_min, presets.STEPS_MAX, True)
-        ranges["guidance_scale"] = ("guidance scale", presets.GUIDANCE_MIN, presets.GUIDANCE_MAX, False)
-    for key, (what, low, high, integer) in ranges.items():
-        value = _in_range(params, key, what, low, high, integer, changes)
-        if value is not None:
-            fields[key] = value
-    seed = _in_range(params, "seed", "seed", presets.SEED_MIN, presets.SEED_MAX, True, changes)
+    seed = _in_range(params["seed"], "seed", presets.SEED_MIN, presets.SEED_MAX, True, changes)
     if seed is None:
         raise InvalidRequestError(
             f"The stored seed {params['seed']!r} is not a number; this image cannot be reproduced."
         )
-
-    style = params.get("style")
-    if style is not None and (not isinstance(style, str) or style not in STYLE_NAMES):
-        changes.append(f"The style {style!r} is not available here; the default style is used.")
-    elif style is not None:
-        fields["style"] = style
-    aspect = params.get("aspect_ratio")
-    if aspect is not None and (not isinstance(aspect, str) or aspect not in ASPECT_RATIOS):
-        if "width" not in fields or "height" not in fields:
-            changes.append(f"The output size {aspect!r} is not available here; the default size is used.")
-    elif aspect is not None:
-        fields["aspect_ratio"] = aspect
-    size = (fields.pop("width", None), fields.pop("height", None))
-    if None not in size and size != ASPECT_RATIOS.get(fields.get("aspect_ratio", "")):
-        fields["width"], fields["height"] = size
+    values: dict[str, Any] = {"prompt": str(params["prompt"]), "seed": int(seed)}
+    fast = params.get("fast")
+    if fast:
+        try:
+            values["fast"] = presets.get_fast_preset(str(fast)).key  # stored by key; a label is accepted too
+        except InvalidRequestError:
+            changes.append(f"The fast mode {fast!r} is not available here; standard sampling is used.")
+    size_changes: list[str] = []
+    for item in REQUEST_FIELDS:
+        key = item.metadata_key
+        if (
+            key is None
+            or not item.restored
+            or item.name in values
+            or item.name == "fast"
+            or params.get(key) is None
+            or (item.set_by_fast_mode and "fast" in values)
+        ):
+            continue
+        said = size_changes if item.name == "aspect_ratio" else changes
+        value = _restored_value(item, params[key], steps_min, said)
+        if value is not None:
+            values[item.name] = value
+    size = (values.pop("width", None), values.pop("height", None))
+    if None in size:
+        changes.extend(size_changes)  # an unknown output size matters only without a stored size
+    if None not in size and size != ASPECT_RATIOS.get(values.get("aspect_ratio", "")):
+        values["width"], values["height"] = size
 
     request = GenerationRequest(
         id_images=list(id_images),
-        prompt=str(params["prompt"]),
-        seed=int(seed),
         num_outputs=1,
         best_of=1,
         mix_images=list(mix_images),
-        **fields,
+        **values,
     )
     return RestoredSettings(request, changes)
 

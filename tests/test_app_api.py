@@ -152,3 +152,37 @@ def test_helper_events_are_hidden_from_the_api(client) -> None:
         "id_photos", "prompt", "negative_prompt", "style", "aspect_ratio", "num_steps", "style_strength",
         "num_outputs", "guidance_scale", "seed", "randomize_seed",
     ]
+
+
+def test_bare_files_and_file_caption_pairs_are_accepted_as_photos(client) -> None:
+    """`id_photos=[handle_file(path)]` is the first thing a gradio_client user tries."""
+    from gradio_client import handle_file
+
+    for photos in ([handle_file(str(ASTRONAUT)), handle_file(str(HOPPER))],
+                   [[handle_file(str(ASTRONAUT)), "me"], [handle_file(str(HOPPER)), None]]):
+        images, _, crops, _ = client.predict(**generate_args(id_photos=photos, num_outputs=1), api_name="/generate")
+        assert len(images) == 1 and len(crops) == 2
+
+
+MALFORMED_PAYLOADS = {
+    "a path string instead of a list": (dict(id_photos=str(ASTRONAUT)), r"id_photos takes a list of image files"),
+    "a bare path in the list": (dict(id_photos=[str(ASTRONAUT)]), r"handle_file\('me\.jpg'\)"),
+    "a dict without a path": (dict(id_photos=[{"caption": "me"}]), r"\{'image': handle_file"),
+    "a number in the list": (dict(id_photos=[42]), r"got 42 in the list"),
+    "second person as a string": (dict(mix_photos="someone.jpg"), r"mix_photos takes a list of image files"),
+    # The --tiny app takes steps from 1, and the message says so.
+    "steps as text": (dict(num_steps="many"), r"Sampling steps: expected a whole number from 1 to 100"),
+    "seed as a list": (dict(seed=[1, 2]), r"Seed: expected a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_PAYLOADS))
+def test_malformed_payloads_get_a_message_showing_the_expected_format(case: str, client, app_server: AppServer
+                                                                     ) -> None:
+    overrides, pattern = MALFORMED_PAYLOADS[case]
+    with pytest.raises(AppError) as refused:
+        client.predict(**generate_args(**overrides), api_name="/generate")
+    message = str(refused.value)
+    assert "upstream Gradio app has raised an exception" not in message
+    assert re.search(pattern, message), f"{case}: unhelpful message {message!r}"
+    assert app_server.is_alive()

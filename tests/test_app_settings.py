@@ -100,3 +100,19 @@ def test_zerogpu_reservation_of_a_fast_request_is_for_the_preset_steps() -> None
     standard = GenerationRequest(id_images=[], prompt="a man img", num_steps=50, num_outputs=2, best_of=2,
                                  width=512, height=768)
     assert app.gpu_duration(standard) == presets.gpu_seconds(50, 2, 512, 768, best_of=2)
+
+
+@pytest.mark.parametrize(("spelling", "version"), [("1", 1), ("v1", 1), ("v2", 2)])
+def test_pm_version_flag_takes_the_reference_spelling(spelling: str, version: int) -> None:
+    args = app.parse_args(["--pm-version", spelling, "--face-backend", "insightface"])
+    assert app.service_config(args).pm_version == version
+
+
+def test_app_and_cli_offer_the_same_model_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from photomaker.flags import MODEL_FLAGS
+
+    with pytest.raises(SystemExit):
+        app.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert [item.flag for item in MODEL_FLAGS if item.flag not in text] == []
+

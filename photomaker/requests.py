@@ -1,0 +1,116 @@
+"""The contract between the service and its callers (app, CLI, batch): what a request holds, what comes back,
+and the validated plan in between. Plain data, no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+from photomaker import presets
+from photomaker.aspect_ratios import DEFAULT_ASPECT_RATIO
+from photomaker.styles import DEFAULT_STYLE_NAME
+
+
+@dataclass
+class GenerationRequest:
+    """One user request, with the app's defaults."""
+
+    id_images: Sequence[Any]  # paths, bytes, PIL images (1-4)
+    prompt: str
+    negative_prompt: str = ""
+    style: str = DEFAULT_STYLE_NAME
+    aspect_ratio: str = DEFAULT_ASPECT_RATIO
+    num_steps: int = presets.STEPS_DEFAULT  # ignored in fast mode (the preset's count is used)
+    style_strength: float = presets.STYLE_STRENGTH_DEFAULT  # percent, 15-50 -> start_merge_step
+    num_outputs: int = presets.OUTPUTS_DEFAULT
+    guidance_scale: float = presets.GUIDANCE_DEFAULT  # ignored in fast mode
+    seed: int | None = None  # None -> random; image k uses seed + k
+    mix_images: Sequence[Any] = ()  # photos of a second person (identity mixing)
+    mix_strength: float = presets.MIX_STRENGTH_DEFAULT  # 0 = only the first person, 1 = only the second
+    crop_faces: bool = True
+    fast: str | None = None  # key or label of a fast-mode preset, None = standard sampling
+    best_of: int = 1  # candidates per output (seeds seed + k*best_of + j); each output is its most alike one
+    width: int | None = None  # width and height together override aspect_ratio
+    height: int | None = None
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image  # carries the PNG text metadata in image.info
+    parameters: dict[str, Any]
+    identity: dict[str, Any] | None = None  # IdentityScore.as_dict(); None without a face backend
+
+    @property
+    def seed(self) -> int:
+        """The seed that regenerates this image alone."""
+        return int(self.parameters["seed"])
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    seed: int  # the request's seed (image k used seed + k)
+    warnings: list[str] = field(default_factory=list)  # e.g. "Added the trigger word 'img' after 'man'"
+    prompt_used: str = ""
+    crops: list[Image.Image] = field(default_factory=list)  # the ID photos as the encoder saw them
+    negative_prompt_used: str = ""
+    cache_hit: bool = False  # the ID encoding came from the cache (the ID encoder did not run)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+@dataclass
+class ServiceStatus:
+    state: Literal["idle", "loading", "ready", "error"]
+    message: str
+    progress: float  # 0..1 while loading
+
+
+@dataclass
+class GenerationPlan:
+    """A request after validation: everything `generate` needs, decoded and in range."""
+
+    request: GenerationRequest
+    id_images: list[Image.Image]
+    mix_images: list[Image.Image]
+    id_names: list[str | None]  # file names of the photos, for messages about them
+    mix_names: list[str | None]
+    prompt: str  # after trigger insertion, before the style
+    negative_prompt: str  # the user's, cleaned, before the style's negative is added
+    positive: str
+    negative: str
+    width: int
+    height: int
+    num_steps: int
+    guidance_scale: float
+    style_strength: float
+    start_merge_step: int
+    seed: int
+    num_outputs: int
+    best_of: int
+    mix_strength: float | None  # None without mix photos
+    fast: presets.FastPreset | None
+    warnings: list[str]
+
+    @property
+    def id_weights(self) -> list[float] | None:
+        """Per-photo weights for identity mixing (None without mix photos).
+
+        With mix strength m, every photo of the first person gets min(1, 2(1 - m)) and every photo of the
+        second min(1, 2m): at 0.5 both identities are applied in full, and moving towards one end fades the
+        other person out linearly while the favoured one stays at full strength.
+        """
+        if self.mix_strength is None:
+            return None
+        m = self.mix_strength
+        return [min(1.0, 2 * (1 - m))] * len(self.id_images) + [min(1.0, 2 * m)] * len(self.mix_images)
+
+    def image_seed(self, index: int) -> int:
+        """Seed of candidate `index`: wraps so that every stored seed is a valid request seed."""
+        return (self.seed + index) % (presets.SEED_MAX + 1)
+
+
+ProgressCallback = Callable[[int, int, str], None]  # (step, total, description)
