@@ -20,7 +20,7 @@ from gradio import processing_utils
 from spaces.config import Config as SpacesConfig
 
 from aspect_ratio_template import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
-from photomaker import fault_injection, presets
+from photomaker import presets
 from photomaker.errors import PhotoMakerError
 from photomaker.faces import get_face_analyzer, prepare_id_photos
 from photomaker.images import MAX_UPLOAD_BYTES
@@ -35,6 +35,7 @@ from photomaker.service import (
     ServiceStatus,
     parse_switch,
 )
+from photomaker.testsupport import fault_injection
 from style_template import DEFAULT_STYLE_NAME, STYLE_NAMES
 
 log = logging.getLogger("photomaker.app")
@@ -287,7 +288,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
 
         def report(step: int, total: int, description: str) -> None:
             progress((step, total), desc=description)
-        if tiny:  # test hook, honoured in --tiny mode only: PHOTOMAKER_FAULT_INJECT (photomaker/fault_injection.py)
+        if tiny:  # test hook, --tiny mode only: PHOTOMAKER_FAULT_INJECT (photomaker/testsupport/fault_injection.py)
             report = fault_injection.inject(report)
 
         try:

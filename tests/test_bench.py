@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_fast, bench_lowvram, bench_memory, bench_speed, common, sdxl
-from photomaker import lowvram
+from bench import bench_fast, bench_lowvram, bench_memory, bench_speed, common, lowvram, sdxl
 
 
 def tiny_args(tiny_models_dir: Path, *extra: str) -> list[str]:

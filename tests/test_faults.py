@@ -3,7 +3,7 @@
 Each is reported to the user whose request failed (and only to them) with a message that says what to do, the
 memory the failed generation held is released at once, and the next request works. In-process tests fail the
 tiny pipeline by monkeypatching; through the running app, faults come from the ``--tiny`` test hook
-``PHOTOMAKER_FAULT_INJECT`` (``photomaker/fault_injection.py``).
+``PHOTOMAKER_FAULT_INJECT`` (``photomaker/testsupport/fault_injection.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image, ImageEnhance
 
-from photomaker import fault_injection
 from photomaker.errors import InvalidRequestError
 from photomaker.service import GenerationRequest, PhotoMakerService
+from photomaker.testsupport import fault_injection
 
 pytest.register_assert_rewrite("app_server", "robust_app")
 from robust_app import ASTRONAUT, RobustServer, generate_args
