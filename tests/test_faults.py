@@ -127,7 +127,10 @@ def test_out_of_memory_fails_only_the_request_that_ran_out(
 ) -> None:
     """Two users at once: the one whose 72-pixel-wide request runs out of memory is told; the other gets images."""
     target, name = _target(library_service, "unet")
-    wide_latents = lambda sample, *a, **k: sample.shape[-1] == 72 // 8
+
+    def wide_latents(sample: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+        return sample.shape[-1] == 72 // 8
+
     failing = FailingCall(getattr(target, name), torch.OutOfMemoryError("CUDA out of memory"), wide_latents)
     outcomes: dict[str, Any] = {}
 
