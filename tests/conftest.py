@@ -4,9 +4,10 @@ Markers (registered in pyproject.toml) are assigned here, so that no test file c
 
 - ``app``: the test starts the Gradio app (it uses the ``app_server`` or ``robust_server`` fixture);
 - ``browser``, ``load``, ``slow``: every test of the files listed in ``MARKERS_BY_FILE``;
-- ``unit``: every test that got none of the above (fast, in-process, tiny models).
+- ``unit``: every test that got none of the above (in-process, a fraction of a second each).
 
-``bash tests/run.sh -m unit`` runs the fast subset; CI runs everything.
+``bash tests/run.sh -m unit`` runs the fast subset; ``-m "not app and not browser and not load"`` every in-process
+test; CI runs everything.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ MARKERS_BY_FILE: dict[str, tuple[str, ...]] = {
     "test_load.py": ("load",),
     "test_faults.py": ("load",),
     "test_robustness.py": ("load",),
+    "test_safety.py": ("load",),
+    # In-process, but seconds per test: whole tiny pipelines, the service, the CLI, packaging, benchmarks.
+    "test_pipeline.py": ("slow",),
+    "test_service.py": ("slow",),
+    "test_batch.py": ("slow",),
+    "test_cli.py": ("slow",),
+    "test_loading.py": ("slow",),
+    "test_testing_models.py": ("slow",),
+    "test_readme.py": ("slow",),
     "test_bench.py": ("slow",),
     "test_packaging.py": ("slow",),
 }
