@@ -20,7 +20,7 @@ from gradio import processing_utils
 from pydantic import ConfigDict, ValidationError
 from spaces.config import Config as SpacesConfig
 
-from photomaker import fault_injection, presets
+from photomaker import presets
 from photomaker.aspect_ratios import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from photomaker.config import ENV_VARIABLES, ServiceConfig, parse_switch
 from photomaker.errors import PhotoMakerError
@@ -32,6 +32,7 @@ from photomaker.metadata import read_parameters, restore_settings
 from photomaker.requests import GenerationRequest, GenerationResult, ServiceStatus
 from photomaker.service import PhotoMakerService
 from photomaker.styles import DEFAULT_STYLE_NAME, STYLE_NAMES
+from photomaker.testsupport import fault_injection
 
 log = logging.getLogger("photomaker.app")
 
@@ -348,7 +349,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
 
         def report(step: int, total: int, description: str) -> None:
             progress((step, total), desc=description)
-        if tiny:  # test hook, honoured in --tiny mode only: PHOTOMAKER_FAULT_INJECT (photomaker/fault_injection.py)
+        if tiny:  # test hook, --tiny mode only: PHOTOMAKER_FAULT_INJECT (photomaker/testsupport/fault_injection.py)
             report = fault_injection.inject(report)
 
         try:

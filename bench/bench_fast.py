@@ -68,7 +68,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     encoding = pipe.encode_id_images(common.photos(args.num_photos, seed=7))
     clock = common.StepClock()
     standard_steps = args.steps  # the app's default, 50
-    measure = lambda steps: min(steps, args.measure_steps) if args.measure_steps else steps
+
+    def measure(steps: int) -> int:
+        return min(steps, args.measure_steps) if args.measure_steps else steps
 
     def standard(seed: int, steps: int | None = None) -> common.Run:
         steps = steps or measure(standard_steps)
@@ -135,7 +137,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         standard_runs.append(standard(100 + len(standard_runs)))  # brackets each preset against drift
         common.logger.info("%s: %s", key, {k: v for k, v in results[key].items() if k.endswith("_s")})
     std = model_time(standard_runs, measure(standard_steps), standard_steps)
-    for key, value in results.items():
+    for value in results.values():
         value["speedup"] = std["time_s"] / value["time_s"]
         value["speedup_per_step_only"] = (standard_steps * std["per_step_s"]) / (value["steps"] * value["per_step_s"])
     return {

@@ -13,7 +13,7 @@ as on a GPU with PyTorch >= 2). Not counted: the CUDA context (outside PyTorch's
 allocator fragmentation; the margin to the target is shown.
 
 Part 2, verified (CPU is enough): `enable_model_cpu_offload(device="cpu")` on a real pipeline, one generation under
-`photomaker.lowvram.OffloadTracer`: each component (ID encoder included) has an offload hook, which components are
+`bench.lowvram.OffloadTracer`: each component (ID encoder included) has an offload hook, which components are
 resident at every moment, and whether any module ran while its component was offloaded.
 """
 
@@ -29,8 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench import common, sdxl
-from photomaker import lowvram
+from bench import common, lowvram, sdxl
 
 TARGET_BYTES = 8 * 1024**3  # 8 GB, read as GiB (the stricter reading would be 8e9; both are shown)
 GB = 1e9

@@ -244,7 +244,7 @@ def per_image(args: argparse.Namespace) -> dict[str, Any]:
                 common.until_unet(variants[name], (plain if name == "plain" else pm).unet, 10_000 + repeat)
             )
         encoder_s.append(encoder_only(repeat))
-    deltas = {name: [a - b for a, b in zip(pre[name], pre["plain"])] for name in ("first_call", "reuse")}
+    deltas = {name: [a - b for a, b in zip(pre[name], pre["plain"], strict=True)] for name in ("first_call", "reuse")}
     common.logger.info("pre-UNet medians: %s", {k: round(common.median(v), 3) for k, v in pre.items()})
 
     # 2. One UNet forward of each pipeline, alternated: the per-step cost, paired (the UNets are separate objects

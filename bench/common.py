@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import logging
 import os
@@ -163,7 +164,7 @@ class StepClock:
 
     def step_times(self) -> list[float]:
         """Durations of steps 1..n-1 (step 0 also holds the prompt encoding, so it is left out)."""
-        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+        return [b - a for a, b in itertools.pairwise(self.ends)]
 
 
 @dataclass
@@ -299,7 +300,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 

@@ -5,7 +5,7 @@ One ``python app.py --tiny`` per test session for all four modules (``robust_ser
 
 - a small bounded queue (``--max-queue 8``), so that 40 concurrent calls overflow it;
 - ``PHOTOMAKER_FAULT_INJECT`` pointing at a file the tests write to make chosen generations fail
-  (see ``photomaker/fault_injection.py``; honoured in ``--tiny`` mode only);
+  (see ``photomaker/testsupport/fault_injection.py``; honoured in ``--tiny`` mode only);
 - a fake Hugging Face token in the environment, which must never show up in logs, files or answers;
 - a private ``TMPDIR`` next to Gradio's own cache (``GRADIO_TEMP_DIR``), so the tests can see every
   temporary file the server leaves behind.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Everything needed on a fresh machine, then the whole test suite: `bash tests/run.sh [pytest args]`.
+# Everything needed on a fresh machine, then lint and the whole test suite: `bash tests/run.sh [pytest args]`.
 # Creates a virtual environment with the pinned CPU stack (cached per requirements) and installs
 # Debian's chromium for the browser tests if it is missing.
+# Without arguments (as CI runs it) `ruff check` and `ruff format --check` run first; with pytest arguments
+# (a developer's quick run, e.g. `bash tests/run.sh -m unit`) only pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -20,6 +22,11 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+if [ $# -eq 0 ]; then
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
 fi
 
 exec "$VENV/bin/python" -m pytest "$@"

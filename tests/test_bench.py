@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_fast, bench_lowvram, bench_memory, bench_speed, common, sdxl
-from photomaker import lowvram
+from bench import bench_app, bench_fast, bench_lowvram, bench_memory, bench_speed, common, lowvram, sdxl
 
 
 def tiny_args(tiny_models_dir: Path, *extra: str) -> list[str]:
@@ -190,6 +189,29 @@ def test_bench_fast_table(tiny_models_dir: Path) -> None:
     assert set(presets_run) == {"lcm-4", "lightning-8"}
     assert all(v["speedup"] > 0 and not v["cfg"] for v in presets_run.values())
     assert "speed-up" in result["report"] and ">= 6" in result["report"]
+
+
+# ------------------------------------------------------------------------------------------- app level
+
+
+def test_bench_app_times_whole_requests_against_plain_sdxl(tiny_models_dir: Path, tmp_path: Path) -> None:
+    from photomaker.metadata import read_parameters
+
+    out = tmp_path / "pngs"
+    args = ["--steps", "2", "--repeats", "2", "--warmup", "0", "--out", str(out)]
+    result = bench_app.main(tiny_args(tiny_models_dir, *args))
+    app = result["app"]
+    assert {variant: len(times) for variant, times in app["times_s"].items()} == {
+        "plain": 2,
+        "new_photos": 2,
+        "same_photos": 2,
+    }
+    assert app["ratios"]["plain"] == 1.0 and app["ratios"]["new_photos"] > 0
+    assert "plain SDXL call (baseline)" in result["report"] and "ratio (paired)" in result["report"]
+    # Every timed request wrote its PNG with the request's seed: 1 priming + 2 repeats x 2 request variants.
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 5
+    assert {read_parameters(path)["seed"] for path in written} == {0, 1000, 1001}
 
 
 # ------------------------------------------------------------------------------------------- low VRAM

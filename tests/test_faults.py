@@ -3,7 +3,7 @@
 Each is reported to the user whose request failed (and only to them) with a message that says what to do, the
 memory the failed generation held is released at once, and the next request works. In-process tests fail the
 tiny pipeline by monkeypatching; through the running app, faults come from the ``--tiny`` test hook
-``PHOTOMAKER_FAULT_INJECT`` (``photomaker/fault_injection.py``).
+``PHOTOMAKER_FAULT_INJECT`` (``photomaker/testsupport/fault_injection.py``).
 """
 
 from __future__ import annotations
@@ -23,19 +23,19 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image, ImageEnhance
 
-from photomaker import fault_injection
 from photomaker.errors import InvalidRequestError
 from photomaker.service import GenerationRequest, PhotoMakerService
+from photomaker.testsupport import fault_injection
 
 pytest.register_assert_rewrite("app_server", "robust_app")
 from robust_app import ASTRONAUT, RobustServer, generate_args
+from waiting import job_progress, result, wait_while_progressing
 
 pytest_plugins = ["app_server", "robust_app"]
 
 BALLAST_BYTES = 64 * 1024 * 1024  # what the simulated failing step holds when it fails
 MIB = 1024 * 1024
 OOM_MESSAGE = "Ran out of memory generating {n} image(s) at {w}x{h}"
-JOB_TIMEOUT_S = 120
 
 
 def astronaut_variant(k: int) -> Image.Image:
@@ -127,7 +127,10 @@ def test_out_of_memory_fails_only_the_request_that_ran_out(
 ) -> None:
     """Two users at once: the one whose 72-pixel-wide request runs out of memory is told; the other gets images."""
     target, name = _target(library_service, "unet")
-    wide_latents = lambda sample, *a, **k: sample.shape[-1] == 72 // 8
+
+    def wide_latents(sample: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+        return sample.shape[-1] == 72 // 8
+
     failing = FailingCall(getattr(target, name), torch.OutOfMemoryError("CUDA out of memory"), wide_latents)
     outcomes: dict[str, Any] = {}
 
@@ -145,8 +148,11 @@ def test_out_of_memory_fails_only_the_request_that_ran_out(
         ]
         for user in users:
             user.start()
-        for user in users:
-            user.join(JOB_TIMEOUT_S)
+        wait_while_progressing(
+            lambda: not any(user.is_alive() for user in users),
+            lambda: tuple(user.is_alive() for user in users),
+            "two library users",
+        )
     assert isinstance(outcomes["wide"], InvalidRequestError)
     assert OOM_MESSAGE.format(n=1, w=72, h=64) in str(outcomes["wide"])
     assert [item.seed for item in outcomes["square"].images] == [2]
@@ -163,18 +169,18 @@ def client(robust_server: RobustServer):
     client.close()
 
 
-def _wait_until_denoising(job: Any, min_step: int = 2, timeout: float = 60) -> None:
+def _denoising_reached(job: Any, min_step: int) -> bool:
+    units = job.status().progress_data or []
+    return any((unit.desc or "").startswith("Denoising") and (unit.index or 0) >= min_step for unit in units)
+
+
+def _wait_until_denoising(job: Any, min_step: int = 2) -> None:
     """Block until `job` reports denoising step `min_step` (so a cancel lands mid-way), or fail."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = job.status()
-        for unit in status.progress_data or []:
-            if (unit.desc or "").startswith("Denoising") and (unit.index or 0) >= min_step:
-                return
-        if job.done():
-            pytest.fail(f"the generation finished before it could be interrupted: {status}")
-        time.sleep(0.05)
-    pytest.fail("the generation never reported denoising progress")
+    wait_while_progressing(
+        lambda: job.done() or _denoising_reached(job, min_step), lambda: job_progress(job), "a 30-step generation"
+    )
+    if not _denoising_reached(job, min_step):
+        pytest.fail(f"the generation finished before it could be interrupted: {job.status()}")
 
 
 def test_out_of_memory_is_reported_to_that_user_only_and_memory_returns(robust_server: RobustServer, client) -> None:
@@ -187,10 +193,10 @@ def test_out_of_memory_is_reported_to_that_user_only_and_memory_returns(robust_s
         _wait_until_started(failing)
         passing = other_user.submit(**generate_args(seed=11), api_name="/generate")
         with pytest.raises(AppError) as refused:
-            failing.result(timeout=JOB_TIMEOUT_S)
+            result(failing, "the failing call")
         assert OOM_MESSAGE.format(n=1, w=64, h=64) in str(refused.value)
         assert "PHOTOMAKER_OFFLOAD=model" in str(refused.value)
-        images, seed, _, _ = passing.result(timeout=JOB_TIMEOUT_S)
+        images, seed, _, _ = result(passing, "the other user's call")
         assert seed == 11 and len(images) == 1
         assert robust_server.faults_left() == 0
         # The failing step held 256 MiB when it raised; none of it may stay behind.
@@ -203,12 +209,12 @@ def test_out_of_memory_is_reported_to_that_user_only_and_memory_returns(robust_s
         robust_server.inject("oom", 0)
 
 
-def _wait_until_started(job: Any, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not job.done():
-        if job.status().code in (Status.PROGRESS, Status.PROCESSING):
-            return
-        time.sleep(0.05)
+def _wait_until_started(job: Any) -> None:
+    wait_while_progressing(
+        lambda: job.done() or job.status().code in (Status.PROGRESS, Status.PROCESSING),
+        lambda: job_progress(job),
+        "a call waiting to start",
+    )
 
 
 def test_unexpected_exception_gives_a_plain_message_and_the_log_keeps_the_details(
@@ -237,7 +243,7 @@ def test_cancelled_generation_leaves_the_app_usable(robust_server: RobustServer,
         time.sleep(0.05)
     assert job.status().code == Status.CANCELLED
     follow_up = client.submit(**generate_args(seed=31), api_name="/generate")
-    images, seed, _, _ = follow_up.result(timeout=JOB_TIMEOUT_S)  # waits for the cancelled run to wind down
+    images, seed, _, _ = result(follow_up, "the call after a cancel")  # waits for the cancelled run to wind down
     assert seed == 31 and len(images) == 1
     assert job.outputs() == []  # the cancelled request never received images
     assert robust_server.is_alive()
@@ -249,16 +255,16 @@ ABANDONING_CLIENT = textwrap.dedent(
     sys.path[:0] = [{tests!r}]
     from gradio_client import Client
     from robust_app import generate_args
+    from waiting import job_progress, wait_while_progressing
     job = Client({url!r}, verbose=False).submit(**generate_args(num_steps=30, num_outputs=2, seed=40),
                                                 api_name="/generate")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def midway():
         units = job.status().progress_data or []
-        if any((u.desc or "").startswith("Denoising") and (u.index or 0) >= 2 for u in units):
-            print("MIDWAY", flush=True)
-            break
-        time.sleep(0.05)
-    time.sleep(60)
+        return any((u.desc or "").startswith("Denoising") and (u.index or 0) >= 2 for u in units)
+    wait_while_progressing(lambda: job.done() or midway(), lambda: job_progress(job), "the abandoned call")
+    if midway():
+        print("MIDWAY", flush=True)
+    time.sleep(600)  # killed by the test long before
     """
 )
 
@@ -274,7 +280,7 @@ def test_client_that_disappears_mid_generation_leaves_the_app_usable(robust_serv
         process.kill()
         process.wait(10)
     follow_up = client.submit(**generate_args(seed=41), api_name="/generate")
-    images, seed, _, _ = follow_up.result(timeout=JOB_TIMEOUT_S)
+    images, seed, _, _ = result(follow_up, "the call after an abandoned one")
     assert seed == 41 and len(images) == 1
     assert robust_server.is_alive()
 

@@ -26,11 +26,12 @@ import pytest
 import torch
 from gradio_client.exceptions import AppError
 
-from photomaker import fault_injection, presets
+from photomaker import presets
 from photomaker.errors import CheckpointError, IDImageError, ModelLoadError
 from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image
 from photomaker.service import PhotoMakerService, ServiceConfig
 from photomaker.testing import tiny_checkpoint
+from photomaker.testsupport import fault_injection
 
 pytest.register_assert_rewrite("app_server", "robust_app", "bad_inputs")
 import bad_inputs
