@@ -383,3 +383,42 @@ def test_the_plot_has_one_point_per_setting_with_face_sim(tmp_path: Path) -> Non
     colours = {tuple(pixel) for pixel in pixels}
     assert (0x1F, 0x77, 0xB4) in colours and (0xD6, 0x27, 0x28) in colours  # the two placed settings
     assert (0x2C, 0xA0, 0x2C) not in colours  # the third colour is unused: "faceless" is listed, not placed
+
+
+def test_earlier_scores_are_kept_only_for_the_same_references_and_group(tmp_path: Path,
+                                                                        scorers: Scorers) -> None:
+    from photomaker.evaluation.inputs import Identity
+    from photomaker.evaluation.runner import RESULTS_FILE, EvalPlan, generate_items, plan_items, score_groups
+    from photomaker.service import GeneratedImage, GenerationResult
+
+    def fake_generate(request):
+        return GenerationResult([GeneratedImage(noise(request.seed % 100, 8), {"seed": request.seed})], request.seed)
+
+    photos = []
+    for seed in (30, 31):
+        photos.append(tmp_path / f"ref{seed}.png")
+        noise(seed).save(photos[-1])
+    spec = {"clip": "tiny", "dino": "tiny", "face_backend": None}
+    loads: list[int] = []
+
+    def load_scorers() -> Scorers:
+        loads.append(1)
+        return scorers
+
+    def score(identity: Identity, images_per_prompt: int) -> list[dict]:
+        plan = EvalPlan([identity], ["a {class} img"], build_settings([]), images_per_prompt, num_references=1)
+        items = plan_items(plan, tmp_path / "out")
+        generate_items(items, plan, lambda setting: fake_generate)
+        rows = score_groups([items], tmp_path / "out", spec, load_scorers)
+        (tmp_path / "out" / RESULTS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return rows
+
+    one_photo = score(Identity("ann", (photos[0],)), 2)
+    assert score(Identity("ann", (photos[0],)), 2) == one_photo and len(loads) == 1  # nothing changed: kept
+    # A second photo changes no generated image (the generator still sees only the first) but every CLIP-I.
+    two_photos = score(Identity("ann", tuple(photos)), 2)
+    assert len(loads) == 2
+    assert two_photos[0]["clip_i"] != pytest.approx(one_photo[0]["clip_i"], abs=1e-6)
+    # One image per prompt: the first image is the same, but its group (and so its Face Div) is not.
+    score(Identity("ann", tuple(photos)), 1)
+    assert len(loads) == 3

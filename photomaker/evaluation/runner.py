@@ -3,7 +3,7 @@
 Resume and multi-process rules follow `photomaker.batch`: an image's path depends only on its work item
 (``images/<setting>/<identity>/<prompt>-<k>.png``), its PNG records a fingerprint of everything that made it,
 and a file whose fingerprint matches is neither made nor (when results.jsonl already holds its row, scored by
-the same models) scored again. Under ``accelerate launch`` every process lists what is done before anyone
+the same models against the same references, in the same group) scored again. Under ``accelerate launch`` every process lists what is done before anyone
 writes, then takes every N-th group (one identity and prompt under one setting, so that Face Div sees a whole
 group); the main process gathers the rows and writes the results.
 """
@@ -174,8 +174,15 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _scorer_signature(scorers_spec: dict[str, Any]) -> str:
-    return _fingerprint(scorers_spec)
+def _scoring_signature(scorer_spec: dict[str, Any], group: Sequence[WorkItem]) -> str:
+    """What a group's rows depend on beyond its images: the scoring models, every reference photo of the
+    identity (the metrics compare with all of them, not only the ones the generator saw) and the group's
+    members (Face Div is one value over the whole group)."""
+    return _fingerprint({
+        "scorers": scorer_spec,
+        "references": [path.name for path in group[0].identity.photos],
+        "group": [item.fingerprint for item in group],
+    })
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -194,17 +201,18 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
 
 def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spec: dict[str, Any],
                  load_scorers: Callable[[], Scorers], remade: set[str] = frozenset()) -> list[dict[str, Any]]:
-    """One row per image of `groups`; a group scored before by the same models, none of whose images was made
-    again in this run (fingerprints in `remade`), keeps its rows."""
+    """One row per image of `groups`; a group scored before by the same models against the same references and
+    with the same members, none of whose images was made again in this run (fingerprints in `remade`), keeps
+    its rows."""
     from photomaker.images import load_image
     from photomaker.metadata import read_parameters
 
-    signature = _scorer_signature(scorer_spec)
     earlier = read_results(out_dir / RESULTS_FILE)
     scorers: Scorers | None = None
     references: dict[str, References] = {}
     rows: list[dict[str, Any]] = []
     for group in groups:
+        signature = _scoring_signature(scorer_spec, group)
         kept = [earlier.get(item.fingerprint) for item in group]
         if all(row is not None and row.get("scorers") == signature and row["fingerprint"] not in remade
                for row in kept):
