@@ -16,7 +16,15 @@ import torch
 from PIL import Image, ImageOps
 
 from photomaker.errors import IDImageError, InvalidRequestError, PromptError
-from photomaker.evaluation import Scorers, add_eval_arguments, fid, run_eval_command, score_images, summarise
+from photomaker.evaluation import (
+    Scorers,
+    add_eval_arguments,
+    clip_image_embeddings,
+    fid,
+    run_eval_command,
+    score_images,
+    summarise,
+)
 from photomaker.evaluation.inputs import default_prompts_file, load_identities, load_prompts
 from photomaker.evaluation.report import compare, markdown_table
 from photomaker.evaluation.settings import build_settings, image_seed, parse_sweep
@@ -165,7 +173,9 @@ def test_fid_matches_the_frechet_distance_of_the_clip_embeddings(
 
     model = CLIPModel.from_pretrained(scorer_dirs["clip"]).eval()
     processor = AutoProcessor.from_pretrained(scorer_dirs["clip"]).image_processor
-    generated, real = [noise(seed) for seed in range(10, 16)], [noise(seed) for seed in range(20, 27)]
+    wide = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 96, 3), dtype=np.uint8))
+            for seed in range(23, 27)]  # each image is embedded as it is, not squeezed to the first one's size
+    generated, real = [noise(seed) for seed in range(10, 16)], [noise(seed) for seed in range(20, 23)] + wide
     with torch.no_grad():
         def features(images: list[Image.Image]) -> torch.Tensor:
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
@@ -180,6 +190,7 @@ def test_fid_matches_the_frechet_distance_of_the_clip_embeddings(
     expected = float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root)
 
     assert fid(generated, real, scorers) == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    assert fid(generated, clip_image_embeddings(real, scorers), scorers) == pytest.approx(expected, rel=1e-3, abs=1e-4)
     with pytest.raises(InvalidRequestError, match="at least 2 generated and 2 real"):
         fid(generated[:1], real, scorers)
 

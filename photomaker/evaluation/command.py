@@ -16,7 +16,14 @@ from pathlib import Path
 
 from photomaker.errors import InvalidRequestError
 from photomaker.evaluation.inputs import PHOTO_SUFFIXES, check_identity_prompts, load_identities, load_prompts
-from photomaker.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Scorers, fid, summarise
+from photomaker.evaluation.metrics import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_DINO_MODEL,
+    Scorers,
+    clip_image_embeddings,
+    fid,
+    summarise,
+)
 from photomaker.evaluation.report import (
     PLOT_FILE,
     compare,
@@ -147,7 +154,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         return 0
     summary = {setting: summarise(setting_rows) for setting, setting_rows in rows_by_setting(rows)}
     if args.fid_real:
-        real = _real_photos(args.fid_real)
+        real = clip_image_embeddings(_real_photos(args.fid_real), load_scorers())
         for setting, setting_rows in rows_by_setting(rows):
             summary[setting]["fid"] = fid((out / row["path"] for row in setting_rows), real, load_scorers())
     write_summary(summary, out)

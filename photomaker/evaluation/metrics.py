@@ -5,14 +5,17 @@ Kept apart from generation so that training's validation scores its own samples 
 
 - ``face_sim``: cosine of the generated image's largest face embedding to each reference face's, averaged over
   the references (None when the image has no face);
-- ``face_div``: mean pairwise ``1 - cosine`` between the faces generated for one group (one identity and
-  prompt under one setting); a single value per group;
+- ``face_div``: mean pairwise ``1 - cosine`` between the face embeddings generated for one group (one identity
+  and prompt under one setting); a single value per group. The paper averages LPIPS over pairs of face crops
+  instead; LPIPS needs torchvision's pretrained networks, which this stack cannot install, so values are not
+  comparable with the paper's Face Div column;
 - ``clip_t``: ``100 x cosine`` of the CLIP image embedding and the CLIP text embedding of the prompt without
   the trigger word (the trigger is PhotoMaker's marker, not a word CLIP knows);
 - ``clip_i``: cosine of CLIP image embeddings, whole image against each reference, averaged;
 - ``dino``: the same with the CLS token of a self-supervised DINO ViT;
 - FID (optional, per setting): torchmetrics' Fréchet distance over CLIP image embeddings of the generated and
-  the real photos (Inception weights need torchvision, which this stack cannot install).
+  the real photos (Inception weights need torchvision, which this stack cannot install), so it ranks settings
+  but is not comparable with Inception FID values.
 """
 
 from __future__ import annotations
@@ -234,17 +237,15 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class _ClipFeatures(torch.nn.Module):
-    """CLIP image embeddings of uint8 image tensors, the feature extractor torchmetrics' FID is given."""
+class _GivenFeatures(torch.nn.Module):
+    """The feature extractor handed to torchmetrics' FID: features are CLIP embeddings computed beforehand."""
 
-    def __init__(self, scorers: Scorers) -> None:
+    def __init__(self, num_features: int) -> None:
         super().__init__()
-        self.scorers = scorers
-        self.num_features = int(scorers.clip_model.config.projection_dim)
+        self.num_features = num_features
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
-        return self.scorers.clip_image_embeds(images).double()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.double()
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -253,31 +254,31 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def fid(generated: Iterable[Any], real: Iterable[Any], scorers: Scorers) -> float:
+def clip_image_embeddings(images: Iterable[Any], scorers: Scorers) -> torch.Tensor:
+    """(N, D) CLIP image embeddings of images or paths, read a batch at a time (thousands fit in memory)."""
+    from photomaker.images import load_image
+
+    batches = [scorers.clip_image_embeds([load_image(image).convert("RGB") for image in chunk])
+               for chunk in _chunks(images, SCORE_BATCH)]
+    return torch.cat(batches) if batches else torch.empty(0, int(scorers.clip_model.config.projection_dim))
+
+
+def fid(generated: Iterable[Any], real: Iterable[Any] | torch.Tensor, scorers: Scorers) -> float:
     """Fréchet distance between CLIP image embeddings of `generated` and `real` (torchmetrics).
 
-    Both are images or paths, read a batch at a time, so thousands of full-size images fit in memory.
+    Each image is embedded as it is (CLIP's processor resizes and crops it). `real` is images or paths, or their
+    `clip_image_embeddings`, so that a sweep embeds the real photos once for all its settings.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from photomaker.images import load_image
-
-    metric = FrechetInceptionDistance(feature=_ClipFeatures(scorers), reset_real_features=False)
-
-    def add(images: Iterable[Any], is_real: bool) -> int:
-        count = 0
-        for chunk in _chunks(images, SCORE_BATCH):
-            pictures = [load_image(image).convert("RGB") for image in chunk]
-            size = pictures[0].size
-            pixels = [torch.from_numpy(np.array(picture.resize(size))).permute(2, 0, 1) for picture in pictures]
-            metric.update(torch.stack(pixels), real=is_real)
-            count += len(chunk)
-        return count
-
-    num_real, num_generated = add(real, True), add(generated, False)
-    if num_generated < 2 or num_real < 2:
+    real_embeds = real if isinstance(real, torch.Tensor) else clip_image_embeddings(real, scorers)
+    generated_embeds = clip_image_embeddings(generated, scorers)
+    if len(generated_embeds) < 2 or len(real_embeds) < 2:
         raise InvalidRequestError(
-            f"FID needs at least 2 generated and 2 real images, got {num_generated} and {num_real}; "
+            f"FID needs at least 2 generated and 2 real images, got {len(generated_embeds)} and {len(real_embeds)}; "
             "add photos to --fid-real or generate more images."
         )
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(real_embeds.shape[1]))
+    metric.update(real_embeds, real=True)
+    metric.update(generated_embeds, real=False)
     return float(metric.compute())
