@@ -401,6 +401,26 @@ def test_bad_inputs_raise_errors_that_say_what_to_fix(tmp_path: Path) -> None:
         PrepareDataConfig(min_face_share=10)
 
 
+def test_photos_of_other_types_are_read_and_unreadable_files_reported(
+    tmp_path: Path, dlib_analyzer: FaceAnalyzer, caplog: pytest.LogCaptureFixture
+) -> None:
+    grace = tmp_path / "src" / "grace"
+    grace.mkdir(parents=True)
+    open_image(GRACE_HOPPER).save(grace / "portrait.tif")
+    (grace / "scan.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (grace / ".DS_Store").write_bytes(b"\x00")  # hidden: the system's, not the user's
+    open_image(GRACE_HOPPER).save(tmp_path / "src" / "loose.jpg")
+    with caplog.at_level("WARNING", logger="photomaker.train.data"):
+        summary = prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer,
+                               progress=False)
+    assert (summary.seen, summary.kept, dict(summary.dropped)) == (2, 1, {"read": 1})
+    assert [Path(r["source"]).name for r in _jsonl(tmp_path / "data" / "manifest.jsonl")] == ["portrait.tif"]
+    [dropped] = _jsonl(tmp_path / "data" / "report.jsonl")
+    assert (Path(dropped["source"]).name, dropped["stage"]) == ("scan.heic", "read")
+    assert "not a readable image file" in dropped["reason"]
+    assert "loose.jpg" in caplog.text and "not read" in caplog.text
+
+
 def test_module_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)

@@ -50,6 +50,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST, REPORT, SETTINGS = "manifest.jsonl", "report.jsonl", "settings.json"
 OUTPUT_FOLDERS = ("images", "masks", "embeddings", "verification")
 CLASS_FILE = "class.txt"
+CAPTION_SUFFIX = ".txt"
 V2_EMBEDDING_DIM = 512
 WEAK_FACE_SCORE_SHARE = 0.25
 """Detections scoring below this share of the photo's best detection are not faces that compete for it."""
@@ -172,18 +173,25 @@ def list_sources(
 
 
 def _list_folder(src: Path, default_class: str, trigger_word: str) -> list[SourceImage]:
+    """Every file of every identity folder except captions: one of an unknown type is reported by the ``read``
+    stage rather than skipped unseen, so nothing the user put there is lost silently."""
+    outside = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+    if outside:
+        logger.warning("%s: %d file(s) outside the identity folders are not read (move each photo into its "
+                       "identity's sub-folder): %s", src, len(outside), ", ".join(outside[:10]))
     sources = []
-    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
         identity = _check_identity(folder.name, where=str(folder))
         class_word = default_class
         if (folder / CLASS_FILE).is_file():
             class_word = check_class_word(
                 (folder / CLASS_FILE).read_text(encoding="utf-8"), trigger_word, where=str(folder / CLASS_FILE)
             )
-        photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        photos = sorted(p for p in folder.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != CAPTION_SUFFIX)
         used: set[str] = set()
         for photo in photos:
-            caption_file = photo.with_suffix(".txt")
+            caption_file = photo.with_suffix(CAPTION_SUFFIX)
             caption = caption_file.read_text(encoding="utf-8") if caption_file.is_file() else None
             sources.append(SourceImage(identity, photo, caption, class_word, _unique_stem(photo, used)))
     return sources
