@@ -433,3 +433,23 @@ def test_earlier_scores_are_kept_only_for_the_same_references_and_group(tmp_path
     # One image per prompt: the first image is the same, but its group (and so its Face Div) is not.
     score(Identity("ann", tuple(photos)), 1)
     assert len(loads) == 3
+
+
+def test_the_model_set_by_the_environment_is_part_of_every_image_fingerprint(
+    tmp_path: Path, scorer_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from photomaker.cli import service_config
+    from photomaker.evaluation.command import build_plan
+    from photomaker.evaluation.runner import plan_items
+
+    (tmp_path / "ids" / "ann").mkdir(parents=True)
+    (tmp_path / "ids" / "ann" / "photo.png").write_bytes(ASTRONAUT.read_bytes())
+    (tmp_path / "prompts.txt").write_text("a photo of a {class} img\n")
+
+    def fingerprints(adapter: str) -> list[str]:
+        monkeypatch.setenv("PHOTOMAKER_ADAPTER", adapter)
+        args = eval_args(tmp_path, tmp_path / "tiny", scorer_dirs)
+        return [item.fingerprint for item in plan_items(build_plan(args, service_config(args)), tmp_path / "out")]
+
+    assert fingerprints("a.bin") == fingerprints("a.bin")
+    assert set(fingerprints("a.bin")).isdisjoint(fingerprints("b.bin"))  # another adapter: every image made again

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from photomaker.errors import InvalidRequestError
 from photomaker.evaluation.inputs import PHOTO_SUFFIXES, check_identity_prompts, load_identities, load_prompts
@@ -36,6 +37,9 @@ from photomaker.evaluation.runner import EvalPlan, rows_by_setting, run_evaluati
 from photomaker.evaluation.settings import SWEEP_KEYS, Setting, build_settings
 from photomaker.presets import DEFAULT_FAST_PRESET
 
+if TYPE_CHECKING:
+    from photomaker.service import ServiceConfig
+
 logger = logging.getLogger(__name__)
 
 PAPER_STEPS = 50
@@ -44,6 +48,9 @@ NO_STYLE = "(No style)"
 # Generation flags -> GenerationRequest fields (None: the request's default)
 _REQUEST_FLAGS = ("style", "num_steps", "style_strength", "guidance_scale", "fast", "negative_prompt", "width",
                   "height", "aspect_ratio")
+# ServiceConfig fields that change the images (where the model runs and what is cached do not)
+_IMAGE_FIELDS = ("base_model", "adapter", "adapter_weight_name", "pm_version", "dtype", "variant", "tiny_dir",
+                 "face_backend", "fast_lora_dir", "trigger_word")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +101,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
 
 
-def _plan(args: argparse.Namespace) -> EvalPlan:
+def build_plan(args: argparse.Namespace, config: ServiceConfig) -> EvalPlan:
+    """The run's plan from parsed `args`; `config` is the resolved model (flags over PHOTOMAKER_* variables), so
+    that every image's fingerprint names the model that really made it."""
     if args.images_per_prompt < 1:
         raise InvalidRequestError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
     if args.num_references < 1:
@@ -103,7 +112,7 @@ def _plan(args: argparse.Namespace) -> EvalPlan:
     prompts = load_prompts(args.prompts)
     check_identity_prompts(identities, prompts)
     request = {name: getattr(args, name) for name in _REQUEST_FLAGS if getattr(args, name) is not None}
-    model = {name: getattr(args, name) for name in ("tiny", "base_model", "adapter", "pm_version")}
+    model = {name: getattr(config, name) for name in _IMAGE_FIELDS}
     return EvalPlan(identities, prompts, build_settings(args.sweep), args.images_per_prompt, args.num_references,
                     args.seed, request, model)
 
@@ -122,11 +131,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from photomaker.cli import service_config, wait_until_loaded
     from photomaker.service import PhotoMakerService
 
-    plan = _plan(args)
-    other = read_summary(args.compare) if args.compare else None
     state = batch.process_state(cpu=args.device == "cpu")
     device = batch.process_device(state)
     base_config = service_config(args, device=device)
+    plan = build_plan(args, base_config)
+    other = read_summary(args.compare) if args.compare else None
     if base_config.tiny_dir:
         from photomaker.testing import make_tiny
 
