@@ -453,3 +453,21 @@ def test_the_model_set_by_the_environment_is_part_of_every_image_fingerprint(
 
     assert fingerprints("a.bin") == fingerprints("a.bin")
     assert set(fingerprints("a.bin")).isdisjoint(fingerprints("b.bin"))  # another adapter: every image made again
+
+
+def test_scoring_models_that_cannot_load_name_the_flag_and_the_offline_fix(
+    tmp_path: Path, scorer_dirs: dict[str, Path]
+) -> None:
+    from photomaker.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"(?s)CLIP model \(CLIP-T, CLIP-I\) 'nobody/no-such-clip'.*--clip-model.*"
+                                             r"hf download nobody/no-such-clip"):
+        Scorers.load("nobody/no-such-clip", str(scorer_dirs["dino"]), face_backend=None, device="cpu")
+    with pytest.raises(ModelLoadError, match=r"(?s)DINO model '.*empty'.*--dino-model"):
+        Scorers.load(str(scorer_dirs["clip"]), str(tmp_path / "empty"), face_backend=None, device="cpu")
+
+
+def test_a_custom_trigger_word_is_taken_out_for_clip_t(scorer_dirs: dict[str, Path]) -> None:
+    custom = Scorers.load(str(scorer_dirs["clip"]), str(scorer_dirs["dino"]), face_backend=None, device="cpu",
+                          trigger_word="ohwx")
+    assert custom.prompt_text("a photo of a man ohwx on a beach") == "a photo of a man on a beach"

@@ -109,8 +109,8 @@ def build_plan(args: argparse.Namespace, config: ServiceConfig) -> EvalPlan:
     if args.num_references < 1:
         raise InvalidRequestError(f"--num-references must be at least 1, got {args.num_references}.")
     identities = load_identities(args.ids)
-    prompts = load_prompts(args.prompts)
-    check_identity_prompts(identities, prompts)
+    prompts = load_prompts(args.prompts, config.trigger_word)
+    check_identity_prompts(identities, prompts, config.trigger_word)
     request = {name: getattr(args, name) for name in _REQUEST_FLAGS if getattr(args, name) is not None}
     model = {name: getattr(config, name) for name in _IMAGE_FIELDS}
     return EvalPlan(identities, prompts, build_settings(args.sweep), args.images_per_prompt, args.num_references,
@@ -154,7 +154,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     def load_scorers() -> Scorers:
         if not scorers:
             scorers.append(Scorers.load(args.clip_model, args.dino_model, face_backend, args.face_model_dir,
-                                        args.metric_device or device))
+                                        args.metric_device or device, base_config.trigger_word))
         return scorers[0]
 
     out = Path(args.out)

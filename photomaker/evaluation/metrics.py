@@ -76,29 +76,17 @@ class Scorers:
     @classmethod
     def load(cls, clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL,
              face_backend: str | None = "dlib", face_model_dir: str | None = None,
-             device: str | None = None) -> Scorers:
+             device: str | None = None, trigger_word: str = DEFAULT_TRIGGER_WORD) -> Scorers:
         """Load the models by Hub id or local folder (``from_pretrained``); `face_backend` None skips Face Sim."""
         from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            clip = CLIPModel.from_pretrained(clip_model).eval().to(device)
-            clip_processor = AutoProcessor.from_pretrained(clip_model)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"cannot load the CLIP model {clip_model!r} for CLIP-T / CLIP-I: {error}. Pass --clip-model with a "
-                "Hub id (e.g. openai/clip-vit-large-patch14) or a local folder holding a CLIPModel and its processor."
-            ) from error
-        try:
-            dino = AutoModel.from_pretrained(dino_model).eval().to(device)
-            dino_processor = AutoImageProcessor.from_pretrained(dino_model)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"cannot load the DINO model {dino_model!r}: {error}. Pass --dino-model with a Hub id (e.g. "
-                "facebook/dino-vits16) or a local folder holding a ViT model and its image processor."
-            ) from error
+        clip, clip_processor = _load_scoring_model(clip_model, CLIPModel, AutoProcessor, "CLIP model (CLIP-T, "
+                                                   "CLIP-I)", "--clip-model", DEFAULT_CLIP_MODEL, "a CLIPModel")
+        dino, dino_processor = _load_scoring_model(dino_model, AutoModel, AutoImageProcessor, "DINO model",
+                                                   "--dino-model", DEFAULT_DINO_MODEL, "a ViT model")
         analyzer = get_face_analyzer(face_backend, face_model_dir) if face_backend else None  # type: ignore[arg-type]
-        return cls(clip, clip_processor, dino, dino_processor, analyzer, device)
+        return cls(clip.to(device), clip_processor, dino.to(device), dino_processor, analyzer, device, trigger_word)
 
     @torch.no_grad()
     def clip_image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -150,6 +138,19 @@ class Scorers:
     def prompt_text(self, prompt: str) -> str:
         """The prompt as CLIP-T reads it: without the trigger word."""
         return strip_trigger_word(prompt, self.trigger_word)[0]
+
+
+def _load_scoring_model(name: str, model_class: Any, processor_class: Any, what: str, flag: str, example: str,
+                        kind: str) -> tuple[Any, Any]:
+    """(model in eval mode, processor) from a Hub id or a local folder; a failure says which flag to change."""
+    try:
+        return model_class.from_pretrained(name).eval(), processor_class.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"cannot load the {what} {name!r}: {str(error).rstrip('.')}. Pass {flag} with a Hub id (e.g. {example}) or a local "
+            f"folder holding {kind} and its processor. Offline, a Hub id loads only from the Hugging Face cache: "
+            f"fill it once while online with 'hf download {name}'."
+        ) from error
 
 
 def face_diversity(embeddings: Sequence[np.ndarray], analyzer: FaceAnalyzer) -> float | None:
