@@ -342,6 +342,19 @@ def test_an_interrupted_line_is_dropped_and_its_photo_done_again(tmp_path: Path,
     assert manifest.read_text().splitlines() == [first, second]
 
 
+def test_a_damaged_line_inside_the_manifest_is_named(tmp_path: Path) -> None:
+    from photomaker.train.data import DataFolder
+
+    DataFolder(tmp_path, {"resolution": 256})
+    good = json.dumps({"source": "/photos/a.png", "identity": "a"})
+    (tmp_path / "manifest.jsonl").write_text(good + "\n{\"source\": \n" + good + "\n")
+    with pytest.raises(TrainingDataError, match=r"manifest.jsonl line 2 is not a prepare-data record.*--overwrite"):
+        DataFolder(tmp_path, {"resolution": 256})
+    (tmp_path / "manifest.jsonl").write_text(good + "\n[]\n")
+    with pytest.raises(TrainingDataError, match="line 2"):
+        DataFolder(tmp_path, {"resolution": 256})
+
+
 def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)

@@ -389,9 +389,15 @@ class DataFolder:
             path.write_text(complete, encoding="utf-8")
             text = complete
         records = {}
-        for line in text.splitlines():
-            record = json.loads(line)
-            records[record["source"]] = record
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                records[record["source"]] = record
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TrainingDataError(
+                    f"{path} line {number} is not a prepare-data record ({exc!r}); fix or delete that line, or "
+                    "use --overwrite to prepare everything again"
+                ) from exc
         return records
 
     def is_done(self, source: SourceImage) -> bool:
