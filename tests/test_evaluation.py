@@ -455,6 +455,20 @@ def test_the_model_set_by_the_environment_is_part_of_every_image_fingerprint(
     assert set(fingerprints("a.bin")).isdisjoint(fingerprints("b.bin"))  # another adapter: every image made again
 
 
+def test_generate_s_crop_and_best_of_flags_reach_every_request(tmp_path: Path, scorer_dirs: dict[str, Path]) -> None:
+    from photomaker.cli import service_config
+    from photomaker.evaluation.command import build_plan
+    from photomaker.evaluation.runner import generation_request, plan_items
+
+    (tmp_path / "ids" / "ann").mkdir(parents=True)
+    (tmp_path / "ids" / "ann" / "photo.png").write_bytes(ASTRONAUT.read_bytes())
+    (tmp_path / "prompts.txt").write_text("a photo of a {class} img\n")
+    args = eval_args(tmp_path, tmp_path / "tiny", scorer_dirs, "--no-crop", "--best-of", "3")
+    plan = build_plan(args, service_config(args))
+    request = generation_request(plan_items(plan, tmp_path / "out")[0], plan)
+    assert (request.crop_faces, request.best_of, request.num_steps) == (False, 3, 2)
+
+
 def test_scoring_models_that_cannot_load_name_the_flag_and_the_offline_fix(
     tmp_path: Path, scorer_dirs: dict[str, Path]
 ) -> None:

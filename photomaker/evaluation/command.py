@@ -47,7 +47,7 @@ PAPER_GUIDANCE = 5.0
 NO_STYLE = "(No style)"
 # Generation flags -> GenerationRequest fields (None: the request's default)
 _REQUEST_FLAGS = ("style", "num_steps", "style_strength", "guidance_scale", "fast", "negative_prompt", "width",
-                  "height", "aspect_ratio")
+                  "height", "aspect_ratio", "crop_faces", "best_of")
 # ServiceConfig fields that change the images (where the model runs and what is cached do not)
 _IMAGE_FIELDS = ("base_model", "adapter", "adapter_weight_name", "pm_version", "dtype", "variant", "tiny_dir",
                  "face_backend", "fast_lora_dir", "trigger_word")
@@ -86,6 +86,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     generation.add_argument("--aspect", dest="aspect_ratio", metavar="NAME")
     generation.add_argument("--width", type=int, metavar="PX")
     generation.add_argument("--height", type=int, metavar="PX")
+    generation.add_argument("--no-crop", action="store_false", dest="crop_faces", default=None,
+                            help="give the generator the photos as they are instead of cropped around the face")
+    generation.add_argument("--best-of", type=int, metavar="N",
+                            help="make N candidates per image and keep the most alike (raises Face Sim by choice)")
 
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_DIR", help="for CLIP-T and CLIP-I")
