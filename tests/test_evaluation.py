@@ -214,14 +214,17 @@ def test_a_bad_prompt_line_is_named(tmp_path: Path) -> None:
         load_prompts(path)
 
 
-def test_identities_read_their_photos_and_class_word(tmp_path: Path) -> None:
+def test_identities_read_their_photos_and_class_word(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "bob").mkdir()
     (tmp_path / "bob" / "b.jpg").write_bytes(b"")
     (tmp_path / "bob" / "a.png").write_bytes(b"")
+    (tmp_path / "bob" / "c.heic").write_bytes(b"")
     (tmp_path / "bob" / "class.txt").write_text("man\n")
     (tmp_path / "ann").mkdir()
     (tmp_path / "ann" / "1.webp").write_bytes(b"")
-    identities = load_identities(tmp_path)
+    with caplog.at_level("WARNING", logger="photomaker.evaluation.inputs"):
+        identities = load_identities(tmp_path)
+    assert "bob: c.heic not used" in caplog.text  # said, not skipped silently
     assert [(i.name, [p.name for p in i.photos], i.class_word) for i in identities] == [
         ("ann", ["1.webp"], "person"), ("bob", ["a.png", "b.jpg"], "man")]
     (tmp_path / "empty").mkdir()
