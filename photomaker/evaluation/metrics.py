@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,14 +89,19 @@ class Scorers:
         return cls(clip.to(device), clip_processor, dino.to(device), dino_processor, analyzer, device, trigger_word)
 
     @torch.no_grad()
+    def _image_embeds(self, images: Sequence[Image.Image], processor: Any, model: Any,
+                      features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(N, D) float32 `features` of the processed images, SCORE_BATCH images per forward pass."""
+        out = []
+        for chunk in _chunks(images, SCORE_BATCH):
+            pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"]
+            out.append(features(pixel_values.to(self.device, model.dtype)).float().cpu())
+        return torch.cat(out)
+
     def clip_image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) projected CLIP image embeddings."""
-        out = []
-        for start in range(0, len(images), SCORE_BATCH):
-            pixels = self.clip_processor(images=list(images[start:start + SCORE_BATCH]), return_tensors="pt")
-            pixel_values = pixels["pixel_values"].to(self.device, self.clip_model.dtype)
-            out.append(self.clip_model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu())
-        return torch.cat(out)
+        return self._image_embeds(images, self.clip_processor, self.clip_model,
+                                  lambda pixels: self.clip_model.get_image_features(pixel_values=pixels).pooler_output)
 
     @torch.no_grad()
     def clip_text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
@@ -105,15 +110,10 @@ class Scorers:
                                                return_tensors="pt").to(self.device)
         return self.clip_model.get_text_features(**tokens).pooler_output.float().cpu()
 
-    @torch.no_grad()
     def dino_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) DINO CLS-token embeddings of the last layer."""
-        out = []
-        for start in range(0, len(images), SCORE_BATCH):
-            pixels = self.dino_processor(images=list(images[start:start + SCORE_BATCH]), return_tensors="pt")
-            pixel_values = pixels["pixel_values"].to(self.device, self.dino_model.dtype)
-            out.append(self.dino_model(pixel_values=pixel_values).last_hidden_state[:, 0].float().cpu())
-        return torch.cat(out)
+        return self._image_embeds(images, self.dino_processor, self.dino_model,
+                                  lambda pixels: self.dino_model(pixel_values=pixels).last_hidden_state[:, 0])
 
     def face_embedding(self, image: Image.Image) -> np.ndarray | None:
         """The largest face's identity embedding, or None when there is no face (or no face backend)."""
