@@ -342,6 +342,26 @@ def test_an_interrupted_line_is_dropped_and_its_photo_done_again(tmp_path: Path,
     assert manifest.read_text().splitlines() == [first, second]
 
 
+def test_a_photo_added_later_never_overwrites_the_files_of_a_kept_one(
+    tmp_path: Path, dlib_analyzer: FaceAnalyzer
+) -> None:
+    grace = tmp_path / "src" / "grace"
+    grace.mkdir(parents=True)
+    open_image(GRACE_HOPPER).save(grace / "a.jpg")
+    prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer, progress=False)
+    [first] = _jsonl(tmp_path / "data" / "manifest.jsonl")
+    first_image = (tmp_path / "data" / first["image"]).read_bytes()
+    # Sorted before a.jpg, the new photo would take its output name "a" if names were given afresh.
+    open_image(GRACE_HOPPER).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(grace / "a.bmp")
+    resumed = prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer,
+                           progress=False)
+    assert (resumed.already_done, resumed.kept) == (1, 1)
+    records = _jsonl(tmp_path / "data" / "manifest.jsonl")
+    assert records[0] == first
+    assert len({record["image"] for record in records}) == len({record["mask"] for record in records}) == 2
+    assert (tmp_path / "data" / first["image"]).read_bytes() == first_image
+
+
 def test_a_damaged_line_inside_the_manifest_is_named(tmp_path: Path) -> None:
     from photomaker.train.data import DataFolder
 

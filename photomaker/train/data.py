@@ -29,7 +29,7 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -426,6 +426,25 @@ class DataFolder:
 # ---- the pipeline -------------------------------------------------------------------------------------------
 
 
+def _keep_earlier_outputs(pending: list[SourceImage], folder: DataFolder) -> list[SourceImage]:
+    """`pending` with new output names where an image kept by an earlier run already has theirs.
+
+    Output names are made unique among the photos listed now, so a photo added later (``a.bmp`` beside a kept
+    ``a.jpg``) can be given the name of an earlier photo's files and would overwrite them.
+    """
+    used: dict[str, set[str]] = {}
+    for record in folder.kept.values():
+        used.setdefault(record["identity"], set()).add(Path(record["image"]).stem)
+    clashes = [source.stem in used.get(source.identity, set()) for source in pending]
+    for source, clash in zip(pending, clashes, strict=True):
+        if not clash:
+            used.setdefault(source.identity, set()).add(source.stem)
+    return [
+        replace(source, stem=_unique_stem(source.path, used[source.identity])) if clash else source
+        for source, clash in zip(pending, clashes, strict=True)
+    ]
+
+
 def prepare_data(
     src: str | Path,
     out: str | Path,
@@ -465,7 +484,7 @@ def prepare_data(
     buckets = sdxl_buckets(config.resolution)
 
     summary = PrepareSummary(seen=len(sources))
-    pending = [s for s in sources if not folder.is_done(s)]
+    pending = _keep_earlier_outputs([s for s in sources if not folder.is_done(s)], folder)
     summary.already_done = len(sources) - len(pending)
     by_identity: dict[str, list[SourceImage]] = {}
     for source in pending:
