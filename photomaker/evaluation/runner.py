@@ -52,7 +52,7 @@ class EvalPlan:
     num_references: int = 4
     base_seed: int = 0
     request: dict[str, Any] = field(default_factory=dict)  # generation fields shared by every setting
-    model: dict[str, Any] = field(default_factory=dict)  # model flags, part of every fingerprint
+    model: dict[str, Any] = field(default_factory=dict)  # the resolved model settings, part of every fingerprint
 
 
 @dataclass(frozen=True)
