@@ -432,6 +432,11 @@ def test_bad_inputs_raise_errors_that_say_what_to_fix(tmp_path: Path) -> None:
         list_sources(bad)
     with pytest.raises(TrainingDataError, match="min_face_share must be in"):
         PrepareDataConfig(min_face_share=10)
+    (tmp_path / "latin" / "ann").mkdir(parents=True)
+    (tmp_path / "latin" / "ann" / "a.png").write_bytes(b"")
+    (tmp_path / "latin" / "ann" / "a.txt").write_bytes("a photo of a person img in Orléans".encode("latin-1"))
+    with pytest.raises(TrainingDataError, match=r"a.txt is not UTF-8 text .*save the caption as UTF-8"):
+        list_sources(tmp_path / "latin")
 
 
 def test_photos_of_other_types_are_read_and_unreadable_files_reported(

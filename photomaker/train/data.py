@@ -192,9 +192,16 @@ def _list_folder(src: Path, default_class: str, trigger_word: str) -> list[Sourc
         used: set[str] = set()
         for photo in photos:
             caption_file = photo.with_suffix(CAPTION_SUFFIX)
-            caption = caption_file.read_text(encoding="utf-8") if caption_file.is_file() else None
+            caption = _read_caption(caption_file) if caption_file.is_file() else None
             sources.append(SourceImage(identity, photo, caption, class_word, _unique_stem(photo, used)))
     return sources
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainingDataError(f"{path} is not UTF-8 text ({exc.reason}); save the caption as UTF-8") from exc
 
 
 def _list_manifest(src: Path, default_class: str, trigger_word: str) -> list[SourceImage]:
