@@ -488,3 +488,51 @@ def test_a_custom_trigger_word_is_taken_out_for_clip_t(scorer_dirs: dict[str, Pa
     custom = Scorers.load(str(scorer_dirs["clip"]), str(scorer_dirs["dino"]), face_backend=None, device="cpu",
                           trigger_word="ohwx")
     assert custom.prompt_text("a photo of a man ohwx on a beach") == "a photo of a man on a beach"
+
+
+EVAL_SCRIPT = """
+import argparse, logging, sys
+from photomaker.evaluation import add_eval_arguments, run_eval_command
+parser = argparse.ArgumentParser()
+add_eval_arguments(parser)
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+sys.exit(run_eval_command(parser.parse_args(sys.argv[1:])))
+"""
+
+
+def test_two_accelerate_processes_share_the_groups_and_give_the_single_process_results(
+    eval_run: dict, scorer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from test_batch import ROOT, free_port
+
+    script = tmp_path / "eval_main.py"
+    script.write_text(EVAL_SCRIPT)
+    root = eval_run["root"]
+    args = vars(eval_args(root, eval_run["tiny"], scorer_dirs))
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(script),
+              "--ids", str(root / "ids"), "--prompts", str(root / "prompts.txt"), "--out", str(tmp_path / "out"),
+              "--tiny", args["tiny"], "--face-backend", "none", "--images-per-prompt", "2", "--num-references", "1",
+              "--steps", "2", "--width", "64", "--height", "64", "--clip-model", args["clip_model"],
+              "--dino-model", args["dino_model"], "--sweep", "style_strength=20,40", "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(launch, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    # One group (identity x prompt) per setting: each process makes one setting's two images.
+    assert "process 0/2: 2 of 4 images to make" in run.stderr and "process 1/2: 2 of 4 images to make" in run.stderr
+    single = [json.loads(line) for line in (root / "out" / "results.jsonl").read_text().splitlines()]
+    double = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["setting"], r["image_index"], r["seed"], r["path"]) for r in double] == [
+        (r["setting"], r["image_index"], r["seed"], r["path"]) for r in single]
+    for one, two in zip(single, double, strict=True):
+        # Same seed and setting; thread counts differ (OMP_NUM_THREADS=1), so allow float noise of a pixel level.
+        first = np.asarray(Image.open(root / "out" / one["path"])).astype(int)
+        second = np.asarray(Image.open(tmp_path / "out" / two["path"])).astype(int)
+        assert np.abs(first - second).max() <= 2, (one["path"], np.abs(first - second).max())
+        assert two["clip_t"] == pytest.approx(one["clip_t"], abs=1e-3)
