@@ -151,6 +151,25 @@ def test_face_sim_and_face_div_on_the_example_portraits(face_scorers: Scorers) -
     assert rows[0]["face_div"] == rows[1]["face_div"] == pytest.approx(expected_div, abs=1e-5)
 
 
+def test_face_div_spans_every_prompt_of_an_identity(face_scorers: Scorers, tmp_path: Path) -> None:
+    from photomaker.evaluation.inputs import Identity
+    from photomaker.evaluation.runner import EvalPlan, plan_items
+
+    analyzer = face_scorers.face_analyzer
+    assert analyzer is not None
+    same, other = mirrored_recrop(ASTRONAUT), Image.open(GRACE_HOPPER).convert("RGB")
+    rows = score_images([same, other], ["a woman img", "a woman img on a beach"], [ASTRONAUT], face_scorers)
+    faces = [analyzer.embed(np.asarray(image), analyzer.detect(np.asarray(image))[0]) for image in (same, other)]
+    expected = 1 - analyzer.similarity(*faces)
+    assert rows[0]["face_div"] == rows[1]["face_div"] == pytest.approx(expected, abs=1e-5)
+    # The eval run scores one identity's images under one setting together, across its prompts.
+    plan = EvalPlan([Identity("ann", (ASTRONAUT,)), Identity("bob", (GRACE_HOPPER,))], ["a {class} img",
+                    "a {class} img on a beach"], build_settings(["style_strength=20,30"]), 2, 1)
+    groups = {item.group for item in plan_items(plan, tmp_path)}
+    assert groups == {(setting, name) for setting in ("style_strength=20", "style_strength=30")
+                      for name in ("ann", "bob")}
+
+
 def test_summarise_counts_each_face_div_group_once_and_the_images_without_a_face() -> None:
     def row(group: str, face_sim: float | None, face_div: float | None, seconds: float) -> dict:
         return {"group": group, "face_sim": face_sim, "face_found": face_sim is not None, "face_div": face_div,

@@ -5,8 +5,8 @@ Kept apart from generation so that training's validation scores its own samples 
 
 - ``face_sim``: cosine of the generated image's largest face embedding to each reference face's, averaged over
   the references (None when the image has no face);
-- ``face_div``: mean pairwise ``1 - cosine`` between the face embeddings generated for one group (one identity
-  and prompt under one setting); a single value per group. The paper averages LPIPS over pairs of face crops
+- ``face_div``: mean pairwise ``1 - cosine`` between the face embeddings generated for one identity (under one
+  setting, across its prompts and seeds); a single value per identity. The paper averages LPIPS over pairs of face crops
   instead; LPIPS needs torchvision's pretrained networks, which this stack cannot install, so values are not
   comparable with the paper's Face Div column;
 - ``clip_t``: ``100 x cosine`` of the CLIP image embedding and the CLIP text embedding of the prompt without
@@ -41,6 +41,7 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 METRICS = ("face_sim", "face_div", "clip_t", "clip_i", "dino")
 SCORE_BATCH = 16  # images per forward pass of the scoring models
+DEFAULT_GROUP = "identity"  # Face Div's group when `score_images` is given none: all its images (one identity)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -171,14 +172,14 @@ def score_images(
     """One dict of metrics per image (see the module docstring), in the order given.
 
     `prompts[i]` is image i's prompt, trigger word included or not; `references` is one identity's photos (or
-    `Scorers.references` of them). Face Div is computed per group (`groups[i]`, default: the prompt) and each
-    row carries its group's value and name, so `summarise` counts every group once.
+    `Scorers.references` of them). Face Div is computed per group (`groups[i]`, default: one group, the identity)
+    and each row carries its group's value and name, so `summarise` counts every group once.
     """
     if len(prompts) != len(images):
         raise InvalidRequestError(f"got {len(prompts)} prompts for {len(images)} images; give one prompt per image.")
     if not images:
         return []
-    groups = list(prompts) if groups is None else list(groups)
+    groups = [DEFAULT_GROUP] * len(images) if groups is None else list(groups)
     if len(groups) != len(images):
         raise InvalidRequestError(f"got {len(groups)} group names for {len(images)} images; give one per image.")
     if not isinstance(references, References):

@@ -4,8 +4,8 @@ Resume and multi-process rules follow `photomaker.batch`: an image's path depend
 (``images/<setting>/<identity>/<prompt>-<k>.png``), its PNG records a fingerprint of everything that made it,
 and a file whose fingerprint matches is neither made nor (when results.jsonl already holds its row, scored by
 the same models against the same references, in the same group) scored again. Under ``accelerate launch`` every process lists what is done before anyone
-writes, then takes every N-th group (one identity and prompt under one setting, so that Face Div sees a whole
-group); the main process gathers the rows and writes the results.
+writes, then makes every N-th missing image and scores every N-th group (one identity under one setting, so that
+Face Div sees all of that identity's faces); the main process gathers the rows and writes the results.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class WorkItem:
     fingerprint: str
 
     @property
-    def group(self) -> tuple[str, str, int]:
-        return self.setting.label, self.identity.name, self.prompt_index
+    def group(self) -> tuple[str, str]:
+        """Face Div's group: every image of one identity under one setting."""
+        return self.setting.label, self.identity.name
 
 
 def _fingerprint(fields: dict[str, Any]) -> str:
@@ -128,7 +129,7 @@ def recorded_parameters(item: WorkItem) -> dict[str, Any] | None:
 
 
 def _by_group(items: Sequence[WorkItem]) -> list[list[WorkItem]]:
-    groups: dict[tuple[str, str, int], list[WorkItem]] = {}
+    groups: dict[tuple[str, str], list[WorkItem]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
     return list(groups.values())
@@ -224,9 +225,8 @@ def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spe
         if identity.name not in references:
             references[identity.name] = scorers.references(identity.photos, [path.name for path in identity.photos])
         images = [load_image(item.path) for item in group]
-        label = f"{group[0].identity.name}/{group[0].prompt_index}"
         metrics = score_images(images, [item.prompt for item in group], references[identity.name], scorers,
-                               groups=[label] * len(group))
+                               groups=[identity.name] * len(group))
         for item, values in zip(group, metrics, strict=True):
             seconds = read_parameters(item.path).get(SECONDS_KEY)
             rows.append({
@@ -250,7 +250,7 @@ def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
     items = plan_items(plan, out)
     missing = [item for item in items if recorded_parameters(item) is None]
     state.wait_for_everyone()  # nobody writes before everyone has listed what is done
-    mine = [item for group in shard(_by_group(missing), state.process_index, state.num_processes) for item in group]
+    mine = shard(missing, state.process_index, state.num_processes)
     logger.info("process %d/%d: %d of %d images to make", state.process_index, state.num_processes, len(mine),
                 len(items))
     with tqdm(total=len(mine), unit="image", desc="eval", disable=not state.is_main_process) as bar:
