@@ -3,9 +3,10 @@
 Resume and multi-process rules follow `photomaker.batch`: an image's path depends only on its work item
 (``images/<setting>/<identity>/<prompt>-<k>.png``), its PNG records a fingerprint of everything that made it,
 and a file whose fingerprint matches is neither made nor (when results.jsonl already holds its row, scored by
-the same models against the same references, in the same group) scored again. Under ``accelerate launch`` every process lists what is done before anyone
-writes, then makes every N-th missing image and scores every N-th group (one identity under one setting, so that
-Face Div sees all of that identity's faces); the main process gathers the rows and writes the results.
+the same models against the same references, in the same group) scored again. Under ``accelerate launch`` every
+process lists what is done before anyone writes, then makes every N-th missing image and scores every N-th group
+(one identity under one setting, so that Face Div sees all of that identity's faces); the main process gathers
+the rows and writes the results.
 """
 
 from __future__ import annotations
