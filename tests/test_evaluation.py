@@ -16,7 +16,15 @@ import torch
 from PIL import Image, ImageOps
 
 from photomaker.errors import IDImageError, InvalidRequestError, PromptError
-from photomaker.evaluation import Scorers, add_eval_arguments, fid, run_eval_command, score_images, summarise
+from photomaker.evaluation import (
+    Scorers,
+    add_eval_arguments,
+    clip_image_embeddings,
+    fid,
+    run_eval_command,
+    score_images,
+    summarise,
+)
 from photomaker.evaluation.inputs import default_prompts_file, load_identities, load_prompts
 from photomaker.evaluation.report import compare, markdown_table
 from photomaker.evaluation.settings import build_settings, image_seed, parse_sweep
@@ -143,6 +151,25 @@ def test_face_sim_and_face_div_on_the_example_portraits(face_scorers: Scorers) -
     assert rows[0]["face_div"] == rows[1]["face_div"] == pytest.approx(expected_div, abs=1e-5)
 
 
+def test_face_div_spans_every_prompt_of_an_identity(face_scorers: Scorers, tmp_path: Path) -> None:
+    from photomaker.evaluation.inputs import Identity
+    from photomaker.evaluation.runner import EvalPlan, plan_items
+
+    analyzer = face_scorers.face_analyzer
+    assert analyzer is not None
+    same, other = mirrored_recrop(ASTRONAUT), Image.open(GRACE_HOPPER).convert("RGB")
+    rows = score_images([same, other], ["a woman img", "a woman img on a beach"], [ASTRONAUT], face_scorers)
+    faces = [analyzer.embed(np.asarray(image), analyzer.detect(np.asarray(image))[0]) for image in (same, other)]
+    expected = 1 - analyzer.similarity(*faces)
+    assert rows[0]["face_div"] == rows[1]["face_div"] == pytest.approx(expected, abs=1e-5)
+    # The eval run scores one identity's images under one setting together, across its prompts.
+    plan = EvalPlan([Identity("ann", (ASTRONAUT,)), Identity("bob", (GRACE_HOPPER,))], ["a {class} img",
+                    "a {class} img on a beach"], build_settings(["style_strength=20,30"]), 2, 1)
+    groups = {item.group for item in plan_items(plan, tmp_path)}
+    assert groups == {(setting, name) for setting in ("style_strength=20", "style_strength=30")
+                      for name in ("ann", "bob")}
+
+
 def test_summarise_counts_each_face_div_group_once_and_the_images_without_a_face() -> None:
     def row(group: str, face_sim: float | None, face_div: float | None, seconds: float) -> dict:
         return {"group": group, "face_sim": face_sim, "face_found": face_sim is not None, "face_div": face_div,
@@ -165,7 +192,9 @@ def test_fid_matches_the_frechet_distance_of_the_clip_embeddings(
 
     model = CLIPModel.from_pretrained(scorer_dirs["clip"]).eval()
     processor = AutoProcessor.from_pretrained(scorer_dirs["clip"]).image_processor
-    generated, real = [noise(seed) for seed in range(10, 16)], [noise(seed) for seed in range(20, 27)]
+    wide = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 96, 3), dtype=np.uint8))
+            for seed in range(23, 27)]  # each image is embedded as it is, not squeezed to the first one's size
+    generated, real = [noise(seed) for seed in range(10, 16)], [noise(seed) for seed in range(20, 23)] + wide
     with torch.no_grad():
         def features(images: list[Image.Image]) -> torch.Tensor:
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
@@ -180,6 +209,7 @@ def test_fid_matches_the_frechet_distance_of_the_clip_embeddings(
     expected = float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root)
 
     assert fid(generated, real, scorers) == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    assert fid(generated, clip_image_embeddings(real, scorers), scorers) == pytest.approx(expected, rel=1e-3, abs=1e-4)
     with pytest.raises(InvalidRequestError, match="at least 2 generated and 2 real"):
         fid(generated[:1], real, scorers)
 
@@ -203,14 +233,17 @@ def test_a_bad_prompt_line_is_named(tmp_path: Path) -> None:
         load_prompts(path)
 
 
-def test_identities_read_their_photos_and_class_word(tmp_path: Path) -> None:
+def test_identities_read_their_photos_and_class_word(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "bob").mkdir()
     (tmp_path / "bob" / "b.jpg").write_bytes(b"")
     (tmp_path / "bob" / "a.png").write_bytes(b"")
+    (tmp_path / "bob" / "c.heic").write_bytes(b"")
     (tmp_path / "bob" / "class.txt").write_text("man\n")
     (tmp_path / "ann").mkdir()
     (tmp_path / "ann" / "1.webp").write_bytes(b"")
-    identities = load_identities(tmp_path)
+    with caplog.at_level("WARNING", logger="photomaker.evaluation.inputs"):
+        identities = load_identities(tmp_path)
+    assert "bob: c.heic not used" in caplog.text  # said, not skipped silently
     assert [(i.name, [p.name for p in i.photos], i.class_word) for i in identities] == [
         ("ann", ["1.webp"], "person"), ("bob", ["a.png", "b.jpg"], "man")]
     (tmp_path / "empty").mkdir()
@@ -383,3 +416,142 @@ def test_the_plot_has_one_point_per_setting_with_face_sim(tmp_path: Path) -> Non
     colours = {tuple(pixel) for pixel in pixels}
     assert (0x1F, 0x77, 0xB4) in colours and (0xD6, 0x27, 0x28) in colours  # the two placed settings
     assert (0x2C, 0xA0, 0x2C) not in colours  # the third colour is unused: "faceless" is listed, not placed
+
+
+def test_earlier_scores_are_kept_only_for_the_same_references_and_group(tmp_path: Path,
+                                                                        scorers: Scorers) -> None:
+    from photomaker.evaluation.inputs import Identity
+    from photomaker.evaluation.runner import RESULTS_FILE, EvalPlan, generate_items, plan_items, score_groups
+    from photomaker.service import GeneratedImage, GenerationResult
+
+    def fake_generate(request):
+        return GenerationResult([GeneratedImage(noise(request.seed % 100, 8), {"seed": request.seed})], request.seed)
+
+    photos = []
+    for seed in (30, 31):
+        photos.append(tmp_path / f"ref{seed}.png")
+        noise(seed).save(photos[-1])
+    spec = {"clip": "tiny", "dino": "tiny", "face_backend": None}
+    loads: list[int] = []
+
+    def load_scorers() -> Scorers:
+        loads.append(1)
+        return scorers
+
+    def score(identity: Identity, images_per_prompt: int) -> list[dict]:
+        plan = EvalPlan([identity], ["a {class} img"], build_settings([]), images_per_prompt, num_references=1)
+        items = plan_items(plan, tmp_path / "out")
+        generate_items(items, plan, lambda setting: fake_generate)
+        rows = score_groups([items], tmp_path / "out", spec, load_scorers)
+        (tmp_path / "out" / RESULTS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return rows
+
+    one_photo = score(Identity("ann", (photos[0],)), 2)
+    assert score(Identity("ann", (photos[0],)), 2) == one_photo and len(loads) == 1  # nothing changed: kept
+    # A second photo changes no generated image (the generator still sees only the first) but every CLIP-I.
+    two_photos = score(Identity("ann", tuple(photos)), 2)
+    assert len(loads) == 2
+    assert two_photos[0]["clip_i"] != pytest.approx(one_photo[0]["clip_i"], abs=1e-6)
+    # One image per prompt: the first image is the same, but its group (and so its Face Div) is not.
+    score(Identity("ann", tuple(photos)), 1)
+    assert len(loads) == 3
+
+
+def test_the_model_set_by_the_environment_is_part_of_every_image_fingerprint(
+    tmp_path: Path, scorer_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from photomaker.cli import service_config
+    from photomaker.evaluation.command import build_plan
+    from photomaker.evaluation.runner import plan_items
+
+    (tmp_path / "ids" / "ann").mkdir(parents=True)
+    (tmp_path / "ids" / "ann" / "photo.png").write_bytes(ASTRONAUT.read_bytes())
+    (tmp_path / "prompts.txt").write_text("a photo of a {class} img\n")
+
+    def fingerprints(adapter: str) -> list[str]:
+        monkeypatch.setenv("PHOTOMAKER_ADAPTER", adapter)
+        args = eval_args(tmp_path, tmp_path / "tiny", scorer_dirs)
+        return [item.fingerprint for item in plan_items(build_plan(args, service_config(args)), tmp_path / "out")]
+
+    assert fingerprints("a.bin") == fingerprints("a.bin")
+    assert set(fingerprints("a.bin")).isdisjoint(fingerprints("b.bin"))  # another adapter: every image made again
+
+
+def test_generate_s_crop_and_best_of_flags_reach_every_request(tmp_path: Path, scorer_dirs: dict[str, Path]) -> None:
+    from photomaker.cli import service_config
+    from photomaker.evaluation.command import build_plan
+    from photomaker.evaluation.runner import generation_request, plan_items
+
+    (tmp_path / "ids" / "ann").mkdir(parents=True)
+    (tmp_path / "ids" / "ann" / "photo.png").write_bytes(ASTRONAUT.read_bytes())
+    (tmp_path / "prompts.txt").write_text("a photo of a {class} img\n")
+    args = eval_args(tmp_path, tmp_path / "tiny", scorer_dirs, "--no-crop", "--best-of", "3")
+    plan = build_plan(args, service_config(args))
+    request = generation_request(plan_items(plan, tmp_path / "out")[0], plan)
+    assert (request.crop_faces, request.best_of, request.num_steps) == (False, 3, 2)
+
+
+def test_scoring_models_that_cannot_load_name_the_flag_and_the_offline_fix(
+    tmp_path: Path, scorer_dirs: dict[str, Path]
+) -> None:
+    from photomaker.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"(?s)CLIP model \(CLIP-T, CLIP-I\) 'nobody/no-such-clip'.*--clip-model.*"
+                                             r"hf download nobody/no-such-clip"):
+        Scorers.load("nobody/no-such-clip", str(scorer_dirs["dino"]), face_backend=None, device="cpu")
+    with pytest.raises(ModelLoadError, match=r"(?s)DINO model '.*empty'.*--dino-model"):
+        Scorers.load(str(scorer_dirs["clip"]), str(tmp_path / "empty"), face_backend=None, device="cpu")
+
+
+def test_a_custom_trigger_word_is_taken_out_for_clip_t(scorer_dirs: dict[str, Path]) -> None:
+    custom = Scorers.load(str(scorer_dirs["clip"]), str(scorer_dirs["dino"]), face_backend=None, device="cpu",
+                          trigger_word="ohwx")
+    assert custom.prompt_text("a photo of a man ohwx on a beach") == "a photo of a man on a beach"
+
+
+EVAL_SCRIPT = """
+import argparse, logging, sys
+from photomaker.evaluation import add_eval_arguments, run_eval_command
+parser = argparse.ArgumentParser()
+add_eval_arguments(parser)
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+sys.exit(run_eval_command(parser.parse_args(sys.argv[1:])))
+"""
+
+
+def test_two_accelerate_processes_share_the_groups_and_give_the_single_process_results(
+    eval_run: dict, scorer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from test_batch import ROOT, free_port
+
+    script = tmp_path / "eval_main.py"
+    script.write_text(EVAL_SCRIPT)
+    root = eval_run["root"]
+    args = vars(eval_args(root, eval_run["tiny"], scorer_dirs))
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(script),
+              "--ids", str(root / "ids"), "--prompts", str(root / "prompts.txt"), "--out", str(tmp_path / "out"),
+              "--tiny", args["tiny"], "--face-backend", "none", "--images-per-prompt", "2", "--num-references", "1",
+              "--steps", "2", "--width", "64", "--height", "64", "--clip-model", args["clip_model"],
+              "--dino-model", args["dino_model"], "--sweep", "style_strength=20,40", "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(launch, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    # One group (identity x prompt) per setting: each process makes one setting's two images.
+    assert "process 0/2: 2 of 4 images to make" in run.stderr and "process 1/2: 2 of 4 images to make" in run.stderr
+    single = [json.loads(line) for line in (root / "out" / "results.jsonl").read_text().splitlines()]
+    double = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["setting"], r["image_index"], r["seed"], r["path"]) for r in double] == [
+        (r["setting"], r["image_index"], r["seed"], r["path"]) for r in single]
+    for one, two in zip(single, double, strict=True):
+        # Same seed and setting; thread counts differ (OMP_NUM_THREADS=1), so allow float noise of a pixel level.
+        first = np.asarray(Image.open(root / "out" / one["path"])).astype(int)
+        second = np.asarray(Image.open(tmp_path / "out" / two["path"])).astype(int)
+        assert np.abs(first - second).max() <= 2, (one["path"], np.abs(first - second).max())
+        assert two["clip_t"] == pytest.approx(one["clip_t"], abs=1e-3)

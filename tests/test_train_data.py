@@ -342,6 +342,39 @@ def test_an_interrupted_line_is_dropped_and_its_photo_done_again(tmp_path: Path,
     assert manifest.read_text().splitlines() == [first, second]
 
 
+def test_a_photo_added_later_never_overwrites_the_files_of_a_kept_one(
+    tmp_path: Path, dlib_analyzer: FaceAnalyzer
+) -> None:
+    grace = tmp_path / "src" / "grace"
+    grace.mkdir(parents=True)
+    open_image(GRACE_HOPPER).save(grace / "a.jpg")
+    prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer, progress=False)
+    [first] = _jsonl(tmp_path / "data" / "manifest.jsonl")
+    first_image = (tmp_path / "data" / first["image"]).read_bytes()
+    # Sorted before a.jpg, the new photo would take its output name "a" if names were given afresh.
+    open_image(GRACE_HOPPER).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(grace / "a.bmp")
+    resumed = prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer,
+                           progress=False)
+    assert (resumed.already_done, resumed.kept) == (1, 1)
+    records = _jsonl(tmp_path / "data" / "manifest.jsonl")
+    assert records[0] == first
+    assert len({record["image"] for record in records}) == len({record["mask"] for record in records}) == 2
+    assert (tmp_path / "data" / first["image"]).read_bytes() == first_image
+
+
+def test_a_damaged_line_inside_the_manifest_is_named(tmp_path: Path) -> None:
+    from photomaker.train.data import DataFolder
+
+    DataFolder(tmp_path, {"resolution": 256})
+    good = json.dumps({"source": "/photos/a.png", "identity": "a"})
+    (tmp_path / "manifest.jsonl").write_text(good + "\n{\"source\": \n" + good + "\n")
+    with pytest.raises(TrainingDataError, match=r"manifest.jsonl line 2 is not a prepare-data record.*--overwrite"):
+        DataFolder(tmp_path, {"resolution": 256})
+    (tmp_path / "manifest.jsonl").write_text(good + "\n[]\n")
+    with pytest.raises(TrainingDataError, match="line 2"):
+        DataFolder(tmp_path, {"resolution": 256})
+
+
 def test_changed_settings_are_refused_and_overwrite_starts_again(tmp_path: Path, dlib_analyzer: FaceAnalyzer) -> None:
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)
@@ -399,6 +432,31 @@ def test_bad_inputs_raise_errors_that_say_what_to_fix(tmp_path: Path) -> None:
         list_sources(bad)
     with pytest.raises(TrainingDataError, match="min_face_share must be in"):
         PrepareDataConfig(min_face_share=10)
+    (tmp_path / "latin" / "ann").mkdir(parents=True)
+    (tmp_path / "latin" / "ann" / "a.png").write_bytes(b"")
+    (tmp_path / "latin" / "ann" / "a.txt").write_bytes("a photo of a person img in Orléans".encode("latin-1"))
+    with pytest.raises(TrainingDataError, match=r"a.txt is not UTF-8 text .*save the caption as UTF-8"):
+        list_sources(tmp_path / "latin")
+
+
+def test_photos_of_other_types_are_read_and_unreadable_files_reported(
+    tmp_path: Path, dlib_analyzer: FaceAnalyzer, caplog: pytest.LogCaptureFixture
+) -> None:
+    grace = tmp_path / "src" / "grace"
+    grace.mkdir(parents=True)
+    open_image(GRACE_HOPPER).save(grace / "portrait.tif")
+    (grace / "scan.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (grace / ".DS_Store").write_bytes(b"\x00")  # hidden: the system's, not the user's
+    open_image(GRACE_HOPPER).save(tmp_path / "src" / "loose.jpg")
+    with caplog.at_level("WARNING", logger="photomaker.train.data"):
+        summary = prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer,
+                               progress=False)
+    assert (summary.seen, summary.kept, dict(summary.dropped)) == (2, 1, {"read": 1})
+    assert [Path(r["source"]).name for r in _jsonl(tmp_path / "data" / "manifest.jsonl")] == ["portrait.tif"]
+    [dropped] = _jsonl(tmp_path / "data" / "report.jsonl")
+    assert (Path(dropped["source"]).name, dropped["stage"]) == ("scan.heic", "read")
+    assert "not a readable image file" in dropped["reason"]
+    assert "loose.jpg" in caplog.text and "not read" in caplog.text
 
 
 def test_module_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

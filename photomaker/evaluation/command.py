@@ -13,10 +13,18 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from photomaker.errors import InvalidRequestError
 from photomaker.evaluation.inputs import PHOTO_SUFFIXES, check_identity_prompts, load_identities, load_prompts
-from photomaker.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Scorers, fid, summarise
+from photomaker.evaluation.metrics import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_DINO_MODEL,
+    Scorers,
+    clip_image_embeddings,
+    fid,
+    summarise,
+)
 from photomaker.evaluation.report import (
     PLOT_FILE,
     compare,
@@ -29,6 +37,9 @@ from photomaker.evaluation.runner import EvalPlan, rows_by_setting, run_evaluati
 from photomaker.evaluation.settings import SWEEP_KEYS, Setting, build_settings
 from photomaker.presets import DEFAULT_FAST_PRESET
 
+if TYPE_CHECKING:
+    from photomaker.service import ServiceConfig
+
 logger = logging.getLogger(__name__)
 
 PAPER_STEPS = 50
@@ -36,7 +47,10 @@ PAPER_GUIDANCE = 5.0
 NO_STYLE = "(No style)"
 # Generation flags -> GenerationRequest fields (None: the request's default)
 _REQUEST_FLAGS = ("style", "num_steps", "style_strength", "guidance_scale", "fast", "negative_prompt", "width",
-                  "height", "aspect_ratio")
+                  "height", "aspect_ratio", "crop_faces", "best_of")
+# ServiceConfig fields that change the images (where the model runs and what is cached do not)
+_IMAGE_FIELDS = ("base_model", "adapter", "adapter_weight_name", "pm_version", "dtype", "variant", "tiny_dir",
+                 "face_backend", "fast_lora_dir", "trigger_word")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +86,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     generation.add_argument("--aspect", dest="aspect_ratio", metavar="NAME")
     generation.add_argument("--width", type=int, metavar="PX")
     generation.add_argument("--height", type=int, metavar="PX")
+    generation.add_argument("--no-crop", action="store_false", dest="crop_faces", default=None,
+                            help="give the generator the photos as they are instead of cropped around the face")
+    generation.add_argument("--best-of", type=int, metavar="N",
+                            help="make N candidates per image and keep the most alike (raises Face Sim by choice)")
 
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_DIR", help="for CLIP-T and CLIP-I")
@@ -87,16 +105,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
 
 
-def _plan(args: argparse.Namespace) -> EvalPlan:
+def build_plan(args: argparse.Namespace, config: ServiceConfig) -> EvalPlan:
+    """The run's plan from parsed `args`; `config` is the resolved model (flags over PHOTOMAKER_* variables), so
+    that every image's fingerprint names the model that really made it."""
     if args.images_per_prompt < 1:
         raise InvalidRequestError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
     if args.num_references < 1:
         raise InvalidRequestError(f"--num-references must be at least 1, got {args.num_references}.")
     identities = load_identities(args.ids)
-    prompts = load_prompts(args.prompts)
-    check_identity_prompts(identities, prompts)
+    prompts = load_prompts(args.prompts, config.trigger_word)
+    check_identity_prompts(identities, prompts, config.trigger_word)
     request = {name: getattr(args, name) for name in _REQUEST_FLAGS if getattr(args, name) is not None}
-    model = {name: getattr(args, name) for name in ("tiny", "base_model", "adapter", "pm_version")}
+    model = {name: getattr(config, name) for name in _IMAGE_FIELDS}
     return EvalPlan(identities, prompts, build_settings(args.sweep), args.images_per_prompt, args.num_references,
                     args.seed, request, model)
 
@@ -115,11 +135,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from photomaker.cli import service_config, wait_until_loaded
     from photomaker.service import PhotoMakerService
 
-    plan = _plan(args)
-    other = read_summary(args.compare) if args.compare else None
     state = batch.process_state(cpu=args.device == "cpu")
     device = batch.process_device(state)
     base_config = service_config(args, device=device)
+    plan = build_plan(args, base_config)
+    other = read_summary(args.compare) if args.compare else None
     if base_config.tiny_dir:
         from photomaker.testing import make_tiny
 
@@ -138,7 +158,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     def load_scorers() -> Scorers:
         if not scorers:
             scorers.append(Scorers.load(args.clip_model, args.dino_model, face_backend, args.face_model_dir,
-                                        args.metric_device or device))
+                                        args.metric_device or device, base_config.trigger_word))
         return scorers[0]
 
     out = Path(args.out)
@@ -147,7 +167,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         return 0
     summary = {setting: summarise(setting_rows) for setting, setting_rows in rows_by_setting(rows)}
     if args.fid_real:
-        real = _real_photos(args.fid_real)
+        real = clip_image_embeddings(_real_photos(args.fid_real), load_scorers())
         for setting, setting_rows in rows_by_setting(rows):
             summary[setting]["fid"] = fid((out / row["path"] for row in setting_rows), real, load_scorers())
     write_summary(summary, out)

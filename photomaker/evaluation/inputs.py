@@ -87,7 +87,12 @@ def load_identities(ids_dir: str | os.PathLike[str]) -> list[Identity]:
                                   "sub-folder of photos per person.")
     identities = []
     for folder in sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")):
-        photos = tuple(sorted(path for path in folder.iterdir() if path.suffix.lower() in PHOTO_SUFFIXES))
+        files = [path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")]
+        photos = tuple(sorted(path for path in files if path.suffix.lower() in PHOTO_SUFFIXES))
+        skipped = sorted(path.name for path in files if path not in photos and path.name != CLASS_FILE)
+        if skipped:
+            logger.warning("identity folder %s: %s not used (photos must be %s)", folder, ", ".join(skipped),
+                           ", ".join(PHOTO_SUFFIXES))
         if not photos:
             raise IDImageError(f"identity folder {str(folder)!r} has no photos ({', '.join(PHOTO_SUFFIXES)}).")
         class_file = folder / CLASS_FILE

@@ -5,14 +5,17 @@ Kept apart from generation so that training's validation scores its own samples 
 
 - ``face_sim``: cosine of the generated image's largest face embedding to each reference face's, averaged over
   the references (None when the image has no face);
-- ``face_div``: mean pairwise ``1 - cosine`` between the faces generated for one group (one identity and
-  prompt under one setting); a single value per group;
+- ``face_div``: mean pairwise ``1 - cosine`` between the face embeddings generated for one identity (under one
+  setting, across its prompts and seeds); a single value per identity. The paper averages LPIPS over pairs of face crops
+  instead; LPIPS needs torchvision's pretrained networks, which this stack cannot install, so values are not
+  comparable with the paper's Face Div column;
 - ``clip_t``: ``100 x cosine`` of the CLIP image embedding and the CLIP text embedding of the prompt without
   the trigger word (the trigger is PhotoMaker's marker, not a word CLIP knows);
 - ``clip_i``: cosine of CLIP image embeddings, whole image against each reference, averaged;
 - ``dino``: the same with the CLS token of a self-supervised DINO ViT;
 - FID (optional, per setting): torchmetrics' Fréchet distance over CLIP image embeddings of the generated and
-  the real photos (Inception weights need torchvision, which this stack cannot install).
+  the real photos (Inception weights need torchvision, which this stack cannot install), so it ranks settings
+  but is not comparable with Inception FID values.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,7 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 METRICS = ("face_sim", "face_div", "clip_t", "clip_i", "dino")
 SCORE_BATCH = 16  # images per forward pass of the scoring models
+DEFAULT_GROUP = "identity"  # Face Div's group when `score_images` is given none: all its images (one identity)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -73,39 +77,32 @@ class Scorers:
     @classmethod
     def load(cls, clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL,
              face_backend: str | None = "dlib", face_model_dir: str | None = None,
-             device: str | None = None) -> Scorers:
+             device: str | None = None, trigger_word: str = DEFAULT_TRIGGER_WORD) -> Scorers:
         """Load the models by Hub id or local folder (``from_pretrained``); `face_backend` None skips Face Sim."""
         from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            clip = CLIPModel.from_pretrained(clip_model).eval().to(device)
-            clip_processor = AutoProcessor.from_pretrained(clip_model)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"cannot load the CLIP model {clip_model!r} for CLIP-T / CLIP-I: {error}. Pass --clip-model with a "
-                "Hub id (e.g. openai/clip-vit-large-patch14) or a local folder holding a CLIPModel and its processor."
-            ) from error
-        try:
-            dino = AutoModel.from_pretrained(dino_model).eval().to(device)
-            dino_processor = AutoImageProcessor.from_pretrained(dino_model)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"cannot load the DINO model {dino_model!r}: {error}. Pass --dino-model with a Hub id (e.g. "
-                "facebook/dino-vits16) or a local folder holding a ViT model and its image processor."
-            ) from error
+        clip, clip_processor = _load_scoring_model(clip_model, CLIPModel, AutoProcessor, "CLIP model (CLIP-T, "
+                                                   "CLIP-I)", "--clip-model", DEFAULT_CLIP_MODEL, "a CLIPModel")
+        dino, dino_processor = _load_scoring_model(dino_model, AutoModel, AutoImageProcessor, "DINO model",
+                                                   "--dino-model", DEFAULT_DINO_MODEL, "a ViT model")
         analyzer = get_face_analyzer(face_backend, face_model_dir) if face_backend else None  # type: ignore[arg-type]
-        return cls(clip, clip_processor, dino, dino_processor, analyzer, device)
+        return cls(clip.to(device), clip_processor, dino.to(device), dino_processor, analyzer, device, trigger_word)
 
     @torch.no_grad()
+    def _image_embeds(self, images: Sequence[Image.Image], processor: Any, model: Any,
+                      features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(N, D) float32 `features` of the processed images, SCORE_BATCH images per forward pass."""
+        out = []
+        for chunk in _chunks(images, SCORE_BATCH):
+            pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"]
+            out.append(features(pixel_values.to(self.device, model.dtype)).float().cpu())
+        return torch.cat(out)
+
     def clip_image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) projected CLIP image embeddings."""
-        out = []
-        for start in range(0, len(images), SCORE_BATCH):
-            pixels = self.clip_processor(images=list(images[start:start + SCORE_BATCH]), return_tensors="pt")
-            pixel_values = pixels["pixel_values"].to(self.device, self.clip_model.dtype)
-            out.append(self.clip_model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu())
-        return torch.cat(out)
+        return self._image_embeds(images, self.clip_processor, self.clip_model,
+                                  lambda pixels: self.clip_model.get_image_features(pixel_values=pixels).pooler_output)
 
     @torch.no_grad()
     def clip_text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
@@ -114,15 +111,10 @@ class Scorers:
                                                return_tensors="pt").to(self.device)
         return self.clip_model.get_text_features(**tokens).pooler_output.float().cpu()
 
-    @torch.no_grad()
     def dino_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) DINO CLS-token embeddings of the last layer."""
-        out = []
-        for start in range(0, len(images), SCORE_BATCH):
-            pixels = self.dino_processor(images=list(images[start:start + SCORE_BATCH]), return_tensors="pt")
-            pixel_values = pixels["pixel_values"].to(self.device, self.dino_model.dtype)
-            out.append(self.dino_model(pixel_values=pixel_values).last_hidden_state[:, 0].float().cpu())
-        return torch.cat(out)
+        return self._image_embeds(images, self.dino_processor, self.dino_model,
+                                  lambda pixels: self.dino_model(pixel_values=pixels).last_hidden_state[:, 0])
 
     def face_embedding(self, image: Image.Image) -> np.ndarray | None:
         """The largest face's identity embedding, or None when there is no face (or no face backend)."""
@@ -149,6 +141,19 @@ class Scorers:
         return strip_trigger_word(prompt, self.trigger_word)[0]
 
 
+def _load_scoring_model(name: str, model_class: Any, processor_class: Any, what: str, flag: str, example: str,
+                        kind: str) -> tuple[Any, Any]:
+    """(model in eval mode, processor) from a Hub id or a local folder; a failure says which flag to change."""
+    try:
+        return model_class.from_pretrained(name).eval(), processor_class.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"cannot load the {what} {name!r}: {str(error).rstrip('.')}. Pass {flag} with a Hub id (e.g. "
+            f"{example}) or a local folder holding {kind} and its processor. Offline, a Hub id loads only from the Hugging Face cache: "
+            f"fill it once while online with 'hf download {name}'."
+        ) from error
+
+
 def face_diversity(embeddings: Sequence[np.ndarray], analyzer: FaceAnalyzer) -> float | None:
     """Mean pairwise ``1 - cosine`` of the faces; None with fewer than two faces."""
     pairs = list(itertools.combinations(embeddings, 2))
@@ -167,14 +172,14 @@ def score_images(
     """One dict of metrics per image (see the module docstring), in the order given.
 
     `prompts[i]` is image i's prompt, trigger word included or not; `references` is one identity's photos (or
-    `Scorers.references` of them). Face Div is computed per group (`groups[i]`, default: the prompt) and each
-    row carries its group's value and name, so `summarise` counts every group once.
+    `Scorers.references` of them). Face Div is computed per group (`groups[i]`, default: one group, the identity)
+    and each row carries its group's value and name, so `summarise` counts every group once.
     """
     if len(prompts) != len(images):
         raise InvalidRequestError(f"got {len(prompts)} prompts for {len(images)} images; give one prompt per image.")
     if not images:
         return []
-    groups = list(prompts) if groups is None else list(groups)
+    groups = [DEFAULT_GROUP] * len(images) if groups is None else list(groups)
     if len(groups) != len(images):
         raise InvalidRequestError(f"got {len(groups)} group names for {len(images)} images; give one per image.")
     if not isinstance(references, References):
@@ -234,17 +239,15 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class _ClipFeatures(torch.nn.Module):
-    """CLIP image embeddings of uint8 image tensors, the feature extractor torchmetrics' FID is given."""
+class _GivenFeatures(torch.nn.Module):
+    """The feature extractor handed to torchmetrics' FID: features are CLIP embeddings computed beforehand."""
 
-    def __init__(self, scorers: Scorers) -> None:
+    def __init__(self, num_features: int) -> None:
         super().__init__()
-        self.scorers = scorers
-        self.num_features = int(scorers.clip_model.config.projection_dim)
+        self.num_features = num_features
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
-        return self.scorers.clip_image_embeds(images).double()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.double()
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -253,31 +256,31 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def fid(generated: Iterable[Any], real: Iterable[Any], scorers: Scorers) -> float:
+def clip_image_embeddings(images: Iterable[Any], scorers: Scorers) -> torch.Tensor:
+    """(N, D) CLIP image embeddings of images or paths, read a batch at a time (thousands fit in memory)."""
+    from photomaker.images import load_image
+
+    batches = [scorers.clip_image_embeds([load_image(image).convert("RGB") for image in chunk])
+               for chunk in _chunks(images, SCORE_BATCH)]
+    return torch.cat(batches) if batches else torch.empty(0, int(scorers.clip_model.config.projection_dim))
+
+
+def fid(generated: Iterable[Any], real: Iterable[Any] | torch.Tensor, scorers: Scorers) -> float:
     """Fréchet distance between CLIP image embeddings of `generated` and `real` (torchmetrics).
 
-    Both are images or paths, read a batch at a time, so thousands of full-size images fit in memory.
+    Each image is embedded as it is (CLIP's processor resizes and crops it). `real` is images or paths, or their
+    `clip_image_embeddings`, so that a sweep embeds the real photos once for all its settings.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from photomaker.images import load_image
-
-    metric = FrechetInceptionDistance(feature=_ClipFeatures(scorers), reset_real_features=False)
-
-    def add(images: Iterable[Any], is_real: bool) -> int:
-        count = 0
-        for chunk in _chunks(images, SCORE_BATCH):
-            pictures = [load_image(image).convert("RGB") for image in chunk]
-            size = pictures[0].size
-            pixels = [torch.from_numpy(np.array(picture.resize(size))).permute(2, 0, 1) for picture in pictures]
-            metric.update(torch.stack(pixels), real=is_real)
-            count += len(chunk)
-        return count
-
-    num_real, num_generated = add(real, True), add(generated, False)
-    if num_generated < 2 or num_real < 2:
+    real_embeds = real if isinstance(real, torch.Tensor) else clip_image_embeddings(real, scorers)
+    generated_embeds = clip_image_embeddings(generated, scorers)
+    if len(generated_embeds) < 2 or len(real_embeds) < 2:
         raise InvalidRequestError(
-            f"FID needs at least 2 generated and 2 real images, got {num_generated} and {num_real}; "
+            f"FID needs at least 2 generated and 2 real images, got {len(generated_embeds)} and {len(real_embeds)}; "
             "add photos to --fid-real or generate more images."
         )
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(real_embeds.shape[1]))
+    metric.update(real_embeds, real=True)
+    metric.update(generated_embeds, real=False)
     return float(metric.compute())

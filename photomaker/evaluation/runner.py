@@ -3,9 +3,10 @@
 Resume and multi-process rules follow `photomaker.batch`: an image's path depends only on its work item
 (``images/<setting>/<identity>/<prompt>-<k>.png``), its PNG records a fingerprint of everything that made it,
 and a file whose fingerprint matches is neither made nor (when results.jsonl already holds its row, scored by
-the same models) scored again. Under ``accelerate launch`` every process lists what is done before anyone
-writes, then takes every N-th group (one identity and prompt under one setting, so that Face Div sees a whole
-group); the main process gathers the rows and writes the results.
+the same models against the same references, in the same group) scored again. Under ``accelerate launch`` every
+process lists what is done before anyone writes, then makes every N-th missing image and scores every N-th group
+(one identity under one setting, so that Face Div sees all of that identity's faces); the main process gathers
+the rows and writes the results.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class EvalPlan:
     num_references: int = 4
     base_seed: int = 0
     request: dict[str, Any] = field(default_factory=dict)  # generation fields shared by every setting
-    model: dict[str, Any] = field(default_factory=dict)  # model flags, part of every fingerprint
+    model: dict[str, Any] = field(default_factory=dict)  # the resolved model settings, part of every fingerprint
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,9 @@ class WorkItem:
     fingerprint: str
 
     @property
-    def group(self) -> tuple[str, str, int]:
-        return self.setting.label, self.identity.name, self.prompt_index
+    def group(self) -> tuple[str, str]:
+        """Face Div's group: every image of one identity under one setting."""
+        return self.setting.label, self.identity.name
 
 
 def _fingerprint(fields: dict[str, Any]) -> str:
@@ -128,7 +130,7 @@ def recorded_parameters(item: WorkItem) -> dict[str, Any] | None:
 
 
 def _by_group(items: Sequence[WorkItem]) -> list[list[WorkItem]]:
-    groups: dict[tuple[str, str, int], list[WorkItem]] = {}
+    groups: dict[tuple[str, str], list[WorkItem]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
     return list(groups.values())
@@ -174,8 +176,15 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _scorer_signature(scorers_spec: dict[str, Any]) -> str:
-    return _fingerprint(scorers_spec)
+def _scoring_signature(scorer_spec: dict[str, Any], group: Sequence[WorkItem]) -> str:
+    """What a group's rows depend on beyond its images: the scoring models, every reference photo of the
+    identity (the metrics compare with all of them, not only the ones the generator saw) and the group's
+    members (Face Div is one value over the whole group)."""
+    return _fingerprint({
+        "scorers": scorer_spec,
+        "references": [path.name for path in group[0].identity.photos],
+        "group": [item.fingerprint for item in group],
+    })
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -194,17 +203,18 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
 
 def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spec: dict[str, Any],
                  load_scorers: Callable[[], Scorers], remade: set[str] = frozenset()) -> list[dict[str, Any]]:
-    """One row per image of `groups`; a group scored before by the same models, none of whose images was made
-    again in this run (fingerprints in `remade`), keeps its rows."""
+    """One row per image of `groups`; a group scored before by the same models against the same references and
+    with the same members, none of whose images was made again in this run (fingerprints in `remade`), keeps
+    its rows."""
     from photomaker.images import load_image
     from photomaker.metadata import read_parameters
 
-    signature = _scorer_signature(scorer_spec)
     earlier = read_results(out_dir / RESULTS_FILE)
     scorers: Scorers | None = None
     references: dict[str, References] = {}
     rows: list[dict[str, Any]] = []
     for group in groups:
+        signature = _scoring_signature(scorer_spec, group)
         kept = [earlier.get(item.fingerprint) for item in group]
         if all(row is not None and row.get("scorers") == signature and row["fingerprint"] not in remade
                for row in kept):
@@ -216,9 +226,8 @@ def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spe
         if identity.name not in references:
             references[identity.name] = scorers.references(identity.photos, [path.name for path in identity.photos])
         images = [load_image(item.path) for item in group]
-        label = f"{group[0].identity.name}/{group[0].prompt_index}"
         metrics = score_images(images, [item.prompt for item in group], references[identity.name], scorers,
-                               groups=[label] * len(group))
+                               groups=[identity.name] * len(group))
         for item, values in zip(group, metrics, strict=True):
             seconds = read_parameters(item.path).get(SECONDS_KEY)
             rows.append({
@@ -242,7 +251,7 @@ def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
     items = plan_items(plan, out)
     missing = [item for item in items if recorded_parameters(item) is None]
     state.wait_for_everyone()  # nobody writes before everyone has listed what is done
-    mine = [item for group in shard(_by_group(missing), state.process_index, state.num_processes) for item in group]
+    mine = shard(missing, state.process_index, state.num_processes)
     logger.info("process %d/%d: %d of %d images to make", state.process_index, state.num_processes, len(mine),
                 len(items))
     with tqdm(total=len(mine), unit="image", desc="eval", disable=not state.is_main_process) as bar:

@@ -29,7 +29,7 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST, REPORT, SETTINGS = "manifest.jsonl", "report.jsonl", "settings.json"
 OUTPUT_FOLDERS = ("images", "masks", "embeddings", "verification")
 CLASS_FILE = "class.txt"
+CAPTION_SUFFIX = ".txt"
 V2_EMBEDDING_DIM = 512
 WEAK_FACE_SCORE_SHARE = 0.25
 """Detections scoring below this share of the photo's best detection are not faces that compete for it."""
@@ -172,21 +173,35 @@ def list_sources(
 
 
 def _list_folder(src: Path, default_class: str, trigger_word: str) -> list[SourceImage]:
+    """Every file of every identity folder except captions: one of an unknown type is reported by the ``read``
+    stage rather than skipped unseen, so nothing the user put there is lost silently."""
+    outside = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+    if outside:
+        logger.warning("%s: %d file(s) outside the identity folders are not read (move each photo into its "
+                       "identity's sub-folder): %s", src, len(outside), ", ".join(outside[:10]))
     sources = []
-    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
         identity = _check_identity(folder.name, where=str(folder))
         class_word = default_class
         if (folder / CLASS_FILE).is_file():
             class_word = check_class_word(
                 (folder / CLASS_FILE).read_text(encoding="utf-8"), trigger_word, where=str(folder / CLASS_FILE)
             )
-        photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        photos = sorted(p for p in folder.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != CAPTION_SUFFIX)
         used: set[str] = set()
         for photo in photos:
-            caption_file = photo.with_suffix(".txt")
-            caption = caption_file.read_text(encoding="utf-8") if caption_file.is_file() else None
+            caption_file = photo.with_suffix(CAPTION_SUFFIX)
+            caption = _read_caption(caption_file) if caption_file.is_file() else None
             sources.append(SourceImage(identity, photo, caption, class_word, _unique_stem(photo, used)))
     return sources
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainingDataError(f"{path} is not UTF-8 text ({exc.reason}); save the caption as UTF-8") from exc
 
 
 def _list_manifest(src: Path, default_class: str, trigger_word: str) -> list[SourceImage]:
@@ -381,9 +396,15 @@ class DataFolder:
             path.write_text(complete, encoding="utf-8")
             text = complete
         records = {}
-        for line in text.splitlines():
-            record = json.loads(line)
-            records[record["source"]] = record
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                records[record["source"]] = record
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TrainingDataError(
+                    f"{path} line {number} is not a prepare-data record ({exc!r}); fix or delete that line, or "
+                    "use --overwrite to prepare everything again"
+                ) from exc
         return records
 
     def is_done(self, source: SourceImage) -> bool:
@@ -410,6 +431,25 @@ class DataFolder:
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------------
+
+
+def _keep_earlier_outputs(pending: list[SourceImage], folder: DataFolder) -> list[SourceImage]:
+    """`pending` with new output names where an image kept by an earlier run already has theirs.
+
+    Output names are made unique among the photos listed now, so a photo added later (``a.bmp`` beside a kept
+    ``a.jpg``) can be given the name of an earlier photo's files and would overwrite them.
+    """
+    used: dict[str, set[str]] = {}
+    for record in folder.kept.values():
+        used.setdefault(record["identity"], set()).add(Path(record["image"]).stem)
+    clashes = [source.stem in used.get(source.identity, set()) for source in pending]
+    for source, clash in zip(pending, clashes, strict=True):
+        if not clash:
+            used.setdefault(source.identity, set()).add(source.stem)
+    return [
+        replace(source, stem=_unique_stem(source.path, used[source.identity])) if clash else source
+        for source, clash in zip(pending, clashes, strict=True)
+    ]
 
 
 def prepare_data(
@@ -451,7 +491,7 @@ def prepare_data(
     buckets = sdxl_buckets(config.resolution)
 
     summary = PrepareSummary(seen=len(sources))
-    pending = [s for s in sources if not folder.is_done(s)]
+    pending = _keep_earlier_outputs([s for s in sources if not folder.is_done(s)], folder)
     summary.already_done = len(sources) - len(pending)
     by_identity: dict[str, list[SourceImage]] = {}
     for source in pending:
