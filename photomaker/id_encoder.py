@@ -193,7 +193,7 @@ class _MLP(nn.Module):
 
 
 class FuseModule(nn.Module):
-    """Merges a class-word embedding ``c`` with an ID token ``e`` (REFERENCE.md section 2).
+    """Merges a class-word embedding ``c`` with an ID token ``e`` (the reference implementation's fuse module).
 
     ``h = mlp1([c, e]) + c; h = mlp2(h) + h; out = LayerNorm(h)``: the residual on ``c`` keeps the class
     word's meaning and the MLPs add the identity.
@@ -392,7 +392,7 @@ def _feed_forward(dim: int, mult: int) -> nn.Sequential:
 
 
 class _PerceiverResampler(nn.Module):
-    """Refines the face-derived query tokens with the CLIP patch tokens (REFERENCE.md section 3)."""
+    """Refines the face-derived query tokens with the CLIP patch tokens (the reference's v2 resampler)."""
 
     def __init__(self, config: PhotoMakerIDEncoderConfig) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""ID encoders and fuse module against direct computations of REFERENCE.md sections 2 and 3."""
+"""ID encoders and fuse module against direct computations of the reference implementation's v1 and v2."""
 
 from __future__ import annotations
 
