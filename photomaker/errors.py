@@ -35,3 +35,11 @@ class InvalidRequestError(PhotoMakerError, ValueError):
 
 class ModelLoadError(PhotoMakerError, RuntimeError):
     """The base model or the adapter could not be loaded; the message says why and how to fix it."""
+
+
+class TrainingDataError(PhotoMakerError, ValueError):
+    """A training data folder or its manifest.jsonl cannot be used: missing files, bad lines, too few images."""
+
+
+class TrainingConfigError(PhotoMakerError, ValueError):
+    """A training option is out of range or contradicts another one (steps, batch size, init, resume)."""
