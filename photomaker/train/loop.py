@@ -41,7 +41,7 @@ from .model import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "encode_caption", "train"]
+__all__ = ["TrainConfig", "Trainer", "encode_caption", "train"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MIXED_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}
@@ -149,8 +149,8 @@ def encode_caption(
     return hidden, masks, pooled
 
 
-class _Trainer:
-    """Holds the prepared objects of one run; `train` drives it."""
+class Trainer:
+    """The prepared objects of one run (accelerator, models, optimiser, data); `train` drives it step by step."""
 
     def __init__(self, config: TrainConfig) -> None:
         from accelerate import Accelerator
@@ -288,6 +288,15 @@ class _Trainer:
         ]
         return torch.cat(losses).mean()
 
+    @torch.no_grad()
+    def evaluate(self, indices: Sequence[int]) -> float:
+        """Mean loss of the given global samples with the current weights (no update): a fixed yardstick."""
+        self.model.eval()
+        with self.accelerator.autocast():
+            loss = self._micro_batch_loss([self.dataset.sample(index) for index in indices])
+        self.model.train()
+        return float(loss)
+
     def train_step(self, step: int) -> float:
         """One optimiser step (all micro-batches); returns the loss averaged over processes."""
         accumulation = self.config.gradient_accumulation_steps
@@ -348,7 +357,7 @@ def train(config: TrainConfig) -> Path:
 
     from .validation import run_validation
 
-    trainer = _Trainer(config)
+    trainer = Trainer(config)
     accelerator = trainer.accelerator
     out_dir = trainer.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
