@@ -216,3 +216,55 @@ def test_training_overfits_keeps_frozen_weights_and_exports_a_loadable_official_
     image = pipe("a photo of a man img", input_id_images=[photo], num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tiny_dir):
+    """v2, fine-tuned from the tiny official checkpoint; exact equality (same ops, same order, same draws)."""
+    from photomaker.train.loop import train
+
+    common = dict(pm_version=2, init=str(tiny_dir / "photomaker-v2.bin"), checkpoint_every=2, learning_rate=1e-3)
+    straight = train(_config(data_dir, tmp_path / "straight", tiny_dir, max_steps=4, **common))
+    train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=2, **common))
+    resumed = train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=4, resume="latest", **common))
+
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    for part in ("id_encoder", "lora_weights"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), name
+    initial = torch.load(tiny_dir / "photomaker-v2.bin", weights_only=True)
+    moved = "qformer_perceiver.token_proj.0.weight"
+    assert not torch.equal(a["id_encoder"][moved].float(), initial["id_encoder"][moved].float())
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(tmp_path, data_dir, tiny_dir, capsys):
+    from photomaker.train.cli_args import main
+
+    out = tmp_path / "out"
+    code = main(["--data", str(data_dir), "--out", str(out), "--tiny", str(tiny_dir), "--device", "cpu",
+                 "--lora-rank", "4", "--max-steps", "2", "--checkpoint-every", "1", "--validate-every", "2",
+                 "--val-identities", "carol", "--val-steps", "2", "--val-face-backend", "dlib",
+                 "--lr-warmup-steps", "2"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out / "photomaker.bin")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 2]
+    assert [line["lr"] for line in lines[:2]] == [pytest.approx(5e-5), pytest.approx(1e-4)]  # warm-up
+    assert all(np.isfinite(line["loss"]) for line in lines[:2])
+    validation = lines[2]
+    assert validation["kind"] == "validation" and validation["grid"] == "validation/step-000002.png"
+    assert validation["scores"] == {"carol": None}  # random tiny models draw no face
+    assert Image.open(out / validation["grid"]).size == (128, 64)  # [reference | generated]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert json.loads((out / "train_config.json").read_text())["val_identities"] == ["carol"]
+
+
+def test_train_command_reports_bad_data_without_a_traceback(tmp_path, tiny_dir, capsys):
+    from photomaker.train.cli_args import main
+
+    code = main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--tiny", str(tiny_dir)])
+    assert code == 2
+    assert "No manifest" in capsys.readouterr().err
