@@ -304,3 +304,11 @@ def test_two_processes_with_batch_1_train_like_one_process_with_batch_2(tmp_path
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_the_deepspeed_zero2_example_is_a_valid_accelerate_config():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = Path(__file__).resolve().parent.parent / "photomaker" / "train" / "config" / "deepspeed_zero2.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
