@@ -238,6 +238,13 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "resumed" / "checkpoints" / "step-000002" / "model.safetensors", "pt") as saved:
+        keys = set(saved.keys())
+    # Only trained tensors: the LoRA and v2's trained encoder parts, never the frozen UNet or vision embeddings.
+    assert "unet.conv_in.weight" not in keys and "id_encoder.vision_model.embeddings.patch_embedding.weight" not in keys
+    assert any("lora_A" in key for key in keys) and any(key.startswith("id_encoder.qformer_perceiver.") for key in keys)
 
 
 def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(tmp_path, data_dir, tiny_dir, capsys):

@@ -19,7 +19,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--base-model", metavar="ID_OR_PATH", help="SDXL base: Hub id, diffusers folder or single file")
     model.add_argument("--tiny", metavar="DIR", help="tiny random-weight test models in DIR (written if absent)")
-    model.add_argument("--device", choices=("cpu",), help="cpu forces the CPU; default: what accelerate picks")
+    model.add_argument("--device", choices=("cpu", "cuda", "mps", "xpu"),
+                       help="cpu forces the CPU; otherwise accelerate places each process on its accelerator "
+                            "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch --gpu_ids)")
     model.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                        help="weight dtype of the frozen parts; float16/bfloat16 also turn on mixed precision")
     model.add_argument("--pm-version", type=int, choices=(1, 2), default=1)
@@ -81,12 +83,15 @@ def run_train_command(args: argparse.Namespace) -> int:
     """Train; print the export path. A `PhotoMakerError` prints its message to stderr and returns 2."""
     from .loop import train
 
+    from accelerate import PartialState
+
     try:
         target = train(config_from_args(args))
     except PhotoMakerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(target)
+    if PartialState().is_main_process:
+        print(target)
     return 0
 
 

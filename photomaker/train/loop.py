@@ -214,6 +214,14 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.trained_parameters = groups["main"] + groups["vision"]
+        trained_names = {name for name, p in model.named_parameters() if p.requires_grad}
+
+        def keep_trained_only(models: list, weights: list[dict], output_dir: str) -> None:
+            """Checkpoints hold the trained tensors only (MBs, not the 5 GB frozen UNet): resume rebuilds the rest."""
+            for index, state in enumerate(weights):
+                weights[index] = {k: v for k, v in state.items() if k.removeprefix("module.") in trained_names}
+
+        self.accelerator.register_save_state_pre_hook(keep_trained_only)
 
         image_size = id_encoder.config.image_size
         self.image_processor = CLIPImageProcessor(
@@ -364,7 +372,7 @@ def train(config: TrainConfig) -> Path:
     step = 0
     if config.resume:
         checkpoint = _checkpoint_to_resume(out_dir, config.resume)
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), strict=False)  # frozen tensors are not in checkpoints
         step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         logger.info("Resumed from %s at step %d", checkpoint, step)
     if accelerator.is_main_process:
