@@ -151,6 +151,8 @@ def test_bad_options_are_refused_before_loading(tmp_path, data_dir, tiny_dir):
         train(_config(data_dir, tmp_path, tiny_dir, max_steps=0))
     with pytest.raises(TrainingConfigError, match="--val-identities"):
         train(_config(data_dir, tmp_path, tiny_dir, validate_every=2))
+    with pytest.raises(TrainingConfigError, match=r"not in the manifest: \['dave'\]"):
+        train(_config(data_dir, tmp_path, tiny_dir, validate_every=2, val_identities=("dave",)))
 
 
 # ------------------------------------------------------------------------------------------------ training

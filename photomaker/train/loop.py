@@ -160,6 +160,10 @@ class Trainer:
 
         config.check()
         self.config = config
+        self.records = read_manifest(config.data_dir, config.trigger_word)  # bad data fails before models load
+        unknown = sorted(set(config.val_identities) - {record.identity for record in self.records})
+        if unknown:
+            raise TrainingConfigError(f"--val-identities names identities that are not in the manifest: {unknown}.")
         self.out_dir = Path(config.out_dir)
         log_with = None if config.report_to == "none" else config.report_to
         if log_with == "tensorboard" and not is_tensorboard_available():
@@ -226,15 +230,11 @@ class Trainer:
         image_size = id_encoder.config.image_size
         self.image_processor = CLIPImageProcessor(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-        self.records = read_manifest(config.data_dir, config.trigger_word)
         self.dataset = IdentityDataset(
             self.records, image_processor=self.image_processor, seed=config.seed,
             num_train_timesteps=self.base.scheduler.config.num_train_timesteps,
             caption_dropout=config.caption_dropout, mask_loss_prob=config.mask_loss_prob,
             need_face_embeddings=config.pm_version == 2, held_out=tuple(config.val_identities))
-        unknown = sorted(set(config.val_identities) - {record.identity for record in self.records})
-        if unknown:
-            raise TrainingConfigError(f"--val-identities names identities that are not in the manifest: {unknown}.")
         self.tokens_per_image = id_encoder.tokens_per_image
 
     # ---------------------------------------------------------------- one step
