@@ -97,7 +97,12 @@ def _measure(name: str, run: Callable[[int], None], meter: PeakMeter, warmup: in
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from photomaker.prompt import add_trigger_token
-    from photomaker.train.model import PhotoMakerTrainingModel, add_unet_lora, cast_frozen, freeze_for_training
+    from photomaker.train.model import (
+        PhotoMakerTrainingModel,
+        add_unet_lora,
+        cast_frozen,
+        freeze_for_training,
+    )
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
                                                                    ("float32" if args.models == "tiny" else "bfloat16")]
@@ -127,7 +132,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     plain = _measure("plain SDXL LoRA step", lambda seed: _step(
         parts, args.size, common.PLAIN_PROMPT, seed, plain_predict, 1, plain_optimizer, dtype),
         meter, args.warmup, args.repeats)
-    del plain_optimizer
 
     encoder = _id_encoder(args.models, dtype)
     model = PhotoMakerTrainingModel(unet, encoder)

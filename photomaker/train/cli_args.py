@@ -81,9 +81,9 @@ def config_from_args(args: argparse.Namespace):
 
 def run_train_command(args: argparse.Namespace) -> int:
     """Train; print the export path. A `PhotoMakerError` prints its message to stderr and returns 2."""
-    from .loop import train
-
     from accelerate import PartialState
+
+    from .loop import train
 
     try:
         target = train(config_from_args(args))

@@ -25,7 +25,7 @@ from ..prompt import DEFAULT_TRIGGER_WORD, has_trigger_word
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ManifestRecord", "TrainingSample", "IdentityDataset", "read_manifest", "sample_generator"]
+__all__ = ["IdentityDataset", "ManifestRecord", "TrainingSample", "read_manifest", "sample_generator"]
 
 MAX_ID_IMAGES = 4
 _REQUIRED_FIELDS = ("identity", "image", "mask", "caption", "class_word")

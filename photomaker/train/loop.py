@@ -22,7 +22,12 @@ from typing import Any
 import torch
 
 from ..errors import TrainingConfigError
-from ..prompt import DEFAULT_TRIGGER_WORD, add_trigger_token, expand_class_tokens, pad_or_truncate
+from ..prompt import (
+    DEFAULT_TRIGGER_WORD,
+    add_trigger_token,
+    expand_class_tokens,
+    pad_or_truncate,
+)
 from .dataset import IdentityDataset, TrainingSample, read_manifest
 from .loss import diffusion_loss, diffusion_target, latent_mask
 from .model import (
@@ -154,7 +159,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available, set_seed
+        from accelerate.utils import (
+            DistributedDataParallelKwargs,
+            is_tensorboard_available,
+            set_seed,
+        )
         from diffusers.optimization import get_scheduler
         from transformers import CLIPImageProcessor
 

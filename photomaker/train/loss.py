@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["diffusion_loss", "latent_mask", "diffusion_target"]
+__all__ = ["diffusion_loss", "diffusion_target", "latent_mask"]
 
 
 def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:

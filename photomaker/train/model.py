@@ -19,7 +19,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, TrainingConfigError
-from ..id_encoder import PhotoMakerIDEncoder, PhotoMakerIDEncoderConfig, create_id_encoder
+from ..id_encoder import (
+    PhotoMakerIDEncoder,
+    PhotoMakerIDEncoderConfig,
+    create_id_encoder,
+)
 from ..loading import build_id_encoder, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -33,10 +37,10 @@ __all__ = [
     "build_id_encoder_for_training",
     "export_checkpoint",
     "freeze_for_training",
-    "lora_state_dict_legacy",
     "load_base_components",
     "load_legacy_lora",
     "lora_rank_of",
+    "lora_state_dict_legacy",
 ]
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14"
