@@ -321,3 +321,24 @@ def test_the_deepspeed_zero2_example_is_a_valid_accelerate_config():
     path = Path(__file__).resolve().parent.parent / "photomaker" / "train" / "config" / "deepspeed_zero2.yaml"
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
+
+
+def test_init_none_puts_fresh_heads_on_the_given_clip_vision_tower(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from photomaker.train.model import build_id_encoder_for_training
+
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, patch_size=14,
+        image_size=56, projection_dim=32))
+    clip.save_pretrained(tmp_path / "clip")
+    encoder, lora = build_id_encoder_for_training("none", 2, (32, 96), str(tmp_path / "clip"))
+    assert lora is None and encoder.version == 2 and encoder.embed_dim == 128
+    tower = encoder.vision_model.state_dict()
+    for name, tensor in clip.state_dict().items():
+        if name.startswith("vision_model."):
+            assert torch.equal(tower[name.removeprefix("vision_model.")], tensor), name
+    assert torch.equal(encoder.visual_projection.weight, clip.visual_projection.weight)  # 32 = text encoder 1
+    assert encoder.visual_projection_2.weight.shape == (96, 64)
+    tokens = encoder.encode_images(torch.randn(2, 3, 56, 56), torch.randn(2, 512))
+    assert tokens.shape == (2, 2, 128)
