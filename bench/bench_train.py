@@ -40,11 +40,19 @@ def _parts(kind: str, dtype: torch.dtype) -> dict[str, Any]:
         parts = {"unet": sdxl.build_unet(), "vae": sdxl.build_vae(), "text_encoder": te1, "text_encoder_2": te2,
                  "tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad_token="!")}
         for seed, name in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")):
-            parts[name] = sdxl.materialize_random(parts[name], dtype, seed=seed)
+            parts[name] = _fill_position_ids(sdxl.materialize_random(parts[name], dtype, seed=seed))
     parts["scheduler"] = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         parts[name] = parts[name].to(dtype).requires_grad_(False)
     return parts
+
+
+def _fill_position_ids(module: torch.nn.Module) -> torch.nn.Module:
+    """``to_empty`` leaves non-persistent ``position_ids`` buffers uninitialised: give them 0..n-1 again."""
+    for name, buffer in module.named_buffers():
+        if name.endswith("position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    return module
 
 
 def _id_encoder(kind: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -53,7 +61,7 @@ def _id_encoder(kind: str, dtype: torch.dtype) -> torch.nn.Module:
 
     if kind == "tiny":
         return create_id_encoder(tiny_id_encoder_config(), 1).to(dtype)
-    return sdxl.materialize_random(sdxl.build_id_encoder(1), dtype, seed=9).float().to(dtype)
+    return _fill_position_ids(sdxl.materialize_random(sdxl.build_id_encoder(1), dtype, seed=9))
 
 
 def _step(parts: dict[str, Any], size: int, caption: str, seed: int,
