@@ -249,15 +249,23 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     assert any("lora_A" in key for key in keys) and any(key.startswith("id_encoder.qformer_perceiver.") for key in keys)
 
 
-def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(tmp_path, data_dir, tiny_dir, capsys):
+def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(
+    tmp_path, data_dir, tiny_dir, capsys, caplog
+):
+    from accelerate.utils import is_tensorboard_available
+
     from photomaker.train.cli_args import main
 
     out = tmp_path / "out"
     code = main(["--data", str(data_dir), "--out", str(out), "--tiny", str(tiny_dir), "--device", "cpu",
                  "--lora-rank", "4", "--max-steps", "2", "--checkpoint-every", "1", "--validate-every", "2",
                  "--val-identities", "carol", "--val-steps", "2", "--val-face-backend", "dlib",
-                 "--lr-warmup-steps", "2"])
+                 "--lr-warmup-steps", "2", "--gradient-checkpointing", "--gradient-accumulation-steps", "2"])
     assert code == 0
+    if is_tensorboard_available():
+        assert list(out.rglob("events.out.tfevents.*"))
+    else:
+        assert "TensorBoard is not installed" in caplog.text
     assert capsys.readouterr().out.strip() == str(out / "photomaker.bin")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 2]
