@@ -24,7 +24,7 @@ from ..id_encoder import (
     PhotoMakerIDEncoderConfig,
     create_id_encoder,
 )
-from ..loading import build_id_encoder, load_checkpoint
+from ..loading import CHECKPOINT_SUFFIXES, build_id_encoder, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +106,17 @@ def build_id_encoder_for_training(
 ) -> tuple[PhotoMakerIDEncoder, dict[str, torch.Tensor] | None]:
     """The ID encoder to train (fp32) and the init checkpoint's LoRA weights (None for a fresh start).
 
-    ``init`` is a PhotoMaker checkpoint (anything `load_checkpoint` takes) or ``"none"``: fresh ID heads on a
+    ``init`` is a PhotoMaker checkpoint (a file, or a Hub repo id whose ``photomaker-v{pm_version}.bin`` is
+    used) or ``"none"``: fresh ID heads on a
     pretrained CLIP vision tower (``vision_model``: Hub id or folder of a ``CLIPVisionModelWithProjection``,
     or ``None`` for a randomly initialised tower of ``random_vision_config`` (a ``CLIPVisionConfig``; default
     ViT-L/14 sizes), for offline tests).
     """
     if init != "none":
-        checkpoint = load_checkpoint(init)
+        # A Hub repo id alone (e.g. TencentARC/PhotoMaker-V2) means its official file for the version.
+        local = os.path.exists(os.path.expanduser(init)) or init.endswith(CHECKPOINT_SUFFIXES)
+        checkpoint = load_checkpoint(os.path.expanduser(init) if local else init,
+                                     weight_name=None if local else f"photomaker-v{pm_version}.bin")
         encoder = build_id_encoder(checkpoint["id_encoder"], version=pm_version)
         if encoder.embed_dim != sum(text_widths):
             raise CheckpointError(
