@@ -38,7 +38,7 @@ class ModelLoadError(PhotoMakerError, RuntimeError):
 
 
 class TrainingDataError(PhotoMakerError, ValueError):
-    """A training-data source or output folder cannot be used: missing folder, bad manifest line, changed settings."""
+    """Training data cannot be used: a missing source or folder, a bad manifest line, changed settings, few images."""
 
 
 class ImageRejected(PhotoMakerError, ValueError):
@@ -64,3 +64,7 @@ class MaskError(ControlImageError):
 
 class ControlModelUnavailableError(ModelLoadError):
     """A control model (ControlNet, T2I-Adapter, IP-Adapter, pose or depth estimator) cannot be loaded."""
+
+
+class TrainingConfigError(PhotoMakerError, ValueError):
+    """A training option is out of range or contradicts another one (steps, batch size, init, resume)."""
