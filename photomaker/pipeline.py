@@ -113,14 +113,19 @@ class PhotoMakerStableDiffusionXLPipeline(PhotoMakerMixin, StableDiffusionXLPipe
 
         # 1. Check inputs
         self.check_inputs(
-            prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
-            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
-            ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
+            prompt=prompt, prompt_2=prompt_2, height=height, width=width, callback_steps=None,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_photomaker_inputs(
-            input_id_images, id_embeds, id_weights, start_merge_step, prompt, prompt_embeds, class_tokens_mask,
-            prompt_embeds_text_only, pooled_prompt_embeds_text_only, num_inference_steps if timesteps is None
-            and sigmas is None else None,
+            input_id_images=input_id_images, id_embeds=id_embeds, id_weights=id_weights,
+            start_merge_step=start_merge_step, prompt=prompt, prompt_embeds=prompt_embeds,
+            class_tokens_mask=class_tokens_mask, prompt_embeds_text_only=prompt_embeds_text_only,
+            pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
+            num_inference_steps=num_inference_steps if timesteps is None and sigmas is None else None,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale

@@ -128,7 +128,7 @@ class PhotoMakerMixin:
         weight_name: str | None = None,
         subfolder: str = "",
         trigger_word: str = DEFAULT_TRIGGER_WORD,
-        pm_version: int | None = None,
+        pm_version: int | str | None = None,
         fuse: bool = True,
         adapter_name: str = "photomaker",
         fused_cache_dir: str | None = None,
@@ -142,7 +142,8 @@ class PhotoMakerMixin:
             weight_name: file name inside the folder or repo, e.g. `"photomaker-v1.bin"`.
             subfolder: folder inside the repo.
             trigger_word: the word that follows the class word in prompts; added to both tokenizers.
-            pm_version: 1 or 2; detected from the keys when None.
+            pm_version: 1 or 2 (or "v1" / "v2", as the official file names say); detected from the keys when
+                None.
             fuse: bake the LoRA into the UNet weights (fastest). With `fuse=False` it stays a named adapter
                 (`adapter_name`) that can be mixed with other LoRAs through `set_adapters`.
             fused_cache_dir: with `fuse=True`, a folder where the adapter is kept as loaded (fused UNet weights and
@@ -231,6 +232,37 @@ class PhotoMakerMixin:
             if tokenizer is not None:
                 add_trigger_token(tokenizer, trigger_word)
         logger.info("Loaded PhotoMaker v%d adapter (fused=%s).", self.pm_version, fuse)
+
+    def use_photomaker_adapter_of(self, other: "PhotoMakerMixin") -> None:
+        """Take the PhotoMaker adapter that `other` loaded into the UNet both share, e.g. a ControlNet pipeline
+        built as `PhotoMakerStableDiffusionXLControlNetPipeline(**pipe.components, controlnet=...)`: the ID encoder
+        and the trigger word come along; nothing is read or fused again (loading again would refuse, as the LoRA
+        is already in the UNet)."""
+        if other.id_encoder is None:
+            raise CheckpointError("The other pipeline has no PhotoMaker adapter loaded: call its "
+                                  "load_photomaker_adapter(...) first.")
+        pairs = ((other.unet, self.unet), (other.tokenizer, self.tokenizer), (other.tokenizer_2, self.tokenizer_2))
+        if not all(theirs is ours for theirs, ours in pairs):
+            raise CheckpointError(
+                "use_photomaker_adapter_of needs a pipeline that shares this one's UNet and tokenizers (build it "
+                "with Pipeline(**other.components, ...)); otherwise call load_photomaker_adapter."
+            )
+        if self.id_encoder is not None:
+            raise CheckpointError("A PhotoMaker adapter is already loaded into this pipeline.")
+        self.id_encoder, self.id_image_processor = other.id_encoder, other.id_image_processor
+        self.trigger_word, self.pm_version = other.trigger_word, other.pm_version
+
+    def fuse_lora(self, *args: Any, **kwargs: Any) -> None:
+        """`load_photomaker_adapter` already fused the PhotoMaker LoRA (unless `fuse=False`): the official v1 example
+        calls `pipe.fuse_lora()` right after it, which must not add the LoRA a second time. With no other LoRA
+        loaded this is then a no-op; otherwise diffusers fuses the LoRAs that are loaded as adapters."""
+        has_adapters = bool(getattr(self.unet, "peft_config", None)) or any(
+            getattr(getattr(self, name, None), "peft_config", None) for name in ("text_encoder", "text_encoder_2")
+        )
+        if getattr(self.unet, _UNET_MARK, None) == "fused" and not has_adapters:
+            logger.info("fuse_lora(): the PhotoMaker LoRA is already fused into the UNet; nothing to do.")
+            return
+        super().fuse_lora(*args, **kwargs)
 
     def _check_unet_has_no_photomaker_lora(self) -> None:
         """Refuse a UNet that already holds a PhotoMaker LoRA, e.g. one shared with the pipeline that loaded it:
@@ -458,18 +490,42 @@ class PhotoMakerMixin:
         return hidden, pooled
 
     def check_prompt(
-        self, prompt: str | list[str], prompt_2: PromptInput = None, num_id_images: int = 1
+        self, prompt: str | list[str], prompt_2: PromptInput = None, num_id_images: int = 1,
+        negative_prompt: PromptInput = None, negative_prompt_2: PromptInput = None,
     ) -> list[str]:
         """Raise `PromptError` now, before any model runs, if the prompt cannot be used with these photos.
 
-        Returns notes for the user (words a too-long prompt loses), so that nothing is dropped silently.
+        Returns notes for the user (words a too-long prompt or negative prompt loses), so that nothing is
+        dropped silently.
         """
         self._require_adapter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
-        return self._surgery(
+        notes = self._surgery(
             [prompts, prompts_2], num_id_images * self.id_encoder.tokens_per_image, self._prompt_labels(prompt_2)
         )[3]
+        return notes + self.negative_prompt_notes(negative_prompt, negative_prompt_2)
+
+    def negative_prompt_notes(self, negative_prompt: PromptInput, negative_prompt_2: PromptInput = None) -> list[str]:
+        """What a negative prompt longer than the tokenizers' 77 tokens loses at its end, one note per cut."""
+        notes: list[str] = []
+        negatives = [] if negative_prompt is None else (
+            [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
+        negatives_2 = negatives if negative_prompt_2 is None else (
+            [negative_prompt_2] if isinstance(negative_prompt_2, str) else list(negative_prompt_2)
+        )
+        label_2 = "The negative prompt" if negative_prompt_2 is None else "negative_prompt_2"
+        for tokenizer, batch, label in zip(
+            self._tokenizers(), (negatives, negatives_2), ("The negative prompt", label_2)
+        ):
+            if tokenizer is None or not batch:
+                continue
+            for ids in self._tokenize(tokenizer, batch):
+                note = self._dropped_note(tokenizer, ids, max(len(ids) - tokenizer.model_max_length, 0), label)
+                if note and note not in notes:
+                    notes.append(note)
+        return notes
 
     @staticmethod
     def _prompt_labels(prompt_2: PromptInput) -> tuple[str | None, str | None]:
@@ -529,6 +585,8 @@ class PhotoMakerMixin:
         """Negative embeddings, encoded once for both phases; zeros for an absent negative (SDXL's rule)."""
         if negative_prompt is None and negative_prompt_2 is None and self.config.force_zeros_for_empty_prompt:
             return None
+        for note in self.negative_prompt_notes(negative_prompt, negative_prompt_2):
+            logger.warning(note)
         negatives = negative_prompt or ""
         negatives = [negatives] * batch_size if isinstance(negatives, str) else list(negatives)
         negatives_2 = negatives if negative_prompt_2 is None else (
