@@ -797,8 +797,9 @@ class PhotoMakerMixin:
         if output_type == "latent":
             return latents
         image = self._decode_latents(latents)
-        if self.watermark is not None:
-            image = self.watermark.apply_watermark(image)
+        watermark = getattr(self, "watermark", None)  # diffusers' T2I-Adapter pipeline has none
+        if watermark is not None:
+            image = watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @staticmethod
