@@ -14,7 +14,7 @@ from diffusers import StableDiffusionXLAdapterPipeline, StableDiffusionXLControl
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from test_pipeline import SIZE, STEPS, photo, reference_conditioning
 
-from photomaker.errors import InvalidRequestError
+from photomaker.errors import CheckpointError, InvalidRequestError
 from photomaker.pipeline_controlnet import PhotoMakerStableDiffusionXLControlNetPipeline
 from photomaker.pipeline_t2i_adapter import PhotoMakerStableDiffusionXLAdapterPipeline
 from photomaker.testing import (
@@ -269,3 +269,19 @@ def test_adapter_bad_inputs_are_refused_naming_the_argument(t2i_pipe, kwargs, na
     kwargs = {"image": synthetic_control_image(SIZE, kind="sketch"), **kwargs}
     with pytest.raises(InvalidRequestError, match=named):
         call(t2i_pipe, input_id_images=[photo(1)], **kwargs)
+
+
+def test_a_pipeline_sharing_the_unet_takes_the_loaded_adapter_instead_of_fusing_it_again(cn_pipe):
+    shared = {name: part for name, part in cn_pipe.components.items() if name != "controlnet"}
+    other = PhotoMakerStableDiffusionXLAdapterPipeline(**shared, adapter=tiny_t2i_adapter())
+    other.set_progress_bar_config(disable=True)
+    with pytest.raises(CheckpointError, match="already holds a PhotoMaker LoRA"):
+        other.load_photomaker_adapter(tiny_checkpoint(1), pm_version=1)
+    other.use_photomaker_adapter_of(cn_pipe)
+    assert other.id_encoder is cn_pipe.id_encoder and other.trigger_word == "img"
+    images = call(other, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, kind="sketch"),
+                  output_type="np")
+    assert images.shape == (1, SIZE, SIZE, 3)
+    stranger = PhotoMakerStableDiffusionXLAdapterPipeline(**tiny_sdxl_components(), adapter=tiny_t2i_adapter())
+    with pytest.raises(CheckpointError, match="shares this one's UNet"):
+        stranger.use_photomaker_adapter_of(cn_pipe)

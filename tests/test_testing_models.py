@@ -185,7 +185,7 @@ def test_tiny_controlnet_residuals_fit_the_unet_and_follow_the_control_image() -
     hidden = torch.randn(1, 77, unet.config.cross_attention_dim)
 
     def residuals(seed: int):
-        pixels = torch.from_numpy(np.asarray(synthetic_control_image(64, seed=seed))).float()
+        pixels = torch.from_numpy(np.array(synthetic_control_image(64, seed=seed), dtype=np.float32))
         return controlnet(sample, 10, encoder_hidden_states=hidden, added_cond_kwargs=cond,
                           controlnet_cond=pixels.permute(2, 0, 1)[None] / 255, return_dict=False)
 
