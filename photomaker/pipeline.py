@@ -227,31 +227,14 @@ class PhotoMakerStableDiffusionXLPipeline(PhotoMakerMixin, StableDiffusionXLPipe
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 latents = latents.to(latents_dtype)
 
-                if callback_on_step_end is not None:
-                    callback_kwargs = {
-                        "latents": latents, "prompt_embeds": prompt_embeds, "add_text_embeds": add_text_embeds,
-                        "add_time_ids": add_time_ids,
-                    }
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
-                    ) or {}
-                    latents = outputs.pop("latents", latents)
-                    if "prompt_embeds" in outputs or "add_text_embeds" in outputs:
-                        phase.prompt_embeds = outputs.pop("prompt_embeds", phase.prompt_embeds)
-                        phase.add_text_embeds = outputs.pop("add_text_embeds", phase.add_text_embeds)
-                    add_time_ids = outputs.pop("add_time_ids", add_time_ids)
+                latents, add_time_ids = self._step_callback(
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, phase, add_time_ids
+                )
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
 
         # 9. Decode
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self._decode_latents(latents)
-            if self.watermark is not None:
-                image = self.watermark.apply_watermark(image)
-            image = self.image_processor.postprocess(image, output_type=output_type)
-
+        image = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
