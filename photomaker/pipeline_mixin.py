@@ -368,9 +368,9 @@ class PhotoMakerMixin:
     @staticmethod
     def _photo_label(index: int, image: Any) -> str:
         """How messages name an ID photo: "ID photo 2 (me.jpg)" for a path, so the user knows which file."""
-        from .faces.prepare import photo_label
-
         name = os.path.basename(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else None
+        from .images import photo_label
+
         return photo_label(index, name, "ID photo")
 
     @torch.no_grad()

@@ -21,9 +21,8 @@ from PIL import Image
 from photomaker import aspect_ratios, presets, styles
 from photomaker.config import ServiceConfig
 from photomaker.errors import IDImageError, InvalidRequestError, PromptError
-from photomaker.faces.prepare import photo_label
 from photomaker.fields import FIELDS
-from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image
+from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image, photo_label
 from photomaker.prompt import check_prompt_text, insert_trigger_word, strip_trigger_word
 from photomaker.requests import GenerationPlan, GenerationRequest
 

@@ -1,7 +1,7 @@
 """The PhotoMaker SDXL pipeline on tiny random-weight models with the real architecture.
 
 The central test checks what reaches the UNet at every denoising step against an independent implementation
-of REFERENCE.md sections 4-5 written here with plain tensor operations.
+of the reference algorithm (prompt surgery and delayed subject conditioning) written here with plain tensor operations.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class UNetSpy:
 
 def reference_conditioning(pipe, checkpoint, prompt, images, negative_prompt=None, start_merge_step=1, steps=STEPS,
                            id_tokens=None):
-    """REFERENCE.md 4-5 from scratch: returns, per step, (encoder_hidden_states, text_embeds) for CFG batch."""
+    """The reference prompt surgery and two-phase conditioning from scratch: returns, per step, (encoder_hidden_states, text_embeds) for CFG batch."""
     sd = checkpoint["id_encoder"]
     trigger = pipe.tokenizer.convert_tokens_to_ids("img")
 

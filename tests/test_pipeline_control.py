@@ -1,8 +1,8 @@
 """PhotoMaker's ControlNet and T2I-Adapter pipelines on tiny random-weight models with the real architecture.
 
 What reaches the UNet, the ControlNet and the adapter residuals at every step is checked against the
-independent reference of REFERENCE.md 4-5 and 9 (`reference_conditioning` in test_pipeline.py, plain tensor
-operations); with `start_merge_step >= steps` each pipeline must give what diffusers' own pipeline gives.
+independent reference of the prompt surgery, the two conditioning phases and the reference's control
+pipelines (`reference_conditioning` in test_pipeline.py, plain tensor operations); with `start_merge_step >= steps` each pipeline must give what diffusers' own pipeline gives.
 """
 
 from __future__ import annotations
