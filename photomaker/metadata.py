@@ -239,7 +239,8 @@ def restore_settings(
     It asks for one output at the image's own seed: since image k of a request uses its own generator seeded
     with seed + k, that single image is the same picture. Photos are not stored in the PNG, so they are passed
     again here. In fast mode the preset sets steps and guidance, so the stored ones are not restored (those of
-    the guidance-free presets are below the standard range). Other values outside the accepted ranges (steps
+    the guidance-free presets are below the standard range). Images (control image, start photo, mask, style
+    image) are not stored either: `changes` asks for each one the image was made with. Other values outside the accepted ranges (steps
     from `steps_min`, the service's `config.steps_min`: a --tiny image may have 2) are moved into them, unknown
     styles, sizes and presets fall back to the defaults, and `changes` says so. A width and height equal to the
     stored output size's are left to it (None).
@@ -276,6 +277,11 @@ def restore_settings(
         value = _restored_value(item, params[key], steps_min, said)
         if value is not None:
             values[item.name] = value
+    for item in REQUEST_FIELDS:
+        name = params.get(item.metadata_key) if item.kind == "image" and item.metadata_key else None
+        if name:
+            shown = "" if name == UNNAMED_IMAGE else f" ({name})"
+            changes.append(f"The {item.label}{shown} is not stored in the image: give it again.")
     size = (values.pop("width", None), values.pop("height", None))
     if None in size:
         changes.extend(size_changes)  # an unknown output size matters only without a stored size
