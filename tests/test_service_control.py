@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from photomaker import metadata, presets
-from photomaker.control_images import CONTROL_TYPES
+from photomaker.control_images import CONTROL_TYPES, draw_openpose
 from photomaker.errors import ControlImageError, InvalidRequestError, MaskError, NoFaceError
 from photomaker.pipeline_controlnet import PhotoMakerStableDiffusionXLControlNetPipeline
 from photomaker.pipeline_img2img import PhotoMakerStableDiffusionXLImg2ImgPipeline
@@ -179,7 +179,8 @@ def test_sketch_runs_the_adapter_until_its_factor(service: PhotoMakerService) ->
 
 
 def test_pose_from_a_skeleton_and_a_photo_without_a_person(service: PhotoMakerService) -> None:
-    skeleton = synthetic_control_image(64, "pose")
+    rng = np.random.default_rng(0)
+    skeleton = draw_openpose((64, 64), [(rng.uniform(8, 56, (18, 2)), np.ones(18))])
     result = service.generate(request(control_type="pose", control_image=skeleton))
     assert np.array_equal(np.asarray(result.control_image), np.asarray(skeleton))
     assert "already an OpenPose skeleton" in " ".join(result.warnings)
@@ -196,7 +197,7 @@ def test_depth_map_comes_from_the_depth_estimator(service: PhotoMakerService) ->
     depth = np.asarray(result.control_image)
     assert depth.shape == (64, 64, 3) and np.array_equal(depth[..., 0], depth[..., 2])  # grey, at the output size
     assert depth.max() > depth.min()
-    assert service._runner.modes().registry.loaded()[-1] == "depth_estimator"
+    assert "depth_estimator" in service._runner.modes().registry.loaded()
 
 
 def test_img2img_starts_from_the_photo_and_runs_strength_times_the_steps(service: PhotoMakerService) -> None:
@@ -249,11 +250,11 @@ def face_service(tiny_models_dir: Path) -> PhotoMakerService:
 
 
 def test_mask_face_masks_the_face_of_the_start_photo(face_service: PhotoMakerService) -> None:
-    result = face_service.generate(request(init_image=str(ASTRONAUT), mask_face=True, width=128, height=128))
+    result = face_service.generate(request(init_image=str(ASTRONAUT), mask_face=True))
     mask = np.asarray(result.mask_image) >= 128
     assert 0.02 < mask.mean() < 0.5  # the face, not the photo
     rows, columns = np.nonzero(mask)
-    assert 20 < columns.mean() < 100 and rows.mean() < 64  # the astronaut's face is in the upper middle
+    assert 16 < columns.mean() < 48 and rows.mean() < 32  # the astronaut's face is in the upper middle
     assert metadata.read_parameters(result.images[0].image)["mask_face"] is True
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
     with pytest.raises(NoFaceError, match="no face was found in the target photo"):
