@@ -94,6 +94,10 @@ def format_parameters(params: Mapping[str, Any]) -> str:
         ("Start merge step", params.get("start_merge_step")),
         ("Size", f"{params.get('width')}x{params.get('height')}"),
         ("Fast", params.get("fast") or "off"),
+        ("Control", _control_summary(params)),
+        ("Start photo", f"strength {params.get('strength')}" if params.get("init_image") else None),
+        ("Mask", "the face" if params.get("mask_face") else params.get("mask_image")),
+        ("Style image", f"scale {params.get('style_image_scale')}" if params.get("style_image") else None),
         ("Base model", params.get("base_model")),
         ("PhotoMaker", f"v{params.get('pm_version')} ({params.get('adapter')})"),
         ("Identity similarity", "no face found" if identity and similarity is None else similarity),
@@ -103,6 +107,16 @@ def format_parameters(params: Mapping[str, Any]) -> str:
     prompt = params.get("prompt_used") or params.get("prompt") or ""
     negative = params.get("negative_prompt_used") or params.get("negative_prompt") or ""
     return f"{prompt}\nNegative prompt: {negative}\n{pairs}"
+
+
+def _control_summary(params: Mapping[str, Any]) -> str | None:
+    """"canny 0.8 (0-1)": the control type, its scale and the fraction of the steps it acted on."""
+    if not params.get("control_type"):
+        return None
+    return (
+        f"{params['control_type']} {params.get('control_scale')} "
+        f"({params.get('control_start')}-{params.get('control_end')})"
+    )
 
 
 def _pnginfo(params: Mapping[str, Any]) -> PngImagePlugin.PngInfo:

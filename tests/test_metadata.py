@@ -271,6 +271,16 @@ def test_control_settings_are_restored_and_the_images_asked_for_again() -> None:
     assert start.changes == ["The start photo (beach.png) is not stored in the image: give it again."]
 
 
+def test_the_summary_names_control_start_photo_and_style_image_when_used() -> None:
+    used = metadata.format_parameters({
+        **PARAMS, "control_type": "pose", "control_scale": 0.8, "control_start": 0.0, "control_end": 0.5,
+        "style_image": "art.png", "style_image_scale": 0.7,
+    })
+    assert "Control: pose 0.8 (0.0-0.5)" in used and "Style image: scale 0.7" in used and "Mask" not in used
+    start = metadata.format_parameters({**PARAMS, "init_image": "beach.png", "strength": 0.9, "mask_face": True})
+    assert "Start photo: strength 0.9" in start and "Mask: the face" in start and "Control" not in start
+
+
 def test_image_label_names_a_file_and_nothing_else() -> None:
     assert metadata.image_label("/home/me/photos/beach.png") == "beach.png"
     assert metadata.image_label(Image.new("RGB", (4, 4))) == metadata.UNNAMED_IMAGE

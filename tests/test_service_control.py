@@ -13,6 +13,7 @@ from PIL import Image
 
 from photomaker import metadata, presets
 from photomaker.control_images import CONTROL_TYPES, draw_openpose
+from photomaker.control_models import CONTROL_MODEL_SPECS
 from photomaker.errors import ControlImageError, InvalidRequestError, MaskError, NoFaceError
 from photomaker.pipeline_controlnet import PhotoMakerStableDiffusionXLControlNetPipeline
 from photomaker.pipeline_img2img import PhotoMakerStableDiffusionXLImg2ImgPipeline
@@ -20,6 +21,7 @@ from photomaker.pipeline_inpaint import PhotoMakerStableDiffusionXLInpaintPipeli
 from photomaker.pipeline_t2i_adapter import PhotoMakerStableDiffusionXLAdapterPipeline
 from photomaker.service import GenerationRequest, PhotoMakerService, ServiceConfig
 from photomaker.testing import synthetic_control_image, synthetic_mask
+from photomaker.testing_control import tiny_control_overrides
 from photomaker.validation import validate_request
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -52,6 +54,12 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def test_the_control_types_offered_are_the_ones_control_images_makes() -> None:
     assert presets.CONTROL_TYPES == CONTROL_TYPES
+
+
+def test_tiny_mode_points_every_control_model_at_the_tiny_ones(tiny_models_dir: Path) -> None:
+    overrides = tiny_control_overrides(tiny_models_dir / "control")
+    assert set(overrides) == set(CONTROL_MODEL_SPECS)
+    assert all(Path(path).exists() for path in overrides.values())
 
 
 BLACK = Image.new("L", (64, 64), 0)
