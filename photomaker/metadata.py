@@ -254,8 +254,9 @@ def restore_settings(
     with seed + k, that single image is the same picture. Photos are not stored in the PNG, so they are passed
     again here. In fast mode the preset sets steps and guidance, so the stored ones are not restored (those of
     the guidance-free presets are below the standard range). Images (control image, start photo, mask, style
-    image) are not stored either: `changes` asks for each one the image was made with. Other values outside the accepted ranges (steps
-    from `steps_min`, the service's `config.steps_min`: a --tiny image may have 2) are moved into them, unknown
+    image) are not stored either: `changes` asks for each one the image was made with. Other values outside
+    the accepted ranges (steps from `steps_min`, the service's `config.steps_min`: a --tiny image may have 2)
+    are moved into them, unknown
     styles, sizes and presets fall back to the defaults, and `changes` says so. A width and height equal to the
     stored output size's are left to it (None).
     """

@@ -236,6 +236,9 @@ def test_fast_mode_works_with_control(service: PhotoMakerService) -> None:
     assert (stored["fast"], stored["num_steps"], stored["control_type"]) == ("hyper-sd-8", 8, "canny")
     standard = service.generate(request(**CANNY))  # back to standard sampling on the ControlNet pipeline
     assert metadata.read_parameters(standard.images[0].image)["fast"] is None
+    controlnet_pipe = service._runner.modes()._pipelines[("controlnet", "canny")]
+    assert controlnet_pipe.scheduler is service.pipeline.scheduler
+    assert type(controlnet_pipe.scheduler).__name__ == "EulerDiscreteScheduler"
 
 
 def test_a_style_image_never_leaks_into_the_next_request(tiny_models_dir: Path) -> None:
@@ -267,3 +270,10 @@ def test_mask_face_masks_the_face_of_the_start_photo(face_service: PhotoMakerSer
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
     with pytest.raises(NoFaceError, match="no face was found in the target photo"):
         face_service.generate(request(init_image=noise, mask_face=True))
+
+
+def test_best_of_and_identity_scores_work_with_control(face_service: PhotoMakerService) -> None:
+    result = face_service.generate(request(**CANNY, best_of=2))
+    assert len(result.images) == 1 and result.images[0].identity is not None
+    assert result.images[0].seed in (11, 12)
+    assert metadata.read_parameters(result.images[0].image)["control_type"] == "canny"
