@@ -401,10 +401,12 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
     """Write a tiny SDXL pipeline folder and tiny v1/v2 PhotoMaker checkpoints; skip what is already complete.
 
     Returns paths ``{"base": out_dir/base, "v1": out_dir/photomaker-v1.bin, "v2": out_dir/photomaker-v2.bin,
-    "fast_loras": out_dir/fast-loras}``. ``base`` loads with ``StableDiffusionXLPipeline.from_pretrained``; the
-    ``.bin`` files are torch pickles in the official format; ``fast-loras`` holds one random LoRA per fast-mode
-    preset under its official file name and key format, so fast mode runs offline. The output is the same for
-    the same seed.
+    "fast_loras": out_dir/fast-loras, "control": out_dir/control}``. ``base`` loads with
+    ``StableDiffusionXLPipeline.from_pretrained``; the ``.bin`` files are torch pickles in the official format;
+    ``fast-loras`` holds one random LoRA per fast-mode preset under its official file name and key format, so
+    fast mode runs offline; ``control`` holds every control model
+    (`photomaker.testing_control.write_tiny_control_models`), so every mode runs offline. The output is the
+    same for the same seed.
     """
     root = Path(out_dir)
     paths = {
@@ -412,6 +414,7 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
         "v1": root / "photomaker-v1.bin",
         "v2": root / "photomaker-v2.bin",
         "fast_loras": root / "fast-loras",
+        "control": root / "control",
     }
     marker = root / _COMPLETE_MARKER
     stamp = {"seed": seed, "format": TINY_FORMAT_VERSION}
@@ -442,6 +445,9 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
         partial.replace(target)
     shutil.rmtree(paths["fast_loras"], ignore_errors=True)
     write_fast_loras(paths["fast_loras"], _meta_unet(tiny_unet_config()), LORA_RANK, torch.float32)
+    from .testing_control import write_tiny_control_models  # it builds on this module's tiny models
+
+    write_tiny_control_models(paths["control"], seed)
     marker.write_text(json.dumps(stamp))
     logger.info("Wrote tiny models to %s", root)
     return paths
