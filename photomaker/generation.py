@@ -6,7 +6,6 @@ metadata of each image.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import threading
 import time
@@ -372,9 +371,6 @@ def _similarity(identity: dict[str, Any] | None) -> float:
 
 
 def _prompt_notes(pipe: Any, plan: GenerationPlan, num_photos: int) -> list[str]:
-    """The pipeline's notes on the prompt (words cut at 77 tokens), and on the negative prompt where the
-    pipeline's `check_prompt` takes one, so that nothing is dropped silently from either."""
-    kwargs: dict[str, Any] = {"num_id_images": num_photos}
-    if plan.negative and "negative_prompt" in inspect.signature(pipe.check_prompt).parameters:
-        kwargs["negative_prompt"] = plan.negative
-    return pipe.check_prompt(plan.positive, **kwargs)
+    """The pipeline's notes on the prompt and the negative prompt (words cut at 77 tokens), so that nothing is
+    dropped silently from either."""
+    return pipe.check_prompt(plan.positive, num_id_images=num_photos, negative_prompt=plan.negative or None)

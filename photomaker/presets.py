@@ -1,6 +1,6 @@
 """Generation parameter ranges, the style-strength -> merge-step rule, and fast-mode (few-step LoRA) presets.
 
-The ranges are the official demo's (REFERENCE.md 5); the service validates against them and the app and CLI
+The ranges are the official demo's; the service validates against them and the app and CLI
 build their sliders and flags from the same constants, so the three never disagree.
 
 Fast mode loads a distilled few-step LoRA as a named adapter next to the fused PhotoMaker LoRA and swaps the
@@ -54,7 +54,7 @@ STYLE_IMAGE_SCALE_DEFAULT = 0.7  # the reference's IP-Adapter script
 
 
 def start_merge_step(style_strength_percent: float, num_steps: int) -> int:
-    """Denoising step index up to which only the text prompt conditions the image (REFERENCE.md 5).
+    """Denoising step index up to which only the text prompt conditions the image (the official demo's rule).
 
     A higher style strength lets the text lay out the picture for longer before the identity is merged in.
     """
