@@ -350,3 +350,115 @@ def test_init_none_puts_fresh_heads_on_the_given_clip_vision_tower(tmp_path):
     assert encoder.visual_projection_2.weight.shape == (96, 64)
     tokens = encoder.encode_images(torch.randn(2, 3, 56, 56), torch.randn(2, 512))
     assert tokens.shape == (2, 2, 128)
+
+
+# ------------------------------------------------------------------------------------------------ review
+
+
+def _sdxl_transformer_blocks() -> list[str]:
+    """The 70 transformer blocks of SDXL base 1.0, written out from its layout (REFERENCE.md section 1)."""
+    layout = {"down_blocks.1": (2, 2), "down_blocks.2": (2, 10), "up_blocks.0": (3, 10), "up_blocks.1": (3, 2)}
+    blocks = [f"{level}.attentions.{a}.transformer_blocks.{t}"
+              for level, (attentions, depth) in layout.items() for a in range(attentions) for t in range(depth)]
+    return blocks + [f"mid_block.attentions.0.transformer_blocks.{t}" for t in range(10)]
+
+
+def test_lora_export_on_the_real_sdxl_layout_has_the_official_keys_and_shapes():
+    """Rank 64 on q/k/v/out of attn1 and attn2 of all 70 blocks: 1,120 legacy keys, down [64, in], up [out, 64]."""
+    from bench.sdxl import build_unet
+    from photomaker.train.model import _lora_layers, add_unet_lora, lora_state_dict_legacy
+
+    unet = build_unet()  # meta device: only the LoRA tensors are materialised
+    with torch.device("meta"):
+        add_unet_lora(unet, 64)
+    for layer in _lora_layers(unet).values():
+        for part in (layer.lora_A, layer.lora_B):
+            part.to_empty(device="cpu")
+            part["default"].weight.data.fill_(1.0)
+    exported = lora_state_dict_legacy(unet)
+
+    blocks = _sdxl_transformer_blocks()
+    assert len(blocks) == 70
+    expected = {f"unet.{block}.{attention}.processor.{projection}_lora.{part}.weight"
+                for block in blocks for attention in ("attn1", "attn2")
+                for projection in ("to_q", "to_k", "to_v", "to_out") for part in ("down", "up")}
+    assert set(exported) == expected
+    width = {"down_blocks.1": 640, "up_blocks.1": 640, "down_blocks.2": 1280, "up_blocks.0": 1280, "mid_block": 1280}
+    for key, tensor in exported.items():
+        channels = width[key.split(".")[1]] if key.split(".")[1] in width else width[".".join(key.split(".")[1:3])]
+        cross_input = ".attn2." in key and ("to_k_lora" in key or "to_v_lora" in key)
+        if key.endswith(".down.weight"):
+            assert tuple(tensor.shape) == (64, 2048 if cross_input else channels), key
+        else:
+            assert tuple(tensor.shape) == (channels, 64), key
+        assert tensor.dtype == torch.float32, key
+    assert exported["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight"
+                    ].shape == (64, 640)
+
+
+def test_diffusion_target_is_the_noise_or_the_velocity_and_other_types_are_refused():
+    from diffusers import DDPMScheduler
+
+    from photomaker.train.loss import diffusion_target
+
+    latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    timesteps = torch.tensor([10, 900])
+    epsilon = DDPMScheduler(prediction_type="epsilon")
+    assert torch.equal(diffusion_target(epsilon, latents, noise, timesteps), noise)
+    velocity = DDPMScheduler(prediction_type="v_prediction")
+    alpha_bar = velocity.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents  # v = sqrt(a) eps - sqrt(1 - a) x0
+    assert torch.allclose(diffusion_target(velocity, latents, noise, timesteps), expected, atol=1e-6)
+    with pytest.raises(TrainingConfigError, match="'epsilon' and 'v_prediction'.*uses 'sample'"):
+        diffusion_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
+
+
+def test_only_the_last_vision_layers_train_and_v2_trains_its_qformer_not_the_projections():
+    from photomaker.id_encoder import PhotoMakerIDEncoderConfig, create_id_encoder
+    from photomaker.testing import tiny_unet_config
+    from photomaker.train.model import add_unet_lora, freeze_for_training
+
+    def trained(version: int, layers: int) -> tuple[dict[str, list[str]], torch.nn.Module]:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        add_unet_lora(unet, 2)
+        encoder = create_id_encoder(PhotoMakerIDEncoderConfig(
+            vision_hidden_size=32, vision_num_layers=4, vision_num_heads=2, vision_intermediate_size=64,
+            patch_size=14, image_size=28, projection_dim_1=32, projection_dim_2=96, resampler_heads=1,
+            resampler_dim_head=32, resampler_depth=1), version)
+        groups = freeze_for_training(unet, encoder, layers)
+        names = {id(p): name for name, p in encoder.named_parameters()}
+        return {group: [names[id(p)] for p in params if id(p) in names] for group, params in groups.items()}, encoder
+
+    groups, encoder = trained(1, 1)
+    assert {name.split(".")[3] for name in groups["vision"]} == {"3"}  # the last of 4 layers, all its tensors
+    assert len(groups["vision"]) == len(list(encoder.vision_model.encoder.layers[3].parameters()))
+    assert {name.split(".")[0] for name in groups["main"]} == {"fuse_module", "visual_projection",
+                                                               "visual_projection_2"}
+    assert not any(p.requires_grad for p in encoder.vision_model.encoder.layers[2].parameters())
+    groups, encoder = trained(2, 2)
+    assert {name.split(".")[0] for name in groups["main"]} == {"fuse_module", "qformer_perceiver"}
+    assert {name.split(".")[3] for name in groups["vision"]} == {"2", "3"}
+    assert not encoder.visual_projection.weight.requires_grad
+
+
+def test_the_trainer_uses_the_paper_learning_rates_fp32_trained_and_low_precision_frozen_weights(
+    tmp_path, data_dir, tiny_dir
+):
+    from photomaker.train.loop import Trainer
+
+    trainer = Trainer(_config(data_dir, tmp_path, tiny_dir, dtype="bfloat16", gradient_checkpointing=True,
+                              learning_rate=1e-4, vision_learning_rate=1e-5, lr_warmup_steps=0))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    main, vision = trainer.optimizer.param_groups
+    assert (main["lr"], vision["lr"]) == (1e-4, 1e-5)
+    assert {names[id(p)].split(".")[1] for p in vision["params"]} == {"vision_model"}
+    assert all(".lora_" in names[id(p)] or names[id(p)].startswith("id_encoder.") for p in main["params"])
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == (torch.float32 if parameter.requires_grad else torch.bfloat16), name
+    checkpointed = [m for m in model.unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert checkpointed, "--gradient-checkpointing left every UNet block without checkpointing"
+    loss = trainer.train_step(0)
+    assert np.isfinite(loss)

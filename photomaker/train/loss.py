@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import TrainingConfigError
+
 __all__ = ["diffusion_loss", "diffusion_target", "latent_mask"]
 
 
@@ -32,7 +34,7 @@ def diffusion_target(
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(
+    raise TrainingConfigError(
         f"Training supports the scheduler prediction types 'epsilon' and 'v_prediction'; the base model's "
         f"scheduler uses {prediction_type!r}. Use an SDXL base model with one of those."
     )
