@@ -462,3 +462,56 @@ def test_the_trainer_uses_the_paper_learning_rates_fp32_trained_and_low_precisio
     assert checkpointed, "--gradient-checkpointing left every UNet block without checkpointing"
     loss = trainer.train_step(0)
     assert np.isfinite(loss)
+
+
+def test_captions_repeat_the_class_word_once_per_id_token_and_the_trigger_never_reaches_a_text_encoder():
+    """v2 with 3 ID images: 6 copies of 'man' in both encoders' ids, masked; a dropped caption has no masks."""
+    from photomaker.prompt import add_trigger_token
+    from photomaker.testing import tiny_sdxl_components
+    from photomaker.train.loop import encode_caption
+
+    parts = tiny_sdxl_components()
+    tokenizers, encoders = (parts["tokenizer"], parts["tokenizer_2"]), (parts["text_encoder"], parts["text_encoder_2"])
+    trigger_ids = [add_trigger_token(tokenizer, "img") for tokenizer in tokenizers]
+    seen: list[torch.Tensor] = []
+    for encoder in encoders:
+        encoder.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    man = tokenizers[0].convert_tokens_to_ids("man</w>")
+
+    hidden, masks, pooled = encode_caption("a photo of a man img", tokenizers, encoders, num_id_tokens=6,
+                                           trigger_word="img", device=torch.device("cpu"))
+    assert [tuple(h.shape) for h in hidden] == [(77, 32), (77, 96)] and tuple(pooled.shape) == (32,)
+    for ids, mask, trigger_id in zip(seen, masks, trigger_ids):
+        assert trigger_id not in ids[0].tolist()
+        assert ids[0, 5:11].tolist() == [man] * 6 and ids[0, 11].item() == tokenizers[0].eos_token_id
+        assert mask.nonzero().flatten().tolist() == [5, 6, 7, 8, 9, 10]  # BOS a photo of a | man x 6
+
+    seen.clear()
+    _, masks, _ = encode_caption("", tokenizers, encoders, num_id_tokens=6, trigger_word="img",
+                                 device=torch.device("cpu"))
+    assert masks == [None, None] and seen[0][0, :2].tolist() == [49406, 49407]
+
+
+def test_the_fuse_replaces_exactly_the_class_copies_with_their_fusion_with_the_id_tokens():
+    from photomaker.id_encoder import create_id_encoder
+    from photomaker.testing import tiny_id_encoder_config
+    from photomaker.train.model import PhotoMakerTrainingModel
+
+    torch.manual_seed(0)
+    encoder = create_id_encoder(tiny_id_encoder_config(), 1)
+    model = PhotoMakerTrainingModel(torch.nn.Identity(), encoder)
+    hidden = [torch.randn(77, 32), torch.randn(77, 96)]
+    masks = [torch.zeros(77, dtype=torch.bool) for _ in hidden]
+    masks[0][3:5] = True
+    masks[1][4:6] = True  # the encoders' copies may sit at different positions
+    pixels = torch.randn(2, 3, 224, 224)
+    out = model.fuse_prompt(hidden, masks, pixels, None)
+
+    id_tokens = encoder.encode_images(pixels).reshape(2, 128)
+    class_rows = torch.cat([hidden[0][3:5], hidden[1][4:6]], dim=-1)
+    fused = encoder.fuse_module(class_rows, id_tokens)
+    assert torch.allclose(out[3:5, :32], fused[:, :32], atol=1e-6)
+    assert torch.allclose(out[4:6, 32:], fused[:, 32:], atol=1e-6)
+    assert torch.equal(out[~masks[0], :32], hidden[0][~masks[0]])
+    assert torch.equal(out[~masks[1], 32:], hidden[1][~masks[1]])
+    assert torch.equal(model.fuse_prompt(hidden, [None, None], pixels, None), torch.cat(hidden, -1))  # dropped
