@@ -234,6 +234,10 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), name
+    from photomaker.id_encoder import PhotoMakerIDEncoderV2
+    from photomaker.loading import build_id_encoder
+
+    assert isinstance(build_id_encoder(a["id_encoder"], version=2), PhotoMakerIDEncoderV2)  # strict load
     initial = torch.load(tiny_dir / "photomaker-v2.bin", weights_only=True)
     moved = "qformer_perceiver.token_proj.0.weight"
     assert not torch.equal(a["id_encoder"][moved].float(), initial["id_encoder"][moved].float())
@@ -247,6 +251,11 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     # Only trained tensors: the LoRA and v2's trained encoder parts, never the frozen UNet or vision embeddings.
     assert "unet.conv_in.weight" not in keys and "id_encoder.vision_model.embeddings.patch_embedding.weight" not in keys
     assert any("lora_A" in key for key in keys) and any(key.startswith("id_encoder.qformer_perceiver.") for key in keys)
+    # A resume with other trained tensors is refused, not half-loaded into frozen weights.
+    with pytest.raises(TrainingConfigError, match=r"other tensors \(\d+ in it are frozen here, e\.g\. "
+                       r"id_encoder\.vision_model\.encoder\.layers\.0\..*train_config\.json"):
+        train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=6, resume="latest",
+                      **{**common, "train_vision_layers": 1}))
 
 
 def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(
@@ -443,8 +452,18 @@ def test_only_the_last_vision_layers_train_and_v2_trains_its_qformer_not_the_pro
     assert not encoder.visual_projection.weight.requires_grad
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's state is process-wide and fixed at its first Accelerator: reset it around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_the_trainer_uses_the_paper_learning_rates_fp32_trained_and_low_precision_frozen_weights(
-    tmp_path, data_dir, tiny_dir
+    tmp_path, data_dir, tiny_dir, fresh_accelerator_state
 ):
     from photomaker.train.loop import Trainer
 
@@ -460,8 +479,7 @@ def test_the_trainer_uses_the_paper_learning_rates_fp32_trained_and_low_precisio
         assert parameter.dtype == (torch.float32 if parameter.requires_grad else torch.bfloat16), name
     checkpointed = [m for m in model.unet.modules() if getattr(m, "gradient_checkpointing", False)]
     assert checkpointed, "--gradient-checkpointing left every UNet block without checkpointing"
-    loss = trainer.train_step(0)
-    assert np.isfinite(loss)
+    assert np.isfinite(trainer.train_step(0))
 
 
 def test_captions_repeat_the_class_word_once_per_id_token_and_the_trigger_never_reaches_a_text_encoder():

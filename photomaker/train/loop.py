@@ -227,7 +227,7 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.trained_parameters = groups["main"] + groups["vision"]
-        trained_names = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.trained_names = trained_names = {name for name, p in model.named_parameters() if p.requires_grad}
 
         def keep_trained_only(models: list, weights: list[dict], output_dir: str) -> None:
             """Checkpoints hold the trained tensors only (MBs, not the 5 GB frozen UNet): resume rebuilds the rest."""
@@ -368,6 +368,29 @@ def _checkpoint_to_resume(out_dir: Path, resume: str) -> Path:
     return path
 
 
+def _check_same_trained_tensors(checkpoint: Path, trained_names: set[str]) -> None:
+    """Refuse a checkpoint written with other trained tensors (other --pm-version, --train-vision-layers...).
+
+    The non-strict load would otherwise leave a missing tensor at its fresh value and write a surplus one into a
+    frozen weight, silently. DeepSpeed checkpoints have another layout, which accelerate checks itself.
+    """
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(weights, "pt") as saved:
+        saved_names = {name.removeprefix("module.") for name in saved.keys()}
+    missing, surplus = sorted(trained_names - saved_names), sorted(saved_names - trained_names)
+    differences = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in
+                   ((missing, "trained here are not in it"), (surplus, "in it are frozen here")) if names]
+    if differences:
+        raise TrainingConfigError(
+            f"--resume {checkpoint}: that run trained other tensors ({'; '.join(differences)}). Resume with "
+            "the options of that run (see train_config.json in its OUT folder)."
+        )
+
+
 def train(config: TrainConfig) -> Path:
     """Train PhotoMaker as configured; returns OUT/photomaker.bin (official layout)."""
     from tqdm.auto import tqdm
@@ -381,6 +404,7 @@ def train(config: TrainConfig) -> Path:
     step = 0
     if config.resume:
         checkpoint = _checkpoint_to_resume(out_dir, config.resume)
+        _check_same_trained_tensors(checkpoint, trainer.trained_names)
         accelerator.load_state(str(checkpoint), strict=False)  # frozen tensors are not in checkpoints
         step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         logger.info("Resumed from %s at step %d", checkpoint, step)
