@@ -533,3 +533,20 @@ def test_the_fuse_replaces_exactly_the_class_copies_with_their_fusion_with_the_i
     assert torch.equal(out[~masks[0], :32], hidden[0][~masks[0]])
     assert torch.equal(out[~masks[1], 32:], hidden[1][~masks[1]])
     assert torch.equal(model.fuse_prompt(hidden, [None, None], pixels, None), torch.cat(hidden, -1))  # dropped
+
+
+def test_init_none_without_a_vision_model_loads_clip_vit_l14_not_a_random_tower(monkeypatch):
+    from transformers import CLIPVisionModelWithProjection
+
+    from photomaker.train.model import build_id_encoder_for_training
+
+    asked = []
+
+    def from_pretrained(source, **kwargs):
+        asked.append(source)
+        raise OSError("offline")
+
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "from_pretrained", from_pretrained)
+    with pytest.raises(OSError, match="offline"):
+        build_id_encoder_for_training("none", 1, (768, 1280), None)
+    assert asked == ["openai/clip-vit-large-patch14"]
