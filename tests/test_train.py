@@ -550,3 +550,31 @@ def test_init_none_without_a_vision_model_loads_clip_vit_l14_not_a_random_tower(
     with pytest.raises(OSError, match="offline"):
         build_id_encoder_for_training("none", 1, (768, 1280), None)
     assert asked == ["openai/clip-vit-large-patch14"]
+
+
+def test_an_official_lora_loads_into_the_trained_layers_exactly_and_a_mismatch_is_refused():
+    from diffusers import UNet2DConditionModel
+
+    from photomaker.errors import CheckpointError
+    from photomaker.testing import tiny_lora_state_dict, tiny_unet_config
+    from photomaker.train.model import add_unet_lora, load_legacy_lora, lora_rank_of, lora_state_dict_legacy
+
+    official = tiny_lora_state_dict(rank=4)
+    assert lora_rank_of(official) == 4
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    add_unet_lora(unet, 4)
+    load_legacy_lora(unet, official)
+    exported = lora_state_dict_legacy(unet)
+    assert exported.keys() == official.keys()
+    assert all(torch.equal(exported[key], official[key].float()) for key in official)  # round trip, scale 1
+
+    with pytest.raises(CheckpointError, match=r"pass --lora-rank equal to the checkpoint's rank \(4\)"):
+        wider = UNet2DConditionModel(**tiny_unet_config())
+        add_unet_lora(wider, 8)
+        load_legacy_lora(wider, official)
+    partial = dict(list(official.items())[2:])
+    with pytest.raises(CheckpointError, match="LoRA weights for .* of this UNet's .* attention projections"):
+        load_legacy_lora(unet, partial)
+    renamed = {key.replace("attn1", "attn9"): value for key, value in official.items()}
+    with pytest.raises(CheckpointError, match="does not name an attention projection"):
+        load_legacy_lora(unet, renamed)
