@@ -578,3 +578,15 @@ def test_an_official_lora_loads_into_the_trained_layers_exactly_and_a_mismatch_i
     renamed = {key.replace("attn1", "attn9"): value for key, value in official.items()}
     with pytest.raises(CheckpointError, match="does not name an attention projection"):
         load_legacy_lora(unet, renamed)
+
+
+def test_a_base_model_with_an_unsupported_prediction_type_is_refused_before_training(tmp_path, data_dir, tiny_dir):
+    import shutil
+
+    from photomaker.train.loop import Trainer
+
+    base = shutil.copytree(tiny_dir / "base", tmp_path / "base")
+    scheduler_config = base / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(json.dumps({**json.loads(scheduler_config.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(TrainingConfigError, match="uses 'sample'"):
+        Trainer(_config(data_dir, tmp_path / "out", tiny_dir, base_model=str(base)))

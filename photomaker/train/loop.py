@@ -29,7 +29,7 @@ from ..prompt import (
     pad_or_truncate,
 )
 from .dataset import IdentityDataset, TrainingSample, read_manifest
-from .loss import diffusion_loss, diffusion_target, latent_mask
+from .loss import check_prediction_type, diffusion_loss, diffusion_target, latent_mask
 from .model import (
     DEFAULT_LORA_RANK,
     BaseComponents,
@@ -198,6 +198,7 @@ class Trainer:
                 base_model = base_model or str(make_tiny(config.tiny_dir)["base"])
             random_vision_config = tiny_id_encoder_config().vision_config()
         self.base: BaseComponents = load_base_components(base_model, self.weight_dtype)
+        check_prediction_type(self.base.scheduler)  # now, not after the other models load and the first step
         text_widths = (self.base.text_encoder.config.hidden_size, self.base.text_encoder_2.config.hidden_size)
         id_encoder, init_lora = build_id_encoder_for_training(
             config.init, config.pm_version, text_widths, config.vision_model, random_vision_config)
