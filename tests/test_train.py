@@ -224,7 +224,8 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     """v2, fine-tuned from the tiny official checkpoint; exact equality (same ops, same order, same draws)."""
     from photomaker.train.loop import train
 
-    common = {"pm_version": 2, "init": str(tiny_dir / "photomaker-v2.bin"), "checkpoint_every": 2, "learning_rate": 1e-3}
+    common = {"pm_version": 2, "init": str(tiny_dir / "photomaker-v2.bin"), "checkpoint_every": 2,
+              "learning_rate": 1e-3}
     straight = train(_config(data_dir, tmp_path / "straight", tiny_dir, max_steps=4, **common))
     train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=2, **common))
     resumed = train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=4, resume="latest", **common))
@@ -499,7 +500,7 @@ def test_captions_repeat_the_class_word_once_per_id_token_and_the_trigger_never_
     hidden, masks, pooled = encode_caption("a photo of a man img", tokenizers, encoders, num_id_tokens=6,
                                            trigger_word="img", device=torch.device("cpu"))
     assert [tuple(h.shape) for h in hidden] == [(77, 32), (77, 96)] and tuple(pooled.shape) == (32,)
-    for ids, mask, trigger_id in zip(seen, masks, trigger_ids):
+    for ids, mask, trigger_id in zip(seen, masks, trigger_ids, strict=True):
         assert trigger_id not in ids[0].tolist()
         assert ids[0, 5:11].tolist() == [man] * 6 and ids[0, 11].item() == tokenizers[0].eos_token_id
         assert mask.nonzero().flatten().tolist() == [5, 6, 7, 8, 9, 10]  # BOS a photo of a | man x 6

@@ -133,7 +133,7 @@ def encode_caption(
     ``num_id_tokens`` times); a dropped (empty) caption is encoded as is and its masks are None.
     """
     hidden, masks, pooled = [], [], None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
         ids = tokenizer(caption, add_special_tokens=True, truncation=False, verbose=False).input_ids
         trigger_id = tokenizer.convert_tokens_to_ids(trigger_word)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -301,7 +301,7 @@ class Trainer:
         predictions = self.model(groups)
         losses = [
             diffusion_loss(prediction[i:i + 1], target[i:i + 1], mask)
-            for prediction, target, group_masks in zip(predictions, targets, masks)
+            for prediction, target, group_masks in zip(predictions, targets, masks, strict=True)
             for i, mask in enumerate(group_masks)
         ]
         return torch.cat(losses).mean()

@@ -46,7 +46,9 @@ __all__ = [
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_LORA_RANK = 64
 LORA_TARGET_PATTERN = r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-_LEGACY_KEY = re.compile(r"^unet\.(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
+_LEGACY_KEY = re.compile(
+    r"^unet\.(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
 
 
 @dataclass
@@ -269,11 +271,11 @@ class PhotoMakerTrainingModel(nn.Module):
             return torch.cat(hidden, dim=-1)
         id_tokens = self.id_encoder.encode_images(id_pixel_values, face_embeds)
         count = id_tokens.shape[0] * id_tokens.shape[1]
-        class_rows = torch.cat([h[m].view(1, count, -1) for h, m in zip(hidden, masks)], dim=-1)
+        class_rows = torch.cat([h[m].view(1, count, -1) for h, m in zip(hidden, masks, strict=True)], dim=-1)
         all_rows = torch.ones(class_rows.shape[:2], dtype=torch.bool, device=class_rows.device)
         fused = self.id_encoder.fuse(class_rows, id_tokens, all_rows)[0]
         parts = []
-        for h, m, part in zip(hidden, masks, fused.split([h.shape[-1] for h in hidden], dim=-1)):
+        for h, m, part in zip(hidden, masks, fused.split([h.shape[-1] for h in hidden], dim=-1), strict=True):
             out = h.clone().to(part.dtype)
             out[m] = part
             parts.append(out)
@@ -311,7 +313,9 @@ def lora_state_dict_legacy(unet: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_checkpoint(model: PhotoMakerTrainingModel, path: str | Path | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def export_checkpoint(
+    model: PhotoMakerTrainingModel, path: str | Path | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """``{"id_encoder", "lora_weights"}`` in the official layout; written as a torch pickle when ``path`` is given."""
     checkpoint = {
         "id_encoder": {name: tensor.detach().cpu().clone() for name, tensor in model.id_encoder.state_dict().items()},
