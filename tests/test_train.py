@@ -591,3 +591,28 @@ def test_a_base_model_with_an_unsupported_prediction_type_is_refused_before_trai
     scheduler_config.write_text(json.dumps({**json.loads(scheduler_config.read_text()), "prediction_type": "sample"}))
     with pytest.raises(TrainingConfigError, match="uses 'sample'"):
         Trainer(_config(data_dir, tmp_path / "out", tiny_dir, base_model=str(base)))
+
+
+def test_gradient_accumulation_syncs_once_per_step_and_equals_the_larger_batch(tmp_path, data_dir, tiny_dir):
+    """Only the last micro-batch may sync gradients: under DeepSpeed each synced backward is an optimiser step."""
+    from photomaker.train.loop import Trainer
+
+    accumulated = Trainer(_config(data_dir, tmp_path / "a", tiny_dir, gradient_accumulation_steps=2,
+                                  learning_rate=1e-3))
+    synced = []
+    backward = accumulated.accelerator.backward
+
+    def recording_backward(loss, **kwargs):
+        synced.append(accumulated.accelerator.sync_gradients)
+        return backward(loss, **kwargs)
+
+    accumulated.accelerator.backward = recording_backward
+    for step in range(2):
+        accumulated.train_step(step)
+    assert synced == [False, True, False, True]
+
+    batched = Trainer(_config(data_dir, tmp_path / "b", tiny_dir, batch_size=2, learning_rate=1e-3))
+    for step in range(2):
+        batched.train_step(step)
+    for a, b in zip(accumulated.trained_parameters, batched.trained_parameters, strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

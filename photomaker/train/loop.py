@@ -9,7 +9,6 @@ through ``accelerator.prepare``, which would step it once per process).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -183,6 +182,7 @@ class Trainer:
             log_with=log_with,
             project_dir=str(self.out_dir),
             cpu=config.device == "cpu",
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
             # A dropped caption leaves the ID encoder out of that sample's graph.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
@@ -316,16 +316,20 @@ class Trainer:
         return float(loss)
 
     def train_step(self, step: int) -> float:
-        """One optimiser step (all micro-batches); returns the loss averaged over processes."""
+        """One optimiser step (all micro-batches); returns the loss averaged over processes.
+
+        ``accelerator.accumulate`` marks only the last micro-batch as a synchronisation point: DDP then
+        all-reduces once, and DeepSpeed (whose engine steps inside ``backward`` whenever gradients sync) steps
+        once per optimiser step instead of once per micro-batch. ``backward`` scales the loss by 1/accumulation.
+        """
         accumulation = self.config.gradient_accumulation_steps
         total = torch.zeros((), device=self.accelerator.device)
         for micro in range(accumulation):
             samples = [self.dataset.sample(index) for index in self._sample_indices(step, micro)]
-            last = micro == accumulation - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+            with self.accelerator.accumulate(self.model):
                 with self.accelerator.autocast():
                     loss = self._micro_batch_loss(samples)
-                self.accelerator.backward(loss / accumulation)
+                self.accelerator.backward(loss)
             total += loss.detach() / accumulation
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.trained_parameters, self.config.max_grad_norm)
