@@ -225,6 +225,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.max_steps)
+        if self.accelerator.deepspeed_plugin is not None:
+            # No DataLoader goes through prepare (samples are drawn by index), so DeepSpeed cannot infer its
+            # micro-batch size from one: without this, prepare raises under the ZeRO-2 example config.
+            self.accelerator.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.trained_parameters = groups["main"] + groups["vision"]
