@@ -414,7 +414,9 @@ def train(config: TrainConfig) -> Path:
     if config.resume:
         checkpoint = _checkpoint_to_resume(out_dir, config.resume)
         _check_same_trained_tensors(checkpoint, trainer.trained_names)
-        accelerator.load_state(str(checkpoint), strict=False)  # frozen tensors are not in checkpoints
+        # Our checkpoints hold the trained tensors only, hence a non-strict load; DeepSpeed saves its whole module
+        # and its load_checkpoint has no `strict` argument.
+        accelerator.load_state(str(checkpoint), **({} if accelerator.deepspeed_plugin else {"strict": False}))
         step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         logger.info("Resumed from %s at step %d", checkpoint, step)
     if accelerator.is_main_process:
