@@ -149,6 +149,8 @@ def test_bad_options_are_refused_before_loading(tmp_path, data_dir, tiny_dir):
 
     with pytest.raises(TrainingConfigError, match="--max-steps must be at least 1"):
         train(_config(data_dir, tmp_path, tiny_dir, max_steps=0))
+    with pytest.raises(TrainingConfigError, match="--caption-dropout must be between 0 and 1; got 10"):
+        train(_config(data_dir, tmp_path, tiny_dir, caption_dropout=10))  # 10 %, meant as 0.1
     with pytest.raises(TrainingConfigError, match="--val-identities"):
         train(_config(data_dir, tmp_path, tiny_dir, validate_every=2))
     with pytest.raises(TrainingConfigError, match=r"not in the manifest: \['dave'\]"):

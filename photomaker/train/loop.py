@@ -27,7 +27,7 @@ from ..prompt import (
     expand_class_tokens,
     pad_or_truncate,
 )
-from .dataset import IdentityDataset, TrainingSample, read_manifest
+from .dataset import IdentityDataset, TrainingSample, check_sample_probabilities, read_manifest
 from .loss import check_prediction_type, diffusion_loss, diffusion_target, latent_mask
 from .model import (
     DEFAULT_LORA_RANK,
@@ -103,6 +103,7 @@ class TrainConfig:
                             "--val-steps": self.val_steps}.items():
             if value < 0:
                 raise TrainingConfigError(f"{flag} must be 0 or more; got {value}.")
+        check_sample_probabilities(self.caption_dropout, self.mask_loss_prob)
         if self.dtype not in _DTYPES:
             raise TrainingConfigError(f"--dtype must be one of {sorted(_DTYPES)}; got {self.dtype!r}.")
         if self.pm_version not in (1, 2):
