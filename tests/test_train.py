@@ -618,3 +618,20 @@ def test_gradient_accumulation_syncs_once_per_step_and_equals_the_larger_batch(t
         batched.train_step(step)
     for a, b in zip(accumulated.trained_parameters, batched.trained_parameters, strict=True):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_the_unet_gets_sdxl_time_ids_of_each_image_size_and_the_fused_prompt(tmp_path, tiny_dir):
+    """A 64 x 32 (W x H) dataset: time ids (original H, W, crop top, left, target H, W) = [32, 64, 0, 0, 32, 64]."""
+    from photomaker.train.loop import Trainer
+
+    wide = write_dataset(tmp_path / "wide", {"alice": 2, "bob": 2}, size=(64, 32))
+    trainer = Trainer(_config(wide, tmp_path / "out", tiny_dir, batch_size=2, caption_dropout=0.0))
+    calls = []
+    unet = trainer.accelerator.unwrap_model(trainer.model).unet
+    unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    trainer.train_step(0)
+    (noisy, timesteps), kwargs = calls[0]
+    assert tuple(noisy.shape) == (2, 4, 4, 8) and timesteps.shape == (2,)
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[32, 64, 0, 0, 32, 64]] * 2
+    assert tuple(kwargs["added_cond_kwargs"]["text_embeds"].shape) == (2, 32)
+    assert tuple(kwargs["encoder_hidden_states"].shape) == (2, 77, 128)
