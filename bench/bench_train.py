@@ -176,7 +176,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
                           result)
     rows = [[name, f"{result['seconds_per_step'][key]:.2f} s", f"{result['peak_rss'][key] / 1e6:,.0f} MB",
              f"{result['trained_parameters'][key]:,}"]
-            for name, key in (("plain SDXL LoRA", "plain"), (f"PhotoMaker ({args.num_photos} ID images)", "photomaker"))]
+            for name, key in (("plain SDXL LoRA", "plain"),
+                              (f"PhotoMaker ({args.num_photos} ID images)", "photomaker"))]
     rows.append(["ratio PhotoMaker / plain", f"{result['time_ratio']:.2f}x", f"{result['memory_ratio']:.2f}x", ""])
     lines.append(common.table(["step", "time", "peak RSS", "trained parameters"], rows))
     return "\n".join(lines)

@@ -149,6 +149,8 @@ def test_bad_options_are_refused_before_loading(tmp_path, data_dir, tiny_dir):
 
     with pytest.raises(TrainingConfigError, match="--max-steps must be at least 1"):
         train(_config(data_dir, tmp_path, tiny_dir, max_steps=0))
+    with pytest.raises(TrainingConfigError, match="--caption-dropout must be between 0 and 1; got 10"):
+        train(_config(data_dir, tmp_path, tiny_dir, caption_dropout=10))  # 10 %, meant as 0.1
     with pytest.raises(TrainingConfigError, match="--val-identities"):
         train(_config(data_dir, tmp_path, tiny_dir, validate_every=2))
     with pytest.raises(TrainingConfigError, match=r"not in the manifest: \['dave'\]"):
@@ -224,7 +226,8 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     """v2, fine-tuned from the tiny official checkpoint; exact equality (same ops, same order, same draws)."""
     from photomaker.train.loop import train
 
-    common = {"pm_version": 2, "init": str(tiny_dir / "photomaker-v2.bin"), "checkpoint_every": 2, "learning_rate": 1e-3}
+    common = {"pm_version": 2, "init": str(tiny_dir / "photomaker-v2.bin"), "checkpoint_every": 2,
+              "learning_rate": 1e-3}
     straight = train(_config(data_dir, tmp_path / "straight", tiny_dir, max_steps=4, **common))
     train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=2, **common))
     resumed = train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=4, resume="latest", **common))
@@ -234,6 +237,10 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), name
+    from photomaker.id_encoder import PhotoMakerIDEncoderV2
+    from photomaker.loading import build_id_encoder
+
+    assert isinstance(build_id_encoder(a["id_encoder"], version=2), PhotoMakerIDEncoderV2)  # strict load
     initial = torch.load(tiny_dir / "photomaker-v2.bin", weights_only=True)
     moved = "qformer_perceiver.token_proj.0.weight"
     assert not torch.equal(a["id_encoder"][moved].float(), initial["id_encoder"][moved].float())
@@ -247,6 +254,11 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     # Only trained tensors: the LoRA and v2's trained encoder parts, never the frozen UNet or vision embeddings.
     assert "unet.conv_in.weight" not in keys and "id_encoder.vision_model.embeddings.patch_embedding.weight" not in keys
     assert any("lora_A" in key for key in keys) and any(key.startswith("id_encoder.qformer_perceiver.") for key in keys)
+    # A resume with other trained tensors is refused, not half-loaded into frozen weights.
+    with pytest.raises(TrainingConfigError, match=r"other tensors \(\d+ in it are frozen here, e\.g\. "
+                       r"id_encoder\.vision_model\.encoder\.layers\.0\..*train_config\.json"):
+        train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=6, resume="latest",
+                      **{**common, "train_vision_layers": 1}))
 
 
 def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(
@@ -350,3 +362,276 @@ def test_init_none_puts_fresh_heads_on_the_given_clip_vision_tower(tmp_path):
     assert encoder.visual_projection_2.weight.shape == (96, 64)
     tokens = encoder.encode_images(torch.randn(2, 3, 56, 56), torch.randn(2, 512))
     assert tokens.shape == (2, 2, 128)
+
+
+# ------------------------------------------------------------------------------------------------ review
+
+
+def _sdxl_transformer_blocks() -> list[str]:
+    """The 70 transformer blocks of SDXL base 1.0, written out from its layout (REFERENCE.md section 1)."""
+    layout = {"down_blocks.1": (2, 2), "down_blocks.2": (2, 10), "up_blocks.0": (3, 10), "up_blocks.1": (3, 2)}
+    blocks = [f"{level}.attentions.{a}.transformer_blocks.{t}"
+              for level, (attentions, depth) in layout.items() for a in range(attentions) for t in range(depth)]
+    return blocks + [f"mid_block.attentions.0.transformer_blocks.{t}" for t in range(10)]
+
+
+def test_lora_export_on_the_real_sdxl_layout_has_the_official_keys_and_shapes():
+    """Rank 64 on q/k/v/out of attn1 and attn2 of all 70 blocks: 1,120 legacy keys, down [64, in], up [out, 64]."""
+    from bench.sdxl import build_unet
+    from photomaker.train.model import _lora_layers, add_unet_lora, lora_state_dict_legacy
+
+    unet = build_unet()  # meta device: only the LoRA tensors are materialised
+    with torch.device("meta"):
+        add_unet_lora(unet, 64)
+    for layer in _lora_layers(unet).values():
+        for part in (layer.lora_A, layer.lora_B):
+            part.to_empty(device="cpu")
+            part["default"].weight.data.fill_(1.0)
+    exported = lora_state_dict_legacy(unet)
+
+    blocks = _sdxl_transformer_blocks()
+    assert len(blocks) == 70
+    expected = {f"unet.{block}.{attention}.processor.{projection}_lora.{part}.weight"
+                for block in blocks for attention in ("attn1", "attn2")
+                for projection in ("to_q", "to_k", "to_v", "to_out") for part in ("down", "up")}
+    assert set(exported) == expected
+    width = {"down_blocks.1": 640, "up_blocks.1": 640, "down_blocks.2": 1280, "up_blocks.0": 1280, "mid_block": 1280}
+    for key, tensor in exported.items():
+        channels = width[key.split(".")[1]] if key.split(".")[1] in width else width[".".join(key.split(".")[1:3])]
+        cross_input = ".attn2." in key and ("to_k_lora" in key or "to_v_lora" in key)
+        if key.endswith(".down.weight"):
+            assert tuple(tensor.shape) == (64, 2048 if cross_input else channels), key
+        else:
+            assert tuple(tensor.shape) == (channels, 64), key
+        assert tensor.dtype == torch.float32, key
+    assert exported["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight"
+                    ].shape == (64, 640)
+
+
+def test_diffusion_target_is_the_noise_or_the_velocity_and_other_types_are_refused():
+    from diffusers import DDPMScheduler
+
+    from photomaker.train.loss import diffusion_target
+
+    latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    timesteps = torch.tensor([10, 900])
+    epsilon = DDPMScheduler(prediction_type="epsilon")
+    assert torch.equal(diffusion_target(epsilon, latents, noise, timesteps), noise)
+    velocity = DDPMScheduler(prediction_type="v_prediction")
+    alpha_bar = velocity.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents  # v = sqrt(a) eps - sqrt(1 - a) x0
+    assert torch.allclose(diffusion_target(velocity, latents, noise, timesteps), expected, atol=1e-6)
+    with pytest.raises(TrainingConfigError, match="'epsilon' and 'v_prediction'.*uses 'sample'"):
+        diffusion_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
+
+
+def test_only_the_last_vision_layers_train_and_v2_trains_its_qformer_not_the_projections():
+    from photomaker.id_encoder import PhotoMakerIDEncoderConfig, create_id_encoder
+    from photomaker.testing import tiny_unet_config
+    from photomaker.train.model import add_unet_lora, freeze_for_training
+
+    def trained(version: int, layers: int) -> tuple[dict[str, list[str]], torch.nn.Module]:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        add_unet_lora(unet, 2)
+        encoder = create_id_encoder(PhotoMakerIDEncoderConfig(
+            vision_hidden_size=32, vision_num_layers=4, vision_num_heads=2, vision_intermediate_size=64,
+            patch_size=14, image_size=28, projection_dim_1=32, projection_dim_2=96, resampler_heads=1,
+            resampler_dim_head=32, resampler_depth=1), version)
+        groups = freeze_for_training(unet, encoder, layers)
+        names = {id(p): name for name, p in encoder.named_parameters()}
+        return {group: [names[id(p)] for p in params if id(p) in names] for group, params in groups.items()}, encoder
+
+    groups, encoder = trained(1, 1)
+    assert {name.split(".")[3] for name in groups["vision"]} == {"3"}  # the last of 4 layers, all its tensors
+    assert len(groups["vision"]) == len(list(encoder.vision_model.encoder.layers[3].parameters()))
+    assert {name.split(".")[0] for name in groups["main"]} == {"fuse_module", "visual_projection",
+                                                               "visual_projection_2"}
+    assert not any(p.requires_grad for p in encoder.vision_model.encoder.layers[2].parameters())
+    groups, encoder = trained(2, 2)
+    assert {name.split(".")[0] for name in groups["main"]} == {"fuse_module", "qformer_perceiver"}
+    assert {name.split(".")[3] for name in groups["vision"]} == {"2", "3"}
+    assert not encoder.visual_projection.weight.requires_grad
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's state is process-wide and fixed at its first Accelerator: reset it around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_trainer_uses_the_paper_learning_rates_fp32_trained_and_low_precision_frozen_weights(
+    tmp_path, data_dir, tiny_dir, fresh_accelerator_state
+):
+    from photomaker.train.loop import Trainer
+
+    trainer = Trainer(_config(data_dir, tmp_path, tiny_dir, dtype="bfloat16", gradient_checkpointing=True,
+                              learning_rate=1e-4, vision_learning_rate=1e-5, lr_warmup_steps=0))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    main, vision = trainer.optimizer.param_groups
+    assert (main["lr"], vision["lr"]) == (1e-4, 1e-5)
+    assert {names[id(p)].split(".")[1] for p in vision["params"]} == {"vision_model"}
+    assert all(".lora_" in names[id(p)] or names[id(p)].startswith("id_encoder.") for p in main["params"])
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == (torch.float32 if parameter.requires_grad else torch.bfloat16), name
+    checkpointed = [m for m in model.unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert checkpointed, "--gradient-checkpointing left every UNet block without checkpointing"
+    assert np.isfinite(trainer.train_step(0))
+
+
+def test_captions_repeat_the_class_word_once_per_id_token_and_the_trigger_never_reaches_a_text_encoder():
+    """v2 with 3 ID images: 6 copies of 'man' in both encoders' ids, masked; a dropped caption has no masks."""
+    from photomaker.prompt import add_trigger_token
+    from photomaker.testing import tiny_sdxl_components
+    from photomaker.train.loop import encode_caption
+
+    parts = tiny_sdxl_components()
+    tokenizers, encoders = (parts["tokenizer"], parts["tokenizer_2"]), (parts["text_encoder"], parts["text_encoder_2"])
+    trigger_ids = [add_trigger_token(tokenizer, "img") for tokenizer in tokenizers]
+    seen: list[torch.Tensor] = []
+    for encoder in encoders:
+        encoder.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    man = tokenizers[0].convert_tokens_to_ids("man</w>")
+
+    hidden, masks, pooled = encode_caption("a photo of a man img", tokenizers, encoders, num_id_tokens=6,
+                                           trigger_word="img", device=torch.device("cpu"))
+    assert [tuple(h.shape) for h in hidden] == [(77, 32), (77, 96)] and tuple(pooled.shape) == (32,)
+    for ids, mask, trigger_id in zip(seen, masks, trigger_ids, strict=True):
+        assert trigger_id not in ids[0].tolist()
+        assert ids[0, 5:11].tolist() == [man] * 6 and ids[0, 11].item() == tokenizers[0].eos_token_id
+        assert mask.nonzero().flatten().tolist() == [5, 6, 7, 8, 9, 10]  # BOS a photo of a | man x 6
+
+    seen.clear()
+    _, masks, _ = encode_caption("", tokenizers, encoders, num_id_tokens=6, trigger_word="img",
+                                 device=torch.device("cpu"))
+    assert masks == [None, None] and seen[0][0, :2].tolist() == [49406, 49407]
+
+
+def test_the_fuse_replaces_exactly_the_class_copies_with_their_fusion_with_the_id_tokens():
+    from photomaker.id_encoder import create_id_encoder
+    from photomaker.testing import tiny_id_encoder_config
+    from photomaker.train.model import PhotoMakerTrainingModel
+
+    torch.manual_seed(0)
+    encoder = create_id_encoder(tiny_id_encoder_config(), 1)
+    model = PhotoMakerTrainingModel(torch.nn.Identity(), encoder)
+    hidden = [torch.randn(77, 32), torch.randn(77, 96)]
+    masks = [torch.zeros(77, dtype=torch.bool) for _ in hidden]
+    masks[0][3:5] = True
+    masks[1][4:6] = True  # the encoders' copies may sit at different positions
+    pixels = torch.randn(2, 3, 224, 224)
+    out = model.fuse_prompt(hidden, masks, pixels, None)
+
+    id_tokens = encoder.encode_images(pixels).reshape(2, 128)
+    class_rows = torch.cat([hidden[0][3:5], hidden[1][4:6]], dim=-1)
+    fused = encoder.fuse_module(class_rows, id_tokens)
+    assert torch.allclose(out[3:5, :32], fused[:, :32], atol=1e-6)
+    assert torch.allclose(out[4:6, 32:], fused[:, 32:], atol=1e-6)
+    assert torch.equal(out[~masks[0], :32], hidden[0][~masks[0]])
+    assert torch.equal(out[~masks[1], 32:], hidden[1][~masks[1]])
+    assert torch.equal(model.fuse_prompt(hidden, [None, None], pixels, None), torch.cat(hidden, -1))  # dropped
+
+
+def test_init_none_without_a_vision_model_loads_clip_vit_l14_not_a_random_tower(monkeypatch):
+    from transformers import CLIPVisionModelWithProjection
+
+    from photomaker.train.model import build_id_encoder_for_training
+
+    asked = []
+
+    def from_pretrained(source, **kwargs):
+        asked.append(source)
+        raise OSError("offline")
+
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "from_pretrained", from_pretrained)
+    with pytest.raises(OSError, match="offline"):
+        build_id_encoder_for_training("none", 1, (768, 1280), None)
+    assert asked == ["openai/clip-vit-large-patch14"]
+
+
+def test_an_official_lora_loads_into_the_trained_layers_exactly_and_a_mismatch_is_refused():
+    from diffusers import UNet2DConditionModel
+
+    from photomaker.errors import CheckpointError
+    from photomaker.testing import tiny_lora_state_dict, tiny_unet_config
+    from photomaker.train.model import add_unet_lora, load_legacy_lora, lora_rank_of, lora_state_dict_legacy
+
+    official = tiny_lora_state_dict(rank=4)
+    assert lora_rank_of(official) == 4
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    add_unet_lora(unet, 4)
+    load_legacy_lora(unet, official)
+    exported = lora_state_dict_legacy(unet)
+    assert exported.keys() == official.keys()
+    assert all(torch.equal(exported[key], official[key].float()) for key in official)  # round trip, scale 1
+
+    with pytest.raises(CheckpointError, match=r"pass --lora-rank equal to the checkpoint's rank \(4\)"):
+        wider = UNet2DConditionModel(**tiny_unet_config())
+        add_unet_lora(wider, 8)
+        load_legacy_lora(wider, official)
+    partial = dict(list(official.items())[2:])
+    with pytest.raises(CheckpointError, match="LoRA weights for .* of this UNet's .* attention projections"):
+        load_legacy_lora(unet, partial)
+    renamed = {key.replace("attn1", "attn9"): value for key, value in official.items()}
+    with pytest.raises(CheckpointError, match="does not name an attention projection"):
+        load_legacy_lora(unet, renamed)
+
+
+def test_a_base_model_with_an_unsupported_prediction_type_is_refused_before_training(tmp_path, data_dir, tiny_dir):
+    import shutil
+
+    from photomaker.train.loop import Trainer
+
+    base = shutil.copytree(tiny_dir / "base", tmp_path / "base")
+    scheduler_config = base / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(json.dumps({**json.loads(scheduler_config.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(TrainingConfigError, match="uses 'sample'"):
+        Trainer(_config(data_dir, tmp_path / "out", tiny_dir, base_model=str(base)))
+
+
+def test_gradient_accumulation_syncs_once_per_step_and_equals_the_larger_batch(tmp_path, data_dir, tiny_dir):
+    """Only the last micro-batch may sync gradients: under DeepSpeed each synced backward is an optimiser step."""
+    from photomaker.train.loop import Trainer
+
+    accumulated = Trainer(_config(data_dir, tmp_path / "a", tiny_dir, gradient_accumulation_steps=2,
+                                  learning_rate=1e-3))
+    synced = []
+    backward = accumulated.accelerator.backward
+
+    def recording_backward(loss, **kwargs):
+        synced.append(accumulated.accelerator.sync_gradients)
+        return backward(loss, **kwargs)
+
+    accumulated.accelerator.backward = recording_backward
+    for step in range(2):
+        accumulated.train_step(step)
+    assert synced == [False, True, False, True]
+
+    batched = Trainer(_config(data_dir, tmp_path / "b", tiny_dir, batch_size=2, learning_rate=1e-3))
+    for step in range(2):
+        batched.train_step(step)
+    for a, b in zip(accumulated.trained_parameters, batched.trained_parameters, strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_the_unet_gets_sdxl_time_ids_of_each_image_size_and_the_fused_prompt(tmp_path, tiny_dir):
+    """A 64 x 32 (W x H) dataset: time ids (original H, W, crop top, left, target H, W) = [32, 64, 0, 0, 32, 64]."""
+    from photomaker.train.loop import Trainer
+
+    wide = write_dataset(tmp_path / "wide", {"alice": 2, "bob": 2}, size=(64, 32))
+    trainer = Trainer(_config(wide, tmp_path / "out", tiny_dir, batch_size=2, caption_dropout=0.0))
+    calls = []
+    unet = trainer.accelerator.unwrap_model(trainer.model).unet
+    unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    trainer.train_step(0)
+    (noisy, timesteps), kwargs = calls[0]
+    assert tuple(noisy.shape) == (2, 4, 4, 8) and timesteps.shape == (2,)
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[32, 64, 0, 0, 32, 64]] * 2
+    assert tuple(kwargs["added_cond_kwargs"]["text_embeds"].shape) == (2, 32)
+    assert tuple(kwargs["encoder_hidden_states"].shape) == (2, 77, 128)

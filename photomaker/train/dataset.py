@@ -20,12 +20,15 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from ..errors import TrainingDataError
+from ..errors import TrainingConfigError, TrainingDataError
 from ..prompt import DEFAULT_TRIGGER_WORD, has_trigger_word
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IdentityDataset", "ManifestRecord", "TrainingSample", "read_manifest", "sample_generator"]
+__all__ = [
+    "IdentityDataset", "ManifestRecord", "TrainingSample", "check_sample_probabilities", "read_manifest",
+    "sample_generator",
+]
 
 MAX_ID_IMAGES = 4
 _REQUIRED_FIELDS = ("identity", "image", "mask", "caption", "class_word")
@@ -62,6 +65,13 @@ class TrainingSample:
     use_mask_loss: bool
     timestep: int
     noise_seed: int
+
+
+def check_sample_probabilities(caption_dropout: float, mask_loss_prob: float) -> None:
+    """Both are probabilities: `TrainingConfigError` naming the flag otherwise (the trainer checks before loading)."""
+    for flag, value in (("--caption-dropout", caption_dropout), ("--mask-loss-prob", mask_loss_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise TrainingConfigError(f"{flag} must be between 0 and 1; got {value}.")
 
 
 def sample_generator(seed: int, index: int) -> np.random.Generator:
@@ -164,9 +174,7 @@ class IdentityDataset:
                     f"PhotoMaker v2 needs a face embedding per image, but {len(lacking)} manifest entries have "
                     f"none (first: {lacking[0]}); run prepare-data with the InsightFace backend, or train v1."
                 )
-        for name, value in (("caption_dropout", caption_dropout), ("mask_loss_prob", mask_loss_prob)):
-            if not 0.0 <= value <= 1.0:
-                raise TrainingDataError(f"--{name.replace('_', '-')} must be between 0 and 1; got {value}.")
+        check_sample_probabilities(caption_dropout, mask_loss_prob)
         self.image_processor = image_processor
         self.seed = seed
         self.num_train_timesteps = num_train_timesteps

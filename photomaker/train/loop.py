@@ -9,7 +9,6 @@ through ``accelerator.prepare``, which would step it once per process).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,8 +27,8 @@ from ..prompt import (
     expand_class_tokens,
     pad_or_truncate,
 )
-from .dataset import IdentityDataset, TrainingSample, read_manifest
-from .loss import diffusion_loss, diffusion_target, latent_mask
+from .dataset import IdentityDataset, TrainingSample, check_sample_probabilities, read_manifest
+from .loss import check_prediction_type, diffusion_loss, diffusion_target, latent_mask
 from .model import (
     DEFAULT_LORA_RANK,
     BaseComponents,
@@ -104,6 +103,7 @@ class TrainConfig:
                             "--val-steps": self.val_steps}.items():
             if value < 0:
                 raise TrainingConfigError(f"{flag} must be 0 or more; got {value}.")
+        check_sample_probabilities(self.caption_dropout, self.mask_loss_prob)
         if self.dtype not in _DTYPES:
             raise TrainingConfigError(f"--dtype must be one of {sorted(_DTYPES)}; got {self.dtype!r}.")
         if self.pm_version not in (1, 2):
@@ -133,7 +133,7 @@ def encode_caption(
     ``num_id_tokens`` times); a dropped (empty) caption is encoded as is and its masks are None.
     """
     hidden, masks, pooled = [], [], None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
         ids = tokenizer(caption, add_special_tokens=True, truncation=False, verbose=False).input_ids
         trigger_id = tokenizer.convert_tokens_to_ids(trigger_word)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -183,6 +183,7 @@ class Trainer:
             log_with=log_with,
             project_dir=str(self.out_dir),
             cpu=config.device == "cpu",
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
             # A dropped caption leaves the ID encoder out of that sample's graph.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
@@ -198,6 +199,7 @@ class Trainer:
                 base_model = base_model or str(make_tiny(config.tiny_dir)["base"])
             random_vision_config = tiny_id_encoder_config().vision_config()
         self.base: BaseComponents = load_base_components(base_model, self.weight_dtype)
+        check_prediction_type(self.base.scheduler)  # now, not after the other models load and the first step
         text_widths = (self.base.text_encoder.config.hidden_size, self.base.text_encoder_2.config.hidden_size)
         id_encoder, init_lora = build_id_encoder_for_training(
             config.init, config.pm_version, text_widths, config.vision_model, random_vision_config)
@@ -224,10 +226,14 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.max_steps)
+        if self.accelerator.deepspeed_plugin is not None:
+            # No DataLoader goes through prepare (samples are drawn by index), so DeepSpeed cannot infer its
+            # micro-batch size from one: without this, prepare raises under the ZeRO-2 example config.
+            self.accelerator.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.trained_parameters = groups["main"] + groups["vision"]
-        trained_names = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.trained_names = trained_names = {name for name, p in model.named_parameters() if p.requires_grad}
 
         def keep_trained_only(models: list, weights: list[dict], output_dir: str) -> None:
             """Checkpoints hold the trained tensors only (MBs, not the 5 GB frozen UNet): resume rebuilds the rest."""
@@ -300,7 +306,7 @@ class Trainer:
         predictions = self.model(groups)
         losses = [
             diffusion_loss(prediction[i:i + 1], target[i:i + 1], mask)
-            for prediction, target, group_masks in zip(predictions, targets, masks)
+            for prediction, target, group_masks in zip(predictions, targets, masks, strict=True)
             for i, mask in enumerate(group_masks)
         ]
         return torch.cat(losses).mean()
@@ -315,16 +321,20 @@ class Trainer:
         return float(loss)
 
     def train_step(self, step: int) -> float:
-        """One optimiser step (all micro-batches); returns the loss averaged over processes."""
+        """One optimiser step (all micro-batches); returns the loss averaged over processes.
+
+        ``accelerator.accumulate`` marks only the last micro-batch as a synchronisation point: DDP then
+        all-reduces once, and DeepSpeed (whose engine steps inside ``backward`` whenever gradients sync) steps
+        once per optimiser step instead of once per micro-batch. ``backward`` scales the loss by 1/accumulation.
+        """
         accumulation = self.config.gradient_accumulation_steps
         total = torch.zeros((), device=self.accelerator.device)
         for micro in range(accumulation):
             samples = [self.dataset.sample(index) for index in self._sample_indices(step, micro)]
-            last = micro == accumulation - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+            with self.accelerator.accumulate(self.model):
                 with self.accelerator.autocast():
                     loss = self._micro_batch_loss(samples)
-                self.accelerator.backward(loss / accumulation)
+                self.accelerator.backward(loss)
             total += loss.detach() / accumulation
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.trained_parameters, self.config.max_grad_norm)
@@ -368,6 +378,29 @@ def _checkpoint_to_resume(out_dir: Path, resume: str) -> Path:
     return path
 
 
+def _check_same_trained_tensors(checkpoint: Path, trained_names: set[str]) -> None:
+    """Refuse a checkpoint written with other trained tensors (other --pm-version, --train-vision-layers...).
+
+    The non-strict load would otherwise leave a missing tensor at its fresh value and write a surplus one into a
+    frozen weight, silently. DeepSpeed checkpoints have another layout, which accelerate checks itself.
+    """
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(weights, "pt") as saved:
+        saved_names = {name.removeprefix("module.") for name in saved.keys()}
+    missing, surplus = sorted(trained_names - saved_names), sorted(saved_names - trained_names)
+    differences = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in
+                   ((missing, "trained here are not in it"), (surplus, "in it are frozen here")) if names]
+    if differences:
+        raise TrainingConfigError(
+            f"--resume {checkpoint}: that run trained other tensors ({'; '.join(differences)}). Resume with "
+            "the options of that run (see train_config.json in its OUT folder)."
+        )
+
+
 def train(config: TrainConfig) -> Path:
     """Train PhotoMaker as configured; returns OUT/photomaker.bin (official layout)."""
     from tqdm.auto import tqdm
@@ -381,7 +414,10 @@ def train(config: TrainConfig) -> Path:
     step = 0
     if config.resume:
         checkpoint = _checkpoint_to_resume(out_dir, config.resume)
-        accelerator.load_state(str(checkpoint), strict=False)  # frozen tensors are not in checkpoints
+        _check_same_trained_tensors(checkpoint, trainer.trained_names)
+        # Our checkpoints hold the trained tensors only, hence a non-strict load; DeepSpeed saves its whole module
+        # and its load_checkpoint has no `strict` argument.
+        accelerator.load_state(str(checkpoint), **({} if accelerator.deepspeed_plugin else {"strict": False}))
         step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         logger.info("Resumed from %s at step %d", checkpoint, step)
     if accelerator.is_main_process:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["diffusion_loss", "diffusion_target", "latent_mask"]
+from ..errors import TrainingConfigError
+
+__all__ = ["check_prediction_type", "diffusion_loss", "diffusion_target", "latent_mask"]
 
 
 def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -23,19 +25,24 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tenso
     return (F.adaptive_max_pool2d(mask.float(), latent_size) > 0.5).float()
 
 
+def check_prediction_type(scheduler) -> str:
+    """The base model's prediction type, if training supports it; `TrainingConfigError` before any step if not."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise TrainingConfigError(
+            f"Training supports the scheduler prediction types 'epsilon' and 'v_prediction'; the base model's "
+            f"scheduler uses {prediction_type!r}. Use an SDXL base model with one of those."
+        )
+    return prediction_type
+
+
 def diffusion_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
     """What the UNet must predict: the noise (``epsilon``) or the velocity (``v_prediction``)."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
+    if check_prediction_type(scheduler) == "epsilon":
         return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(
-        f"Training supports the scheduler prediction types 'epsilon' and 'v_prediction'; the base model's "
-        f"scheduler uses {prediction_type!r}. Use an SDXL base model with one of those."
-    )
+    return scheduler.get_velocity(latents, noise, timesteps)
 
 
 def diffusion_loss(

@@ -46,7 +46,9 @@ __all__ = [
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_LORA_RANK = 64
 LORA_TARGET_PATTERN = r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-_LEGACY_KEY = re.compile(r"^unet\.(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
+_LEGACY_KEY = re.compile(
+    r"^unet\.(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
 
 
 @dataclass
@@ -107,10 +109,10 @@ def build_id_encoder_for_training(
     """The ID encoder to train (fp32) and the init checkpoint's LoRA weights (None for a fresh start).
 
     ``init`` is a PhotoMaker checkpoint (a file, or a Hub repo id whose ``photomaker-v{pm_version}.bin`` is
-    used) or ``"none"``: fresh ID heads on a
-    pretrained CLIP vision tower (``vision_model``: Hub id or folder of a ``CLIPVisionModelWithProjection``,
-    or ``None`` for a randomly initialised tower of ``random_vision_config`` (a ``CLIPVisionConfig``; default
-    ViT-L/14 sizes), for offline tests).
+    used) or ``"none"``: fresh ID heads on a pretrained CLIP vision tower (``vision_model``: Hub id or folder of a
+    ``CLIPVisionModelWithProjection``; ``None`` means the paper's CLIP ViT-L/14). Only ``vision_model=None`` with a
+    ``random_vision_config`` (a ``CLIPVisionConfig``, for offline tests) gives a randomly initialised tower: a
+    real run never trains on one by omission.
     """
     if init != "none":
         # A Hub repo id alone (e.g. TencentARC/PhotoMaker-V2) means its official file for the version.
@@ -125,16 +127,14 @@ def build_id_encoder_for_training(
             )
         return encoder.float(), checkpoint["lora_weights"]
 
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
-    if vision_model is None:
-        logger.warning("No --vision-model: the ID encoder's vision tower starts from random weights (tests only)")
-        vision_config = random_vision_config or CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
-            image_size=224, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-        encoder = create_id_encoder(_fresh_encoder_config(vision_config, text_widths), pm_version)
+    if vision_model is None and random_vision_config is not None:
+        logger.warning("The ID encoder's vision tower starts from random weights (tests only)")
+        encoder = create_id_encoder(_fresh_encoder_config(random_vision_config, text_widths), pm_version)
         return encoder.float(), None
-    clip = CLIPVisionModelWithProjection.from_pretrained(os.path.expanduser(vision_model), dtype=torch.float32)
+    vision_model = os.path.expanduser(vision_model or DEFAULT_VISION_MODEL)
+    clip = CLIPVisionModelWithProjection.from_pretrained(vision_model, dtype=torch.float32)
     encoder = create_id_encoder(_fresh_encoder_config(clip.config, text_widths), pm_version)
     tower = {key.removeprefix("vision_model."): value for key, value in clip.state_dict().items()
              if key.startswith("vision_model.")}
@@ -271,11 +271,11 @@ class PhotoMakerTrainingModel(nn.Module):
             return torch.cat(hidden, dim=-1)
         id_tokens = self.id_encoder.encode_images(id_pixel_values, face_embeds)
         count = id_tokens.shape[0] * id_tokens.shape[1]
-        class_rows = torch.cat([h[m].view(1, count, -1) for h, m in zip(hidden, masks)], dim=-1)
+        class_rows = torch.cat([h[m].view(1, count, -1) for h, m in zip(hidden, masks, strict=True)], dim=-1)
         all_rows = torch.ones(class_rows.shape[:2], dtype=torch.bool, device=class_rows.device)
         fused = self.id_encoder.fuse(class_rows, id_tokens, all_rows)[0]
         parts = []
-        for h, m, part in zip(hidden, masks, fused.split([h.shape[-1] for h in hidden], dim=-1)):
+        for h, m, part in zip(hidden, masks, fused.split([h.shape[-1] for h in hidden], dim=-1), strict=True):
             out = h.clone().to(part.dtype)
             out[m] = part
             parts.append(out)
@@ -313,7 +313,9 @@ def lora_state_dict_legacy(unet: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_checkpoint(model: PhotoMakerTrainingModel, path: str | Path | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def export_checkpoint(
+    model: PhotoMakerTrainingModel, path: str | Path | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """``{"id_encoder", "lora_weights"}`` in the official layout; written as a torch pickle when ``path`` is given."""
     checkpoint = {
         "id_encoder": {name: tensor.detach().cpu().clone() for name, tensor in model.id_encoder.state_dict().items()},
