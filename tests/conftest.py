@@ -33,6 +33,13 @@ MARKERS_BY_FILE: dict[str, tuple[str, ...]] = {
     "test_readme.py": ("slow",),
     "test_bench.py": ("slow",),
     "test_packaging.py": ("slow",),
+    # Measured with --durations on the shared 2-core machine: 20-60 s per file (tiny training, eval runs, the
+    # reference's snippets, the field table across app and CLI). The other new files take seconds and stay unit.
+    "test_cli_commands.py": ("slow",),
+    "test_evaluation.py": ("slow",),
+    "test_train.py": ("slow",),
+    "test_reference_snippets.py": ("slow",),
+    "test_fields.py": ("slow",),
 }
 APP_FIXTURES = frozenset({"app_server", "robust_server"})
 NON_UNIT_MARKERS = ("app", "browser", "load", "slow")
