@@ -19,7 +19,6 @@ from ..errors import InvalidRequestError, PhotoMakerError
 from ..flags import add_model_flags, model_settings
 
 SHARED_MODEL_SETTINGS = ("tiny_dir", "base_model", "pm_version", "face_model_dir")
-DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14"
 
 __all__ = ["add_train_arguments", "config_from_args", "run_train_command"]
 
@@ -38,7 +37,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--init", default="none", metavar="CKPT|none",
                        help="PhotoMaker checkpoint to fine-tune, or none for fresh ID heads and LoRA")
     model.add_argument("--vision-model", metavar="ID_OR_PATH",
-                       help=f"CLIP vision tower for --init none (default {DEFAULT_VISION_MODEL}; "
+                       help="CLIP vision tower for --init none (default openai/clip-vit-large-patch14; "
                             "random with --tiny)")
     model.add_argument("--lora-rank", type=int, help="default 64, or the --init checkpoint's rank")
     model.add_argument("--train-vision-layers", type=int, default=2, metavar="N", help="last N vision layers train")
@@ -91,6 +90,7 @@ def _model_values(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace):
     """A `TrainConfig` from parsed flags."""
     from .loop import TrainConfig
+    from .model import DEFAULT_VISION_MODEL
 
     model = _model_values(args)
     tiny_dir = model["tiny_dir"]
