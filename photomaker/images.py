@@ -263,3 +263,8 @@ def _file_label(handle: Any) -> str:
 
 def _mib(size: int) -> str:
     return f"{size / (1024 * 1024):.1f}"
+
+
+def photo_label(index: int, name: str | None, noun: str = "photo") -> str:
+    """How messages refer to a photo: "photo 2 (beach.jpg)", 1-based as users count."""
+    return f"{noun} {index + 1} ({name})" if name else f"{noun} {index + 1}"

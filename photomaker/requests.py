@@ -36,6 +36,17 @@ class GenerationRequest:
     best_of: int = 1  # candidates per output (seeds seed + k*best_of + j); each output is its most alike one
     width: int | None = None  # width and height together override aspect_ratio
     height: int | None = None
+    control_type: str = ""  # "" = no control, else one of presets.CONTROL_TYPES
+    control_image: Any = None  # path, bytes, PIL image or a Gradio ImageEditor value (drawings)
+    control_scale: float | None = None  # None: presets.CONTROL_SCALE_DEFAULT, the sketch adapter SKETCH_SCALE_DEFAULT
+    control_start: float = 0.0  # fraction of the steps before the control starts (ControlNets only)
+    control_end: float | None = None  # None: 1, the sketch adapter SKETCH_END_DEFAULT (adapter_conditioning_factor)
+    init_image: Any = None  # start photo: img2img, or inpaint with mask_image / mask_face
+    strength: float | None = None  # None: IMG2IMG_STRENGTH_DEFAULT, with a mask INPAINT_STRENGTH_DEFAULT
+    mask_image: Any = None  # white = redraw (an image or an ImageEditor value)
+    mask_face: bool = False  # mask the face found in init_image
+    style_image: Any = None  # IP-Adapter image
+    style_image_scale: float = presets.STYLE_IMAGE_SCALE_DEFAULT
 
 
 @dataclass
@@ -60,6 +71,8 @@ class GenerationResult:
     negative_prompt_used: str = ""
     cache_hit: bool = False  # the ID encoding came from the cache (the ID encoder did not run)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    control_image: Image.Image | None = None  # the control map the ControlNet / adapter saw (for a preview)
+    mask_image: Image.Image | None = None  # the inpainting mask used (drawn, uploaded, or found around the face)
 
 
 @dataclass
@@ -67,6 +80,39 @@ class ServiceStatus:
     state: Literal["idle", "loading", "ready", "error"]
     message: str
     progress: float  # 0..1 while loading
+
+
+PipelineKind = Literal["text2img", "controlnet", "t2i_adapter", "img2img", "inpaint"]
+
+
+@dataclass
+class CompositionPlan:
+    """The checked control, start-photo and style-image settings of a request: which pipeline runs, with what.
+
+    Control maps that need no model (canny, sketch) are made during validation; pose and depth maps need an
+    estimator, so `control_map` stays None for them until generation (from `control_source`).
+    """
+
+    pipeline: PipelineKind = "text2img"
+    control_type: str = ""
+    control_source: Image.Image | None = None  # the user's control image, decoded
+    control_map: Image.Image | None = None  # at the output size, ready for the control model
+    control_scale: float | None = None
+    control_start: float = 0.0
+    control_end: float | None = None
+    init_source: Image.Image | None = None  # the start photo as given (faces are found at full resolution)
+    init_image: Image.Image | None = None  # the start photo, fitted to the output size
+    strength: float | None = None
+    mask_image: Image.Image | None = None  # L, 255 = redraw, at the output size (None: mask_face or img2img)
+    mask_face: bool = False
+    style_image: Image.Image | None = None
+    style_image_scale: float = presets.STYLE_IMAGE_SCALE_DEFAULT
+
+    def denoising_steps(self, num_steps: int) -> int:
+        """Steps the pipeline runs: a start photo skips the first (1 - strength) of them, as diffusers does."""
+        if self.strength is None:
+            return num_steps
+        return min(int(num_steps * self.strength), num_steps)
 
 
 @dataclass
@@ -94,6 +140,7 @@ class GenerationPlan:
     mix_strength: float | None  # None without mix photos
     fast: presets.FastPreset | None
     warnings: list[str]
+    composition: CompositionPlan = field(default_factory=CompositionPlan)
 
     @property
     def id_weights(self) -> list[float] | None:

@@ -9,10 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
     Dinov2Config,
@@ -27,12 +24,11 @@ from transformers import (
     VitPoseImageProcessorPil,
 )
 
-from .testing import tiny_sdxl_components, tiny_unet_config
-
-IP_ADAPTER_TOKENS = 4
-"""SDXL's ip-adapter_sdxl.bin projects the image embedding to 4 tokens."""
+from . import testing
+from .testing import tiny_sdxl_components
 
 __all__ = [
+    "TINY_CONTROL_LAYOUT",
     "TINY_POSE_INPUT_SIZE",
     "save_tiny_controlnet",
     "save_tiny_depth_model",
@@ -40,8 +36,8 @@ __all__ = [
     "save_tiny_person_detector",
     "save_tiny_pose_model",
     "save_tiny_t2i_adapter",
-    "tiny_controlnet",
-    "tiny_t2i_adapter",
+    "tiny_control_overrides",
+    "write_tiny_control_models",
 ]
 
 TINY_POSE_INPUT_SIZE = {"height": 64, "width": 48}
@@ -132,67 +128,67 @@ def save_tiny_depth_model(folder: str | Path, seed: int = 0, depth_estimation_ty
     return folder
 
 
-def tiny_controlnet(seed: int = 0, unet: UNet2DConditionModel | None = None) -> ControlNetModel:
-    """A ControlNet made from the tiny SDXL UNet (its down blocks' weights), as diffusers trains them."""
-    unet = unet if unet is not None else tiny_sdxl_components(seed)["unet"]
-    torch.manual_seed(seed)
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-
-
 def save_tiny_controlnet(folder: str | Path, seed: int = 0) -> Path:
+    """`testing.tiny_controlnet` of the tiny base UNet of `seed`, in `from_pretrained` layout."""
     folder = Path(folder)
-    tiny_controlnet(seed).save_pretrained(folder)
+    testing.tiny_controlnet(tiny_sdxl_components(seed)["unet"], seed).save_pretrained(folder)
     return folder
 
 
-def tiny_t2i_adapter(seed: int = 0) -> T2IAdapter:
-    """An SDXL-type T2I-Adapter whose feature widths match the tiny UNet's down blocks (32, 64)."""
-    torch.manual_seed(seed)
-    return T2IAdapter(
-        in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=16, adapter_type="full_adapter_xl"
-    )
-
-
 def save_tiny_t2i_adapter(folder: str | Path, seed: int = 0) -> Path:
+    """`testing.tiny_t2i_adapter`, in `from_pretrained` layout."""
     folder = Path(folder)
-    tiny_t2i_adapter(seed).save_pretrained(folder)
+    testing.tiny_t2i_adapter(seed).save_pretrained(folder)
     return folder
 
 
 def save_tiny_ip_adapter(folder: str | Path, seed: int = 0) -> Path:
-    """An IP-Adapter for the tiny SDXL UNet in the h94/IP-Adapter layout.
+    """An IP-Adapter for the tiny SDXL UNet in the h94/IP-Adapter repository layout: ``sdxl_models/`` holds
+    ``ip-adapter_sdxl.bin`` (the official nested pickle, ``{"image_proj": ..., "ip_adapter": ...}``) and
+    ``image_encoder/``. `testing.write_tiny_ip_adapter` writes the same weights as one flat safetensors file."""
+    models = Path(folder) / "sdxl_models"
+    unet = tiny_sdxl_components(seed)["unet"]
+    testing.write_tiny_ip_adapter(models, unet, seed)
+    (models / "ip-adapter.safetensors").unlink()
+    nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in testing.tiny_ip_adapter_state_dict(unet, seed).items():
+        part, name = key.split(".", 1)
+        nested[part][name] = tensor
+    torch.save(nested, models / "ip-adapter_sdxl.bin")
+    return Path(folder)
 
-    ``sdxl_models/ip-adapter_sdxl.bin`` holds ``image_proj`` (a linear map to 4 tokens + layer norm) and
-    ``ip_adapter`` (``to_k_ip``/``to_v_ip`` per cross-attention, numbered 1, 3, 5, ... over all attention
-    layers as the original checkpoints are); ``sdxl_models/image_encoder`` is a tiny CLIP vision tower.
-    """
+
+TINY_CONTROL_LAYOUT: dict[str, str] = {
+    "pose": "controlnet-pose",
+    "canny": "controlnet-canny",
+    "depth": "controlnet-depth",
+    "sketch": "t2i-adapter-sketch",
+    "ip_adapter": "ip-adapter/ip-adapter.safetensors",
+    "pose_estimator": "pose-estimator",
+    "person_detector": "person-detector",
+    "depth_estimator": "depth-estimator",
+}
+"""Where `write_tiny_control_models` puts each model, by `ControlModelRegistry` key."""
+
+
+def tiny_control_overrides(folder: str | Path) -> dict[str, str]:
+    """`ControlModelRegistry(overrides=...)` for the models `write_tiny_control_models(folder)` wrote."""
+    return {key: str(Path(folder) / relative) for key, relative in TINY_CONTROL_LAYOUT.items()}
+
+
+def write_tiny_control_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
+    """Every control model the service can use, tiny and random, in `TINY_CONTROL_LAYOUT` under `folder`: the
+    pose, canny and depth ControlNets (from the tiny base UNet of `seed`, their control visible in the output),
+    the sketch T2I-Adapter, the IP-Adapter, the pose estimator with its person detector, and a depth estimator.
+    Returns `tiny_control_overrides(folder)`."""
     folder = Path(folder)
-    models = folder / "sdxl_models"
-    torch.manual_seed(seed)
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=16, projection_dim=16,
-        )
-    )  # fmt: skip
-    encoder.save_pretrained(models / "image_encoder")
-    unet = UNet2DConditionModel(**tiny_unet_config())
-    cross_dim = unet.config.cross_attention_dim
-    image_embed_dim = encoder.config.projection_dim
-    ip_layers: dict[str, torch.Tensor] = {}
-    # Numbered over all attention layers in the UNet's processor order (attn1, attn2, ...): cross-attentions
-    # land on the odd numbers, which is how diffusers reads the original checkpoints.
-    attentions = [(name, module) for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))]
-    for number, (name, attention) in enumerate(attentions):
-        if name.endswith("attn2"):
-            hidden = attention.to_k.out_features
-            ip_layers[f"{number}.to_k_ip.weight"] = torch.randn(hidden, cross_dim) * 0.02
-            ip_layers[f"{number}.to_v_ip.weight"] = torch.randn(hidden, cross_dim) * 0.02
-    image_proj = {
-        "proj.weight": torch.randn(IP_ADAPTER_TOKENS * cross_dim, image_embed_dim) * 0.02,
-        "proj.bias": torch.zeros(IP_ADAPTER_TOKENS * cross_dim),
-        "norm.weight": torch.ones(cross_dim),
-        "norm.bias": torch.zeros(cross_dim),
-    }
-    torch.save({"image_proj": image_proj, "ip_adapter": ip_layers}, models / "ip-adapter_sdxl.bin")
-    return folder
+    paths = tiny_control_overrides(folder)
+    unet = tiny_sdxl_components(seed)["unet"]
+    for index, key in enumerate(("pose", "canny", "depth")):
+        testing.tiny_controlnet(unet, seed=seed + index).save_pretrained(paths[key])
+    testing.tiny_t2i_adapter(seed).save_pretrained(paths["sketch"])
+    testing.write_tiny_ip_adapter(Path(paths["ip_adapter"]).parent, unet, seed)
+    save_tiny_pose_model(paths["pose_estimator"], seed)
+    save_tiny_person_detector(paths["person_detector"], seed=seed)
+    save_tiny_depth_model(paths["depth_estimator"], seed)
+    return paths

@@ -15,11 +15,8 @@ from photomaker.control_models import (
     resolve_model_id,
 )
 from photomaker.errors import ControlModelUnavailableError, InvalidRequestError
-from photomaker.testing_control import (
-    save_tiny_controlnet,
-    save_tiny_t2i_adapter,
-    tiny_controlnet,
-)
+from photomaker.testing import tiny_controlnet, tiny_sdxl_components
+from photomaker.testing_control import save_tiny_controlnet, save_tiny_t2i_adapter
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +78,7 @@ def test_controlnet_loads_once_from_a_local_folder_with_the_saved_weights(contro
     controlnet = registry.control_model("canny")
     assert isinstance(controlnet, ControlNetModel)
     assert registry.control_model("canny") is controlnet and registry.loaded() == ("canny",)
-    expected = tiny_controlnet().state_dict()
+    expected = tiny_controlnet(tiny_sdxl_components()["unet"]).state_dict()
     loaded = controlnet.state_dict()
     assert loaded.keys() == expected.keys()
     for name, tensor in expected.items():

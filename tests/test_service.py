@@ -644,20 +644,10 @@ def test_missing_face_models_are_a_load_error_with_the_fix(
     assert service.status().state == "error"
 
 
-def test_negative_prompt_notes_are_collected_where_the_pipeline_reports_them(
-    tiny_service: PhotoMakerService, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pipeline whose check_prompt takes the negative prompt reports its cut words; the user sees them."""
-    pipe = tiny_service.pipeline
-    original = pipe.check_prompt
-    seen: list[str | None] = []
-
-    def check_prompt(prompt, prompt_2=None, num_id_images=1, negative_prompt=None):
-        seen.append(negative_prompt)
-        notes = original(prompt, prompt_2, num_id_images=num_id_images)
-        return notes + ([f"negative prompt cut after: {negative_prompt.split(',')[0]}"] if negative_prompt else [])
-
-    monkeypatch.setattr(pipe, "check_prompt", check_prompt)
-    result = tiny_service.generate(request(negative_prompt="blurry, ugly", style="(No style)"))
-    assert seen == ["blurry, ugly"]
-    assert "negative prompt cut after: blurry" in result.warnings
+def test_a_negative_prompt_cut_at_77_tokens_is_reported_like_the_prompt(tiny_service: PhotoMakerService) -> None:
+    """The words a too-long negative prompt loses are named in the result's warnings, as a prompt's are."""
+    negative = ", ".join(f"blurry{i}" for i in range(60)) + ", lastword"
+    result = tiny_service.generate(request(negative_prompt=negative, style="(No style)"))
+    notes = [note for note in result.warnings if "negative prompt" in note.lower() and "77 tokens" in note]
+    assert len(notes) == 1, result.warnings
+    assert "lastword" in notes[0]

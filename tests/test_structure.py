@@ -18,7 +18,11 @@ SERVICE_NAMES_BEFORE_THE_SPLIT = (
     "GenerationResult", "PhotoMakerService", "ProgressCallback", "ServiceConfig", "ServiceStatus",
     "default_fused_cache_dir", "explain_load_error", "parse_switch", "resolve_device_and_dtype",
 )
-PIPELINE_LAYER = ("photomaker.pipeline", "photomaker.id_encoder", "photomaker.loading")
+PIPELINE_LAYER = (
+    "photomaker.pipeline", "photomaker.pipeline_mixin", "photomaker.pipeline_controlnet",
+    "photomaker.pipeline_t2i_adapter", "photomaker.pipeline_img2img", "photomaker.pipeline_inpaint",
+    "photomaker.id_encoder", "photomaker.loading",
+)
 SERVICE_LAYER = (
     "photomaker.service", "photomaker.config", "photomaker.requests", "photomaker.validation",
     "photomaker.lifecycle", "photomaker.generation", "photomaker.fields", "photomaker.metadata",
@@ -34,6 +38,16 @@ def module_path(module: str) -> Path | None:
     return None
 
 
+def _absolute(module: str, node: ast.ImportFrom) -> str | None:
+    """The absolute name of what `node` imports from: `from .faces import x` inside photomaker.pipeline_mixin
+    is photomaker.faces (a relative import must not slip past the layering rules)."""
+    if node.level == 0:
+        return node.module
+    is_package = module_path(module).name == "__init__.py"
+    base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+    return ".".join([*base, node.module] if node.module else base) or None
+
+
 def imported_modules(module: str) -> set[str]:
     """Modules that `module` imports anywhere in its source (module level or inside functions)."""
     path = module_path(module)
@@ -42,11 +56,14 @@ def imported_modules(module: str) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(module, node)
+            if source is None:
+                continue
+            found.add(source)
             # `from photomaker import faces` imports the module photomaker.faces
-            found.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if module_path(f"{node.module}.{alias.name}") is not None)
+            found.update(f"{source}.{alias.name}" for alias in node.names
+                         if module_path(f"{source}.{alias.name}") is not None)
     return found
 
 

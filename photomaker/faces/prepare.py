@@ -20,7 +20,7 @@ from photomaker.errors import IDImageError, NoFaceError
 from photomaker.faces.base import Face, FaceAnalyzer
 from photomaker.faces.consistency import describe_mismatch, identity_outliers
 from photomaker.faces.geometry import DEFAULT_FACE_FRACTION, crop_image, face_crop_box
-from photomaker.images import load_image
+from photomaker.images import load_image, photo_label
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ class PreparedPhotos:
     warnings: list[str]
     """Messages for the user (several faces, small face, photos that do not look like one person); the photos
     were still used."""
-
-
-def photo_label(index: int, name: str | None, noun: str = "photo") -> str:
-    """How messages refer to a photo: "photo 2 (beach.jpg)", 1-based as users count."""
-    return f"{noun} {index + 1} ({name})" if name else f"{noun} {index + 1}"
 
 
 def prepare_id_photos(
