@@ -227,3 +227,17 @@ def test_train_runs_two_steps_validates_with_evaluation_s_scores_and_writes_tens
     for metric in ("clip_t", "clip_i", "dino", "no_face_rate"):
         assert scalars[f"val/{metric}"] == [(2, pytest.approx(metrics[metric], rel=1e-5))], metric
     assert "val/face_sim" not in scalars  # None: not logged as a number
+
+
+def test_accelerate_launch_runs_train_through_python_m_photomaker(tmp_path: Path, tiny_models_dir: Path) -> None:
+    data = write_dataset(tmp_path / "data", {"alice": 2, "bob": 2})
+    out = tmp_path / "out"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "photomaker", "train", "--data", str(data),
+              "--out", str(out), "--tiny", str(tiny_models_dir), "--device", "cpu", "--lora-rank", "4",
+              "--max-steps", "1", "--lr-warmup-steps", "0", "--report-to", "none"]
+    run = subprocess.run(launch, check=False, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == str(out / "photomaker.bin")
+    assert set(torch.load(out / "photomaker.bin", weights_only=True)) == {"id_encoder", "lora_weights"}
