@@ -241,3 +241,23 @@ def test_accelerate_launch_runs_train_through_python_m_photomaker(tmp_path: Path
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == str(out / "photomaker.bin")
     assert set(torch.load(out / "photomaker.bin", weights_only=True)) == {"id_encoder", "lora_weights"}
+
+
+def test_validation_scorers_without_clip_or_dino_give_face_scores_only() -> None:
+    """Outside --tiny, validation scores faces alone unless --val-clip-model / --val-dino-model are given."""
+    from types import SimpleNamespace
+
+    from photomaker.evaluation import score_images, summarise
+    from photomaker.train.validation import load_validation_scorers
+
+    config = SimpleNamespace(val_clip_model=None, val_dino_model=None, tiny_dir=None, val_face_backend="dlib",
+                             face_model_dir=None, trigger_word="img")
+    scorers = load_validation_scorers(config, "cpu")
+    assert scorers.clip_model is None and scorers.dino_model is None
+    astronaut = Image.open(ASTRONAUT).convert("RGB")
+    rows = score_images([ImageOps.mirror(astronaut), Image.open(GRACE_HOPPER).convert("RGB")],
+                        ["a photo of a woman img"] * 2, [astronaut], scorers)
+    assert [(row["clip_t"], row["clip_i"], row["dino"]) for row in rows] == [(None, None, None)] * 2
+    assert rows[0]["face_sim"] > rows[1]["face_sim"]  # the same person scores higher than another one
+    summary = summarise(rows)
+    assert summary["clip_t"] is None and summary["dino"] is None and summary["no_face_rate"] == 0.0
