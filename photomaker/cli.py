@@ -1,4 +1,7 @@
-"""``python -m photomaker {generate,batch,score,make-tiny}``: a thin shell around `photomaker.service`.
+"""``python -m photomaker {generate,batch,score,make-tiny,eval,prepare-data,train}``: a thin shell.
+
+generate, batch and score go through `photomaker.service`; eval, prepare-data and train are registered from their
+packages (`photomaker.evaluation`, `photomaker.train`), which own their flags and bodies.
 
 Model options (`photomaker.flags.MODEL_FLAGS`, the same as app.py's) are shared by every command that loads the
 model and map one to one onto `ServiceConfig`; generate's request flags come from the field table. A
@@ -107,6 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="write tiny random-weight test models (offline)")
     tiny.add_argument("dir", metavar="DIR")
     tiny.set_defaults(handler=_cmd_make_tiny)
+
+    # Imported here: their modules load torch and the face models' code, which generate's --help does not need.
+    from photomaker.evaluation.command import add_eval_arguments, run_eval_command
+    from photomaker.train.cli_args import add_train_arguments, run_train_command
+    from photomaker.train.data import add_prepare_data_arguments, run_prepare_data_command
+
+    evaluate = commands.add_parser(
+        "eval", help="generate for your identities and prompts, then score them as the paper does (Table 1)",
+        description="Face Sim, Face Div, CLIP-T, CLIP-I, DINO (and FID) over IDS x PROMPTS, with sweeps; resumable. "
+                    "Several GPUs: accelerate launch -m photomaker eval ...")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=run_eval_command)
+
+    prepare = commands.add_parser(
+        "prepare-data", help="turn folders of photos per person into a training DATA folder",
+        description="Face detection, size and identity checks, crops, masks, captions; DATA/manifest.jsonl and "
+                    "DATA/report.jsonl (every dropped photo and why). Running it again resumes.")
+    add_prepare_data_arguments(prepare)
+    prepare.set_defaults(handler=run_prepare_data_command)
+
+    train = commands.add_parser(
+        "train", help="train or fine-tune PhotoMaker on a DATA folder; exports OUT/photomaker.bin",
+        description="Several GPUs or machines: accelerate launch -m photomaker train ...")
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train_command)
     return parser
 
 

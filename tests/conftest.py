@@ -33,6 +33,23 @@ MARKERS_BY_FILE: dict[str, tuple[str, ...]] = {
     "test_readme.py": ("slow",),
     "test_bench.py": ("slow",),
     "test_packaging.py": ("slow",),
+    # Measured with --durations on the shared 2-core machine (10-60 s per file, several seconds per test): tiny
+    # training and eval runs, the reference's snippets, the field table across app and CLI, the control
+    # pipelines and service, the face-checked service, the control models. The other new files (train data, face
+    # transforms, control images, bench_train, structure, architecture) take a second or less per test: unit.
+    "test_cli_commands.py": ("slow",),
+    "test_evaluation.py": ("slow",),
+    "test_train.py": ("slow",),
+    "test_reference_snippets.py": ("slow",),
+    "test_fields.py": ("slow",),
+    "test_pipeline_control.py": ("slow",),
+    "test_pipeline_img2img.py": ("slow",),
+    "test_pipeline_inpaint.py": ("slow",),
+    "test_pipeline_ip_adapter.py": ("slow",),
+    "test_service_control.py": ("slow",),
+    "test_bench_control.py": ("slow",),
+    "test_faces_service.py": ("slow",),
+    "test_control_models.py": ("slow",),
 }
 APP_FIXTURES = frozenset({"app_server", "robust_server"})
 NON_UNIT_MARKERS = ("app", "browser", "load", "slow")

@@ -1,6 +1,6 @@
 """``python -m photomaker eval``: its flags (`add_eval_arguments`) and its body (`run_eval_command`).
 
-The model flags are the CLI's own (`photomaker.cli._add_model_options`), so eval loads exactly what
+The model flags are generate's own (`photomaker.flags.add_model_flags`), so eval loads exactly what
 ``generate`` and ``batch`` load; the generation flags here default to the paper's Table 1 protocol (50 steps,
 guidance 5, no style template, 4 reference photos, 4 images per prompt).
 """
@@ -35,6 +35,7 @@ from photomaker.evaluation.report import (
 )
 from photomaker.evaluation.runner import EvalPlan, rows_by_setting, run_evaluation
 from photomaker.evaluation.settings import SWEEP_KEYS, Setting, build_settings
+from photomaker.flags import add_model_flags
 from photomaker.presets import DEFAULT_FAST_PRESET
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ _IMAGE_FIELDS = ("base_model", "adapter", "adapter_weight_name", "pm_version", "
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of ``eval``: inputs, protocol, generation, metrics, output, and the model flags of ``generate``."""
-    from photomaker.cli import _add_model_options
+    from photomaker.cli import MODEL_GROUP
 
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--ids", required=True, metavar="IDS",
@@ -102,7 +103,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--compare", metavar="OTHER/summary.json", help="print this run minus another run")
     output.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    _add_model_options(parser)
+    add_model_flags(parser.add_argument_group(MODEL_GROUP))
 
 
 def build_plan(args: argparse.Namespace, config: ServiceConfig) -> EvalPlan:

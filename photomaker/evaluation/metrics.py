@@ -55,8 +55,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class References:
     """One identity's reference photos, embedded once by every scorer."""
 
-    clip: torch.Tensor  # (R, D) CLIP image embeddings
-    dino: torch.Tensor  # (R, D) DINO CLS embeddings
+    clip: torch.Tensor | None  # (R, D) CLIP image embeddings; None without a CLIP model
+    dino: torch.Tensor | None  # (R, D) DINO CLS embeddings; None without a DINO model
     faces: np.ndarray | None  # (R, E) face embeddings; None without a face backend
 
 
@@ -75,19 +75,25 @@ class Scorers:
         self.trigger_word = trigger_word
 
     @classmethod
-    def load(cls, clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL,
+    def load(cls, clip_model: str | None = DEFAULT_CLIP_MODEL, dino_model: str | None = DEFAULT_DINO_MODEL,
              face_backend: str | None = "dlib", face_model_dir: str | None = None,
              device: str | None = None, trigger_word: str = DEFAULT_TRIGGER_WORD) -> Scorers:
-        """Load the models by Hub id or local folder (``from_pretrained``); `face_backend` None skips Face Sim."""
+        """Load the models by Hub id or local folder (``from_pretrained``); a None model or backend skips its
+        metrics (None in every row), as training's validation does when it has no CLIP or DINO model."""
         from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        clip, clip_processor = _load_scoring_model(clip_model, CLIPModel, AutoProcessor, "CLIP model (CLIP-T, "
-                                                   "CLIP-I)", "--clip-model", DEFAULT_CLIP_MODEL, "a CLIPModel")
-        dino, dino_processor = _load_scoring_model(dino_model, AutoModel, AutoImageProcessor, "DINO model",
-                                                   "--dino-model", DEFAULT_DINO_MODEL, "a ViT model")
+        clip = clip_processor = dino = dino_processor = None
+        if clip_model is not None:
+            clip, clip_processor = _load_scoring_model(clip_model, CLIPModel, AutoProcessor, "CLIP model (CLIP-T, "
+                                                       "CLIP-I)", "--clip-model", DEFAULT_CLIP_MODEL, "a CLIPModel")
+            clip = clip.to(device)
+        if dino_model is not None:
+            dino, dino_processor = _load_scoring_model(dino_model, AutoModel, AutoImageProcessor, "DINO model",
+                                                       "--dino-model", DEFAULT_DINO_MODEL, "a ViT model")
+            dino = dino.to(device)
         analyzer = get_face_analyzer(face_backend, face_model_dir) if face_backend else None  # type: ignore[arg-type]
-        return cls(clip.to(device), clip_processor, dino.to(device), dino_processor, analyzer, device, trigger_word)
+        return cls(clip, clip_processor, dino, dino_processor, analyzer, device, trigger_word)
 
     @torch.no_grad()
     def _image_embeds(self, images: Sequence[Image.Image], processor: Any, model: Any,
@@ -134,7 +140,9 @@ class Scorers:
             prepared = prepare_id_photos(images, self.face_analyzer, crop=False, need_embeddings=True,
                                          names=names, noun="reference photo")
             faces = prepared.face_embeds
-        return References(self.clip_image_embeds(images), self.dino_embeds(images), faces)
+        clip = self.clip_image_embeds(images) if self.clip_model is not None else None
+        dino = self.dino_embeds(images) if self.dino_model is not None else None
+        return References(clip, dino, faces)
 
     def prompt_text(self, prompt: str) -> str:
         """The prompt as CLIP-T reads it: without the trigger word."""
@@ -184,12 +192,16 @@ def score_images(
         raise InvalidRequestError(f"got {len(groups)} group names for {len(images)} images; give one per image.")
     if not isinstance(references, References):
         references = scorers.references(references)
-    image_clip = scorers.clip_image_embeds(images)
-    text_clip = scorers.clip_text_embeds([scorers.prompt_text(prompt) for prompt in prompts])
-    clip_t = 100.0 * (torch.nn.functional.normalize(image_clip, dim=-1)
-                      * torch.nn.functional.normalize(text_clip, dim=-1)).sum(-1)
-    clip_i = _cosine(image_clip, references.clip).mean(dim=1)
-    dino = _cosine(scorers.dino_embeds(images), references.dino).mean(dim=1)
+    absent = [None] * len(images)
+    clip_t, clip_i, dino = absent, absent, absent
+    if scorers.clip_model is not None and references.clip is not None:
+        image_clip = scorers.clip_image_embeds(images)
+        text_clip = scorers.clip_text_embeds([scorers.prompt_text(prompt) for prompt in prompts])
+        clip_t = (100.0 * (torch.nn.functional.normalize(image_clip, dim=-1)
+                           * torch.nn.functional.normalize(text_clip, dim=-1)).sum(-1)).tolist()
+        clip_i = _cosine(image_clip, references.clip).mean(dim=1).tolist()
+    if scorers.dino_model is not None and references.dino is not None:
+        dino = _cosine(scorers.dino_embeds(images), references.dino).mean(dim=1).tolist()
     faces = [scorers.face_embedding(image) for image in images]
 
     analyzer = scorers.face_analyzer
@@ -207,9 +219,9 @@ def score_images(
             "face_found": face is not None if analyzer is not None else None,
             "face_div": diversity[groups[index]],
             "group": groups[index],
-            "clip_t": float(clip_t[index]),
-            "clip_i": float(clip_i[index]),
-            "dino": float(dino[index]),
+            "clip_t": clip_t[index],
+            "clip_i": clip_i[index],
+            "dino": dino[index],
         })
     return rows
 

@@ -88,6 +88,9 @@ class TrainConfig:
     val_steps: int = 30
     val_size: int | None = None
     val_face_backend: str = "dlib"
+    val_clip_model: str | None = None
+    val_dino_model: str | None = None
+    face_model_dir: str | None = None
     report_to: str = "tensorboard"
     trigger_word: str = DEFAULT_TRIGGER_WORD
 
@@ -405,7 +408,7 @@ def train(config: TrainConfig) -> Path:
     """Train PhotoMaker as configured; returns OUT/photomaker.bin (official layout)."""
     from tqdm.auto import tqdm
 
-    from .validation import run_validation
+    from .validation import load_validation_scorers, run_validation
 
     trainer = Trainer(config)
     accelerator = trainer.accelerator
@@ -426,6 +429,7 @@ def train(config: TrainConfig) -> Path:
     tracker_config = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("photomaker-train", config=tracker_config)
 
+    scorers = None  # evaluation's scoring models, loaded at the first validation (main process only)
     progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     while step < config.max_steps:
@@ -443,7 +447,8 @@ def train(config: TrainConfig) -> Path:
             _save_state(accelerator, out_dir, step)
         if config.validate_every and (step % config.validate_every == 0 or step == config.max_steps):
             if accelerator.is_main_process:
-                result = run_validation(trainer, step)
+                scorers = scorers or load_validation_scorers(config, accelerator.device)
+                result = run_validation(trainer, step, scorers)
                 metrics.write({"step": step, "kind": "validation", **result})
             accelerator.wait_for_everyone()
     progress.close()
