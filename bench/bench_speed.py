@@ -98,6 +98,7 @@ def cold_child(args: argparse.Namespace) -> None:
     models = common.prepare_models(args.models, args.dir, args.dtype)
     import diffusers  # noqa: F401
 
+    import photomaker.pipeline_mixin as pm_mixin
     import photomaker.pipeline as pm_pipeline
 
     imports = time.perf_counter() - started_imports
@@ -107,10 +108,10 @@ def cold_child(args: argparse.Namespace) -> None:
         if args.cold_child == "plain":
             load_s, pipe = common.timed(lambda: common.load_plain(models))
         else:
-            timer.wrap(pm_pipeline, "load_checkpoint", "read checkpoint")
-            timer.wrap(pm_pipeline, "build_id_encoder", "build ID encoder")
-            timer.wrap(pm_pipeline, "check_lora_applied", "LoRA check")
-            timer.wrap(pm_pipeline, "fuse_lora_into_unet", "fuse LoRA (or map cached fused weights)")
+            timer.wrap(pm_mixin, "load_checkpoint", "read checkpoint")
+            timer.wrap(pm_mixin, "build_id_encoder", "build ID encoder")
+            timer.wrap(pm_mixin, "check_lora_applied", "LoRA check")
+            timer.wrap(pm_mixin, "fuse_lora_into_unet", "fuse LoRA (or map cached fused weights)")
             started = time.perf_counter()
             pipe = pm_pipeline.PhotoMakerStableDiffusionXLPipeline.from_pretrained(models.base, dtype=models.dtype)
             timer.phases["from_pretrained"] = time.perf_counter() - started

@@ -12,6 +12,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "PhotoMakerStableDiffusionXLPipeline": "photomaker.pipeline",
     "IDEncoding": "photomaker.pipeline",
+    "PhotoMakerMixin": "photomaker.pipeline_mixin",
+    "PhotoMakerStableDiffusionXLControlNetPipeline": "photomaker.pipeline_controlnet",
+    "PhotoMakerStableDiffusionXLAdapterPipeline": "photomaker.pipeline_t2i_adapter",
+    "PhotoMakerStableDiffusionXLImg2ImgPipeline": "photomaker.pipeline_img2img",
+    "PhotoMakerStableDiffusionXLInpaintPipeline": "photomaker.pipeline_inpaint",
     "PhotoMakerIDEncoder": "photomaker.id_encoder",
     "PhotoMakerIDEncoderV2": "photomaker.id_encoder",
     "load_checkpoint": "photomaker.loading",

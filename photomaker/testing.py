@@ -19,19 +19,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import numpy as np
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
+    T2IAdapter,
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import Attention
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
 )
 
 from .id_encoder import PhotoMakerIDEncoderConfig, create_id_encoder
@@ -44,7 +51,13 @@ __all__ = [
     "fast_lora_state_dict",
     "legacy_lora_state_dict",
     "make_tiny",
+    "synthetic_control_image",
+    "synthetic_mask",
     "tiny_checkpoint",
+    "tiny_controlnet",
+    "tiny_ip_adapter_state_dict",
+    "tiny_t2i_adapter",
+    "write_tiny_ip_adapter",
     "tiny_id_encoder_config",
     "tiny_lora_state_dict",
     "tiny_sdxl_components",
@@ -432,3 +445,111 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
     marker.write_text(json.dumps(stamp))
     logger.info("Wrote tiny models to %s", root)
     return paths
+
+
+# ----------------------------------------------------------------------------- control and composition models
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """A ControlNet made from the tiny UNet, as diffusers makes one from a real UNet (`from_unet`).
+
+    A fresh ControlNet's zero convolutions (after the control image's embedding, and on every residual) would
+    make the control image invisible and the residuals zero, so a test could not see whether they reach the
+    UNet: they are randomised here (small, so images stay finite).
+    """
+    with _seeded(seed + 7):
+        controlnet = ControlNetModel.from_unet(unet)
+        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+                      controlnet.controlnet_mid_block]
+        for block in zero_convs:
+            nn.init.normal_(block.weight, std=0.05)
+            nn.init.normal_(block.bias, std=0.05)
+    return controlnet.eval()
+
+
+def tiny_t2i_adapter(seed: int = 0) -> T2IAdapter:
+    """An SDXL-type T2I-Adapter (`full_adapter_xl`) sized to the tiny UNet: its features [32 ch, 64 ch] at 1/16 of
+    the image size match the outputs of the UNet's two down blocks for a 64 px image."""
+    with _seeded(seed + 8):
+        adapter = T2IAdapter(
+            in_channels=3, channels=list(tiny_unet_config()["block_out_channels"]), num_res_blocks=1,
+            downscale_factor=16, adapter_type="full_adapter_xl",
+        )
+    return adapter.eval()
+
+
+IP_ADAPTER_TOKENS = 4
+IP_ADAPTER_IMAGE_SIZE = 32
+IP_ADAPTER_PROJECTION_DIM = 32
+
+
+def _tiny_image_encoder() -> CLIPVisionModelWithProjection:
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+        image_size=IP_ADAPTER_IMAGE_SIZE, projection_dim=IP_ADAPTER_PROJECTION_DIM,
+    )).eval()
+
+
+def tiny_ip_adapter_state_dict(unet: UNet2DConditionModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An IP-Adapter (plain, SDXL kind) for the tiny UNet in the official flat key format.
+
+    `image_proj.proj.*` maps the image encoder's projection to 4 tokens of the UNet's cross-attention width,
+    `image_proj.norm.*` normalises them; `ip_adapter.N.to_k_ip/to_v_ip.weight` are the extra key/value
+    projections of each cross-attention layer, N = 1, 3, 5, ... in the order of `unet.attn_processors`.
+    """
+    cross_attention_dim = unet.config.cross_attention_dim
+    state: dict[str, torch.Tensor] = {}
+    with _seeded(seed + 9):
+        state["image_proj.proj.weight"] = torch.randn(
+            IP_ADAPTER_TOKENS * cross_attention_dim, IP_ADAPTER_PROJECTION_DIM
+        ) * 0.1
+        state["image_proj.proj.bias"] = torch.randn(IP_ADAPTER_TOKENS * cross_attention_dim) * 0.1
+        state["image_proj.norm.weight"] = 1 + 0.1 * torch.randn(cross_attention_dim)
+        state["image_proj.norm.bias"] = 0.1 * torch.randn(cross_attention_dim)
+        cross_attention_layers = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+        for index, name in enumerate(cross_attention_layers):
+            attention = unet.get_submodule(name[: -len(".processor")])
+            for projection in ("to_k", "to_v"):
+                shape = getattr(attention, projection).weight.shape
+                state[f"ip_adapter.{2 * index + 1}.{projection}_ip.weight"] = torch.randn(shape) * 0.1
+    return state
+
+
+def write_tiny_ip_adapter(folder: str | os.PathLike[str], unet: UNet2DConditionModel, seed: int = 0) -> Path:
+    """Write an IP-Adapter folder laid out like `h94/IP-Adapter/sdxl_models`: `ip-adapter.safetensors` and
+    `image_encoder/` (a tiny CLIPVisionModelWithProjection). Load it with
+    `pipe.load_ip_adapter(folder, subfolder="", weight_name="ip-adapter.safetensors")`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _seeded(seed + 10):
+        _tiny_image_encoder().save_pretrained(folder / "image_encoder")
+    save_file(tiny_ip_adapter_state_dict(unet, seed), str(folder / "ip-adapter.safetensors"))
+    return folder
+
+
+def synthetic_control_image(size: int = 64, kind: str = "edges", seed: int = 0) -> Image.Image:
+    """A control image like the real extractors give: "edges" (white lines on black, as canny), "sketch" (black
+    strokes on white) or "pose" (coloured limbs on black, as OpenPose)."""
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    for _ in range(6):
+        x0, y0, x1, y1 = rng.integers(0, size, 4)
+        steps = max(abs(int(x1) - int(x0)), abs(int(y1) - int(y0)), 1)
+        xs = np.linspace(x0, x1, steps + 1).round().astype(int)
+        ys = np.linspace(y0, y1, steps + 1).round().astype(int)
+        colour = rng.integers(64, 256, 3) if kind == "pose" else np.array([255, 255, 255])
+        canvas[ys, xs] = colour
+    if kind == "sketch":
+        canvas = 255 - canvas
+    elif kind not in ("edges", "pose"):
+        raise ValueError(f"kind must be 'edges', 'sketch' or 'pose', got {kind!r}.")
+    return Image.fromarray(canvas)
+
+
+def synthetic_mask(size: int = 64, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """An inpainting mask: white (repaint) inside `box` (left, top, right, bottom), black elsewhere; by default
+    the centre quarter, where a face would be."""
+    left, top, right, bottom = box or (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[top:bottom, left:right] = 255
+    return Image.fromarray(mask)

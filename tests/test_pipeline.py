@@ -512,3 +512,33 @@ def test_unreadable_id_photo_path_is_named_by_its_file_name(pipe_v1, tmp_path):
         pipe_v1.encode_id_images([photo(1), str(tmp_path / "missing.png")])
     with pytest.raises(IDImageError, match=r"^ID photo 1: "):
         pipe_v1.encode_id_images([np.zeros((4, 4, 7), dtype=np.uint8)])
+
+
+def test_too_long_negative_prompt_is_reported_like_the_prompt(pipe_v1, caplog):
+    negative = "blurry, " * 45 + "extra fingers"  # 2 tokens per "blurry,": well past 77
+    notes = pipe_v1.check_prompt("a photo of a man img", negative_prompt=negative)
+    assert len(notes) == 1
+    assert notes[0].startswith("The negative prompt is longer than 77 tokens; these last words were cut: ")
+    assert "extra fingers" in notes[0]
+    assert pipe_v1.check_prompt("a photo of a man img", negative_prompt="blurry") == []
+    named = pipe_v1.check_prompt("a photo of a man img", negative_prompt="blurry", negative_prompt_2=negative)
+    assert len(named) == 1 and named[0].startswith("negative_prompt_2 is longer than 77 tokens")
+    with caplog.at_level("WARNING"):
+        run(pipe_v1, input_id_images=[photo(1)], negative_prompt=negative, num_inference_steps=1)
+    assert any("The negative prompt is longer" in r.getMessage() for r in caplog.records)
+
+
+def test_fuse_lora_after_a_fused_load_does_not_apply_the_lora_twice():
+    pipe = make_pipe(1)
+    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    pipe.fuse_lora()  # the official v1 snippet does this right after load_photomaker_adapter
+    assert all(torch.equal(before[name], p) for name, p in pipe.unet.named_parameters())
+
+
+def test_fuse_lora_of_an_unfused_adapter_equals_the_fused_load():
+    fused, unfused = make_pipe(1, fuse=True), make_pipe(1, fuse=False)
+    unfused.fuse_lora()
+    unfused.unload_lora_weights()
+    fused_weights = dict(fused.unet.named_parameters())
+    for name, parameter in unfused.unet.named_parameters():
+        torch.testing.assert_close(parameter, fused_weights[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -168,3 +168,59 @@ def test_checkpoint_seed_changes_weights(version: int) -> None:
     a, b = tiny_checkpoint(version, seed=0), tiny_checkpoint(version, seed=1)
     key = "fuse_module.mlp1.fc1.weight"
     assert not torch.equal(a["id_encoder"][key], b["id_encoder"][key])
+
+
+# ----------------------------------------------------------------------------- control and composition models
+
+
+def test_tiny_controlnet_residuals_fit_the_unet_and_follow_the_control_image() -> None:
+    import numpy as np
+
+    from photomaker.testing import synthetic_control_image, tiny_controlnet
+
+    unet = tiny_sdxl_components()["unet"]
+    controlnet = tiny_controlnet(unet)
+    sample = torch.randn(1, 4, 8, 8)
+    cond = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim)
+
+    def residuals(seed: int):
+        pixels = torch.from_numpy(np.array(synthetic_control_image(64, seed=seed), dtype=np.float32))
+        return controlnet(sample, 10, encoder_hidden_states=hidden, added_cond_kwargs=cond,
+                          controlnet_cond=pixels.permute(2, 0, 1)[None] / 255, return_dict=False)
+
+    down, mid = residuals(1)
+    other_down, _ = residuals(2)
+    unet(sample, 10, encoder_hidden_states=hidden, added_cond_kwargs=cond,
+         down_block_additional_residuals=down, mid_block_additional_residual=mid)  # shapes fit
+    assert all(d.abs().max() > 0 for d in down)
+    assert not torch.allclose(down[0], other_down[0])
+
+
+def test_tiny_t2i_adapter_features_fit_the_unet_down_blocks() -> None:
+    from photomaker.testing import tiny_t2i_adapter
+
+    features = tiny_t2i_adapter()(torch.rand(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in features] == [(1, 32, 4, 4), (1, 64, 4, 4)]
+
+
+def test_tiny_ip_adapter_has_the_official_keys_and_loads_through_diffusers(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from photomaker.testing import tiny_ip_adapter_state_dict, write_tiny_ip_adapter
+
+    components = tiny_sdxl_components()
+    state = tiny_ip_adapter_state_dict(components["unet"])
+    projection_keys = {"image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight", "image_proj.norm.bias"}
+    assert projection_keys < set(state)
+    ip_keys = sorted(k for k in state if k.startswith("ip_adapter."))
+    assert all(re.fullmatch(r"ip_adapter\.\d+\.to_[kv]_ip\.weight", k) for k in ip_keys)
+    assert {int(k.split(".")[1]) for k in ip_keys} == {1, 3, 5, 7, 9, 11, 13, 15}  # 8 cross-attention layers
+    pipe = StableDiffusionXLPipeline(**components)
+    pipe.load_ip_adapter(str(write_tiny_ip_adapter(tmp_path, components["unet"])), subfolder="",
+                         weight_name="ip-adapter.safetensors")
+    assert pipe.image_encoder is not None and pipe.feature_extractor is not None
+    processors = [p for n, p in pipe.unet.attn_processors.items() if n.endswith("attn2.processor")]
+    assert processors and all(isinstance(p, IPAdapterAttnProcessor2_0) for p in processors)
+    torch.testing.assert_close(processors[0].to_k_ip[0].weight, state["ip_adapter.1.to_k_ip.weight"])

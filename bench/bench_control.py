@@ -1,0 +1,151 @@
+"""Control and composition modes: each PhotoMaker pipeline against diffusers' plain pipeline of the same kind.
+
+    python -m bench.bench_control --models tiny
+    python -m bench.bench_control --models tiny --steps 50 --repeats 5 --modes controlnet t2i_adapter
+
+For each mode (ControlNet, T2I-Adapter, img2img, inpaint) both pipelines share the same components (one UNet
+with the PhotoMaker LoRA fused, one VAE, the same control model), so only the pipeline code differs. PhotoMaker
+gets the photos as an `IDEncoding` (as on a cache hit: the ID encoder runs once per person, not per call); the
+plain pipeline gets the text-only prompt. The ratio is PhotoMaker's median time per call over the plain one's,
+both measured in this run, alternating which runs first. Target: at most 1.03x at 50 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import torch
+
+from bench import common
+
+TARGET = 1.03
+MODES = ("controlnet", "t2i_adapter", "img2img", "inpaint")
+TEXT_ONLY_PROMPT = common.PROMPT.replace(" img", "")  # what the plain pipeline gets
+
+
+def _control_models(models: common.Models, unet: torch.nn.Module) -> tuple[Any, Any]:
+    """A ControlNet and a T2I-Adapter for the base model: tiny builders, or real-size random weights."""
+    from diffusers import ControlNetModel, T2IAdapter
+
+    from photomaker.testing import tiny_controlnet, tiny_t2i_adapter
+
+    if models.kind == "tiny":
+        return tiny_controlnet(unet), tiny_t2i_adapter()
+    controlnet = ControlNetModel.from_unet(unet).to(models.dtype)
+    adapter = T2IAdapter(adapter_type="full_adapter_xl", channels=[320, 640, 1280, 1280], downscale_factor=16)
+    return controlnet, adapter.to(models.dtype)
+
+
+def build_pairs(models: common.Models, modes: list[str]) -> dict[str, tuple[Any, Any]]:
+    """{mode: (plain pipeline, PhotoMaker pipeline)} sharing every component."""
+    from diffusers import (
+        StableDiffusionXLAdapterPipeline,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
+
+    from photomaker.pipeline_controlnet import PhotoMakerStableDiffusionXLControlNetPipeline
+    from photomaker.pipeline_img2img import PhotoMakerStableDiffusionXLImg2ImgPipeline
+    from photomaker.pipeline_inpaint import PhotoMakerStableDiffusionXLInpaintPipeline
+    from photomaker.pipeline_t2i_adapter import PhotoMakerStableDiffusionXLAdapterPipeline
+
+    base = common.load_photomaker(models)  # fuses the LoRA into the shared UNet once
+    controlnet, adapter = _control_models(models, base.unet)
+    kinds = {
+        "controlnet": (StableDiffusionXLControlNetPipeline, PhotoMakerStableDiffusionXLControlNetPipeline,
+                       {"controlnet": controlnet}),
+        "t2i_adapter": (StableDiffusionXLAdapterPipeline, PhotoMakerStableDiffusionXLAdapterPipeline,
+                        {"adapter": adapter}),
+        "img2img": (StableDiffusionXLImg2ImgPipeline, PhotoMakerStableDiffusionXLImg2ImgPipeline, {}),
+        "inpaint": (StableDiffusionXLInpaintPipeline, PhotoMakerStableDiffusionXLInpaintPipeline, {}),
+    }
+    shared = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pairs = {}
+    for mode in modes:
+        plain_class, photomaker_class, extra = kinds[mode]
+        plain = plain_class(**shared, **extra)
+        photomaker = photomaker_class(**shared, **extra)
+        photomaker.use_photomaker_adapter_of(base)  # the LoRA is in the shared UNet already
+        for pipe in (plain, photomaker):
+            pipe.set_progress_bar_config(disable=True)
+        pairs[mode] = (plain, photomaker)
+    return pairs
+
+
+def mode_inputs(mode: str, size: int) -> dict[str, Any]:
+    """What each mode needs besides the prompt: a control image, a start photo, a mask."""
+    from photomaker.testing import synthetic_control_image, synthetic_mask
+
+    photo = common.photos(1, seed=5, size=size)[0]
+    if mode == "controlnet":
+        return {"image": synthetic_control_image(size, kind="pose"), "height": size, "width": size}
+    if mode == "t2i_adapter":
+        return {"image": synthetic_control_image(size, kind="sketch"), "height": size, "width": size}
+    if mode == "img2img":
+        return {"image": photo, "strength": 1.0}
+    return {"image": photo, "mask_image": synthetic_mask(size), "strength": 1.0, "height": size, "width": size}
+
+
+def measure(args: argparse.Namespace, models: common.Models) -> dict[str, Any]:
+    pairs = build_pairs(models, args.modes)
+    first_photomaker = next(iter(pairs.values()))[1]
+    encoding = first_photomaker.encode_id_images(common.photos(2, seed=1))
+    results: dict[str, Any] = {}
+    for mode, (plain, photomaker) in pairs.items():
+        inputs = mode_inputs(mode, args.size)
+        calls: dict[str, Callable[[int], Any]] = {
+            "plain": lambda seed, p=plain: p(
+                TEXT_ONLY_PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(seed),
+                output_type="latent", **inputs),
+            "photomaker": lambda seed, p=photomaker: p(
+                common.PROMPT, input_id_images=encoding, start_merge_step=args.steps // 5,
+                num_inference_steps=args.steps, generator=torch.Generator().manual_seed(seed),
+                output_type="latent", **inputs),
+        }
+        calls["plain"](0), calls["photomaker"](0)  # warm-up: first-call allocations are not what is compared
+        times: dict[str, list[float]] = {"plain": [], "photomaker": []}
+        for repeat in range(args.repeats):
+            for name in common.rotated(list(calls), repeat):
+                started = time.perf_counter()
+                calls[name](repeat)
+                times[name].append(time.perf_counter() - started)
+        ratio = common.median(times["photomaker"]) / common.median(times["plain"])
+        results[mode] = {"plain_s": times["plain"], "photomaker_s": times["photomaker"], "ratio": ratio}
+    return results
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    rows = [
+        [mode, common.spread(r["plain_s"]), common.spread(r["photomaker_s"]), f"{r['ratio']:.3f}x",
+         common.verdict(r["ratio"], TARGET)]
+        for mode, r in result["modes"].items()
+    ]
+    lines = common.header("Control modes: PhotoMaker pipeline vs diffusers' plain pipeline of the same kind", result)
+    lines += [
+        f"{args.models} models, {result['dtype']}, {args.size} px, {args.steps} steps, {args.repeats} repeats; "
+        f"target <= {TARGET}x",
+        "",
+        common.table(["mode", "plain per call", "PhotoMaker per call", "ratio", "target"], rows),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.common_arguments(parser, default_size=64, default_steps=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    args = parser.parse_args(argv)
+    common.setup_logging(args.verbose, args.threads)
+    models = common.prepare_models(args.models, args.dir, args.dtype)
+    with common.quiet_libraries():
+        modes = measure(args, models)
+    result = common.new_result(args, models, modes=modes)
+    return common.finish(args, result, report)
+
+
+if __name__ == "__main__":
+    main()
