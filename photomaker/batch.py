@@ -110,6 +110,16 @@ def _resolve_paths(value: Any, name: str, base_dir: Path) -> list[str]:
     return paths
 
 
+def _resolve_image_path(value: Any, name: str, base_dir: Path) -> str:
+    """The path of an existing image (relative to `base_dir`)."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"'{name}' must be an image path or null, got {json.dumps(value)}.")
+    path = base_dir / Path(value).expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"image {value!r} in '{name}' not found (looked for {path}).")
+    return str(path)
+
+
 def parse_job(fields: Any, base_dir: Path) -> GenerationRequest:
     """A `GenerationRequest` from one decoded JSON line (keys and types from the field table); raises
     `InvalidRequestError` saying what is wrong. Photo paths are relative to `base_dir`."""
@@ -129,6 +139,9 @@ def parse_job(fields: Any, base_dir: Path) -> GenerationRequest:
         item = FIELDS[key]
         if item.kind == "images":
             values[key] = _resolve_paths(value, key, base_dir)
+            continue
+        if item.kind == "image" and value is not None:
+            values[key] = _resolve_image_path(value, key, base_dir)
             continue
         kinds = item.json_types()
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):

@@ -17,7 +17,7 @@ from photomaker import presets
 from photomaker.aspect_ratios import ASPECT_RATIO_NAMES, DEFAULT_ASPECT_RATIO
 from photomaker.styles import DEFAULT_STYLE_NAME, STYLE_NAMES
 
-Kind = Literal["images", "text", "choice", "int", "float", "bool"]
+Kind = Literal["images", "image", "text", "choice", "int", "float", "bool"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class RequestField:
     """One request field, as every shell sees it."""
 
     name: str  # the GenerationRequest attribute, the batch JSONL key
-    kind: Kind  # "images": a list of photos (paths in JSONL and on the command line, files through the API)
+    kind: Kind  # "images": a list of photos (paths in JSONL and on the command line, files through the API);
+    # "image": one optional image (a path in JSONL and on the command line, a file through the API); its PNG
+    # parameter records only its file name (or "(image)" without one), and a PNG never restores it
     default: Any
     label: str  # how messages name it ("number of steps")
     help: str  # the CLI's help text and the API's description
@@ -59,6 +61,7 @@ class RequestField:
         """The JSON value types a batch job may give (bool is never a number: `true` is not a step count)."""
         base: tuple[type, ...] = {
             "images": (list, str),
+            "image": (str,),
             "text": (str,),
             "choice": (str,),
             "int": (int,),
@@ -72,6 +75,8 @@ class RequestField:
         as in `bounds`."""
         if self.kind == "images":
             text = "a list of image paths"
+        elif self.kind == "image":
+            text = "an image path"
         elif self.kind in ("int", "float"):
             number = "a whole number" if self.integer else "a number"
             low, high = self.bounds(config)
@@ -93,6 +98,10 @@ def _show(value: float | None) -> str:
 
 def _fast_preset_names() -> list[str]:
     return list(presets.FAST_PRESETS)
+
+
+def _control_type_names() -> list[str]:
+    return ["", *presets.CONTROL_TYPES]
 
 
 REQUEST_FIELDS: tuple[RequestField, ...] = (
@@ -183,6 +192,70 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "height", "int", None, "height", "with --width: explicit size, overrides --aspect", "height", "--height",
         "height", low=presets.SIZE_MIN, high=presets.SIZE_MAX, nullable=True, cli_metavar="PX",
+    ),
+    RequestField(
+        "control_type", "choice", "", "control type",
+        f"guide the layout with an image: {', '.join(presets.CONTROL_TYPES)} (needs --control-image)",
+        "control_type", "--control", "control_type", choices=_control_type_names, cli_metavar="TYPE",
+    ),
+    RequestField(
+        "control_image", "image", None, "control image",
+        "the image that guides the layout: a photo of a person (pose, depth), any picture (canny), a drawing "
+        "(sketch), or a ready-made map", "control_image", "--control-image", "control_image", restored=False,
+        cli_metavar="PATH",
+    ),
+    RequestField(
+        "control_scale", "float", None, "control strength",
+        f"how strongly the control image steers, {_show(presets.CONTROL_SCALE_MIN)}-"
+        f"{_show(presets.CONTROL_SCALE_MAX)} (default {_show(presets.CONTROL_SCALE_DEFAULT)}, sketch "
+        f"{_show(presets.SKETCH_SCALE_DEFAULT)})", "control_scale", "--control-scale", "control_scale",
+        low=presets.CONTROL_SCALE_MIN, high=presets.CONTROL_SCALE_MAX, nullable=True,
+        hint=f" Leave it empty for the default ({_show(presets.CONTROL_SCALE_DEFAULT)}, sketch "
+        f"{_show(presets.SKETCH_SCALE_DEFAULT)}).", cli_metavar="X",
+    ),
+    RequestField(
+        "control_start", "float", 0.0, "control start",
+        "fraction of the steps before the control starts, 0-1 (default 0; the sketch adapter starts at 0)",
+        "control_start", "--control-start", "control_start", low=0.0, high=1.0, cli_metavar="X",
+    ),
+    RequestField(
+        "control_end", "float", None, "control end",
+        f"fraction of the steps after which the control stops, 0-1 (default 1, sketch "
+        f"{_show(presets.SKETCH_END_DEFAULT)})", "control_end", "--control-end", "control_end", low=0.0, high=1.0,
+        nullable=True, hint=f" Leave it empty for the default (1, sketch {_show(presets.SKETCH_END_DEFAULT)}).",
+        cli_metavar="X",
+    ),
+    RequestField(
+        "init_image", "image", None, "start photo",
+        "start from this photo (img2img), or with --mask / --mask-face put the person into it (inpaint)",
+        "init_image", "--init-image", "init_image", restored=False, cli_metavar="PATH",
+    ),
+    RequestField(
+        "strength", "float", None, "strength",
+        f"how much of the start photo is redrawn, 0-1 (default {_show(presets.IMG2IMG_STRENGTH_DEFAULT)}, "
+        f"with a mask {_show(presets.INPAINT_STRENGTH_DEFAULT)})", "strength", "--strength", "strength",
+        low=0.0, high=1.0, nullable=True, hint=f" Leave it empty for the default "
+        f"({_show(presets.IMG2IMG_STRENGTH_DEFAULT)}, with a mask {_show(presets.INPAINT_STRENGTH_DEFAULT)}).",
+        cli_metavar="X",
+    ),
+    RequestField(
+        "mask_image", "image", None, "mask",
+        "white where the start photo is redrawn, black where it is kept", "mask_image", "--mask", "mask_image",
+        restored=False, cli_metavar="PATH",
+    ),
+    RequestField(
+        "mask_face", "bool", False, "face mask", "redraw the face found in the start photo (instead of --mask)",
+        "mask_face", "--mask-face", "mask_face",
+    ),
+    RequestField(
+        "style_image", "image", None, "style image",
+        "a picture whose style and composition the result borrows (IP-Adapter)", "style_image", "--style-image",
+        "style_image", restored=False, cli_metavar="PATH",
+    ),
+    RequestField(
+        "style_image_scale", "float", presets.STYLE_IMAGE_SCALE_DEFAULT, "style image strength",
+        f"how much the style image counts, 0-1 (default {_show(presets.STYLE_IMAGE_SCALE_DEFAULT)})",
+        "style_image_scale", "--style-image-scale", "style_image_scale", low=0.0, high=1.0, cli_metavar="X",
     ),
 )
 

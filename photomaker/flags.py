@@ -117,7 +117,7 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def request_from_flags(args: argparse.Namespace | Mapping[str, Any]) -> GenerationRequest:
-    """The request for the given flags; every photo must exist."""
+    """The request for the given flags; every photo and image must exist."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     given = {item.name: values[item.name] for item in REQUEST_FIELDS if values.get(item.name) is not None}
     for item in REQUEST_FIELDS:
@@ -125,4 +125,6 @@ def request_from_flags(args: argparse.Namespace | Mapping[str, Any]) -> Generati
             for photo in given.get(item.name, []):
                 if not Path(photo).is_file():
                     raise InvalidRequestError(f"photo {photo!r} not found.")
+        elif item.kind == "image" and item.name in given and not Path(given[item.name]).is_file():
+            raise InvalidRequestError(f"{item.label} {given[item.name]!r} ({item.cli_flag}) not found.")
     return GenerationRequest(**given)

@@ -299,10 +299,12 @@ class GenerationRunner:
 
 def _stored_value(plan: GenerationPlan, name: str) -> Any:
     """Field `name` as it was used: the plan's checked value where it has one, else the request's; photos as
-    their number, a fast preset as its key."""
+    their number, an image as its file name, a fast preset as its key."""
     value = getattr(plan, name) if hasattr(plan, name) else getattr(plan.request, name)
     if FIELDS[name].kind == "images":
         return len(value)
+    if FIELDS[name].kind == "image":
+        return metadata.image_label(getattr(plan.request, name))
     if isinstance(value, presets.FastPreset):
         return value.key
     return value

@@ -48,6 +48,22 @@ PARAMETER_KEYS: tuple[str, ...] = (
 )
 
 
+UNNAMED_IMAGE = "(image)"
+"""What the PNG records for an image field given without a file name (an upload, bytes, a drawing)."""
+
+
+def image_label(source: Any) -> str | None:
+    """What the PNG records for an image field: its file name, UNNAMED_IMAGE without one, None when not given.
+
+    The image itself is not stored (a PNG restores the settings, and the user gives the images again)."""
+    if source is None:
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.basename(os.fspath(source)) or UNNAMED_IMAGE
+    name = getattr(source, "filename", None)  # a PIL image opened from a file
+    return os.path.basename(name) if isinstance(name, str) and name else UNNAMED_IMAGE
+
+
 def library_version() -> str:
     """The installed photomaker version, or 'unknown' when running from a bare source tree."""
     import photomaker

@@ -36,6 +36,22 @@ SIZE_MULTIPLE, SIZE_MIN, SIZE_MAX = 8, 64, 2048
 # The official demo never delays the identity past step 30, whatever the step count.
 MAX_START_MERGE_STEP = 30
 
+# --- Control, start photo and style image -------------------------------------------------------------------
+# The control types the service offers (the same names as `photomaker.control_images.CONTROL_TYPES`, kept here
+# so that the field table loads without torch).
+CONTROL_TYPES: tuple[str, ...] = ("pose", "canny", "depth", "sketch")
+CONTROL_SCALE_MIN, CONTROL_SCALE_MAX = 0.0, 2.0
+CONTROL_SCALE_DEFAULT = 1.0  # diffusers' SDXL ControlNet default
+# The reference's v2 sketch demo: adapter_conditioning_scale 0.7, adapter_conditioning_factor 0.8.
+SKETCH_SCALE_DEFAULT = 0.7
+SKETCH_END_DEFAULT = 0.8
+CONTROL_END_DEFAULT = 1.0
+# img2img keeps the layout and colours of the start photo and redraws its details; inpainting redraws the
+# masked region almost from scratch (the person must replace whoever is there) but keeps its light and colours.
+IMG2IMG_STRENGTH_DEFAULT = 0.6
+INPAINT_STRENGTH_DEFAULT = 0.9
+STYLE_IMAGE_SCALE_DEFAULT = 0.7  # the reference's IP-Adapter script
+
 
 def start_merge_step(style_strength_percent: float, num_steps: int) -> int:
     """Denoising step index up to which only the text prompt conditions the image (REFERENCE.md 5).

@@ -36,6 +36,17 @@ class GenerationRequest:
     best_of: int = 1  # candidates per output (seeds seed + k*best_of + j); each output is its most alike one
     width: int | None = None  # width and height together override aspect_ratio
     height: int | None = None
+    control_type: str = ""  # "" = no control, else one of presets.CONTROL_TYPES
+    control_image: Any = None  # path, bytes, PIL image or a Gradio ImageEditor value (drawings)
+    control_scale: float | None = None  # None: presets.CONTROL_SCALE_DEFAULT, the sketch adapter SKETCH_SCALE_DEFAULT
+    control_start: float = 0.0  # fraction of the steps before the control starts (ControlNets only)
+    control_end: float | None = None  # None: 1, the sketch adapter SKETCH_END_DEFAULT (adapter_conditioning_factor)
+    init_image: Any = None  # start photo: img2img, or inpaint with mask_image / mask_face
+    strength: float | None = None  # None: IMG2IMG_STRENGTH_DEFAULT, with a mask INPAINT_STRENGTH_DEFAULT
+    mask_image: Any = None  # white = redraw (an image or an ImageEditor value)
+    mask_face: bool = False  # mask the face found in init_image
+    style_image: Any = None  # IP-Adapter image
+    style_image_scale: float = presets.STYLE_IMAGE_SCALE_DEFAULT
 
 
 @dataclass

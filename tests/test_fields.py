@@ -26,6 +26,7 @@ pytest_plugins = ["app_server"]
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ASTRONAUT = EXAMPLES / "astronaut.png"
 HOPPER = EXAMPLES / "grace_hopper.jpg"
+MASK = Path(__file__).resolve().parent / "data" / "mask_face_box.png"
 
 # A valid, non-default value per field, quick on the tiny models (64x64, 3 steps).
 SAMPLES: dict[str, Any] = {
@@ -46,12 +47,27 @@ SAMPLES: dict[str, Any] = {
     "best_of": 2,
     "width": 64,
     "height": 72,
+    "control_type": "canny",
+    "control_image": str(HOPPER),
+    "control_scale": 0.5,
+    "control_start": 0.1,
+    "control_end": 0.9,
+    "init_image": str(ASTRONAUT),
+    "strength": 0.8,
+    "mask_image": str(MASK),
+    "mask_face": True,
+    "style_image": str(HOPPER),
+    "style_image_scale": 0.4,
 }
 
 
 def stored(item: RequestField, value: Any) -> Any:
-    """What the PNG records for `value` of field `item`: photos as their number."""
-    return len(value) if item.kind == "images" else value
+    """What the PNG records for `value` of field `item`: photos as their number, an image as its file name."""
+    if item.kind == "images":
+        return len(value)
+    if item.kind == "image":
+        return None if value is None else Path(value).name
+    return value
 
 
 def test_every_field_has_a_sample_and_the_request_has_every_field() -> None:
@@ -120,7 +136,12 @@ def api_arguments(values: dict[str, Any]) -> dict[str, Any]:
     arguments = {"randomize_seed": False}
     for item in REQUEST_FIELDS:
         value = values[item.name]
-        arguments[item.api_name] = [handle_file(photo) for photo in value] if item.kind == "images" else value
+        if item.kind == "images":
+            arguments[item.api_name] = [handle_file(photo) for photo in value]
+        elif item.kind == "image":
+            arguments[item.api_name] = None if value is None else handle_file(value)
+        else:
+            arguments[item.api_name] = value
     return arguments
 
 
