@@ -687,7 +687,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                         info="Pose, edges and depth are taken from a photo; sketch from a drawing.",
                     )
                     control_image = gr.ImageEditor(
-                        label="Control image: upload one, or draw with the black brush", type="pil",
+                        label="Control image: upload, or draw (brush tool)", type="pil",
                         image_mode="RGBA", sources=["upload", "clipboard"], layers=False, transforms=(),
                         brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=6),
                         eraser=gr.Eraser(default_size=16), canvas_size=(512, 512), format="png", height=420,
