@@ -1,5 +1,6 @@
-"""Generation on the loaded pipeline: the ID-encoding cache, fast-mode switching, batching into pipeline calls,
-best-of-N selection by identity score, and the PNG metadata of each image.
+"""Generation on the loaded pipeline: the ID-encoding cache, fast-mode switching, the pipeline of the request's
+mode (`photomaker.modes`), batching into pipeline calls, best-of-N selection by identity score, and the PNG
+metadata of each image.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from photomaker.config import ServiceConfig
 from photomaker.errors import InvalidRequestError, PhotoMakerError
 from photomaker.fields import FIELDS, REQUEST_FIELDS
 from photomaker.lifecycle import ModelLifecycle, error_chain, explain_load_error, is_out_of_memory
+from photomaker.modes import ModePipelines, mode_arguments
 from photomaker.requests import GeneratedImage, GenerationPlan, GenerationResult, ProgressCallback
 
 MAX_BATCH = 4  # images per pipeline call; best-of-N candidates beyond it run in further calls
@@ -100,11 +102,28 @@ class GenerationRunner:
         self._generate_lock = threading.Lock()
         self._fast_state: presets.FastModeState | None = None
         self._cache = _LRUCache(config.cache_size)
+        self._modes: ModePipelines | None = None
 
     def reset(self) -> None:
         """Forget what belongs to the previous pipeline (a new one was loaded)."""
         self._fast_state = None
         self._cache.clear()
+        self._modes = None
+
+    def modes(self) -> ModePipelines:
+        """The mode pipelines and control models of the loaded pipeline (made on first use).
+
+        Control models load on the pipeline's execution device and dtype; with CPU offload they stay there
+        (they are not part of the base pipeline's offload chain)."""
+        if self._modes is None:
+            from photomaker.control_models import ControlModelRegistry
+
+            pipe = self._model.pipeline
+            registry = ControlModelRegistry(
+                device=pipe._execution_device, dtype=pipe.unet.dtype, overrides=self._model.control_model_overrides
+            )
+            self._modes = ModePipelines(pipe, registry)
+        return self._modes
 
     def cache_info(self) -> dict[str, int]:
         """ID-encoding cache counters: hits, misses, size, max_size."""
@@ -195,31 +214,53 @@ class GenerationRunner:
         return entry, False
 
     def _run(self, plan: GenerationPlan, progress: ProgressCallback | None) -> GenerationResult:
-        pipe = self._model.pipeline
+        base = self._model.pipeline
         timings: dict[str, float] = {}
         started = time.perf_counter()
         num_photos = len(plan.id_images) + len(plan.mix_images)
-        prompt_notes = _prompt_notes(pipe, plan, num_photos)
-        self._set_fast_mode(pipe, plan.fast)
+        prompt_notes = _prompt_notes(base, plan, num_photos)
+        self._set_fast_mode(base, plan.fast)
 
         report = progress or (lambda step, total, description: None)
         total_candidates = plan.num_outputs * plan.best_of
         chunks = [range(i, min(i + MAX_BATCH, total_candidates)) for i in range(0, total_candidates, MAX_BATCH)]
-        total_steps = plan.num_steps * len(chunks)
+        steps_per_call = plan.composition.denoising_steps(plan.num_steps)
+        total_steps = steps_per_call * len(chunks)
         report(0, total_steps, "Preparing the ID photos")
-        entry, cache_hit = self._encode(pipe, plan)
+        entry, cache_hit = self._encode(base, plan)
         timings["id_encoding"] = time.perf_counter() - started
+
+        composition = plan.composition
+        control_notes: list[str] = []
+        control_map = mask = None
+        call_arguments: dict[str, Any] = {"width": plan.width, "height": plan.height}
+        pipe = base
+        if composition.pipeline != "text2img" or composition.style_image is not None or _has_ip_adapter(base):
+            modes = self.modes()
+            report(0, total_steps, "Preparing the control and style images")
+            control_map, control_notes = modes.control_map(composition, plan.width, plan.height)
+            mask = composition.mask_image
+            if composition.mask_face:
+                from photomaker.control_images import mask_face
+
+                mask = mask_face(composition.init_image, self._model.face_analyzer)
+            pipe = modes.pipeline(composition)
+            call_arguments = {
+                **mode_arguments(composition, control_map, mask, plan.width, plan.height),
+                **modes.style_arguments(pipe, composition),
+            }
+            timings["control"] = time.perf_counter() - started - timings["id_encoding"]
 
         denoise_started = time.perf_counter()
         candidates: list[Image.Image] = []
         for chunk_index, chunk in enumerate(chunks):
-            done_before = chunk_index * plan.num_steps
+            done_before = chunk_index * steps_per_call
             description = f"Denoising ({len(chunk)} image{'s' if len(chunk) > 1 else ''})"
 
             def on_step(
-                _pipe: Any, step: int, _timestep: Any, _kwargs: dict, base: int = done_before, text: str = description
+                _pipe: Any, step: int, _timestep: Any, _kwargs: dict, done: int = done_before, text: str = description
             ) -> dict:
-                report(base + step + 1, total_steps, text)
+                report(done + step + 1, total_steps, text)
                 return {}
 
             output = pipe(
@@ -234,10 +275,9 @@ class GenerationRunner:
                 # One CPU generator per image: each image depends on its own seed only (reproducible alone,
                 # and the same noise on every device).
                 generator=[torch.Generator("cpu").manual_seed(plan.image_seed(k)) for k in chunk],
-                width=plan.width,
-                height=plan.height,
                 callback_on_step_end=on_step,
                 output_type="pil",
+                **call_arguments,
             )
             candidates.extend(output.images)
         timings["denoising"] = time.perf_counter() - denoise_started
@@ -267,12 +307,14 @@ class GenerationRunner:
         return GenerationResult(
             images=images,
             seed=plan.seed,
-            warnings=plan.warnings + prompt_notes + entry.warnings,
+            warnings=plan.warnings + control_notes + prompt_notes + entry.warnings,
             prompt_used=plan.positive,
             crops=list(entry.crops),
             negative_prompt_used=plan.negative,
             cache_hit=cache_hit,
             timings=timings,
+            control_image=control_map,
+            mask_image=mask,
         )
 
     def _parameters(self, plan: GenerationPlan, seed: int, identity: dict[str, Any] | None) -> dict[str, Any]:
@@ -298,16 +340,27 @@ class GenerationRunner:
 
 
 def _stored_value(plan: GenerationPlan, name: str) -> Any:
-    """Field `name` as it was used: the plan's checked value where it has one, else the request's; photos as
-    their number, an image as its file name, a fast preset as its key."""
-    value = getattr(plan, name) if hasattr(plan, name) else getattr(plan.request, name)
-    if FIELDS[name].kind == "images":
-        return len(value)
+    """Field `name` as it was used: the plan's checked value where it has one (the composition's for control,
+    start photo and style image settings, defaults resolved), else the request's; photos as their number, an
+    image as its file name, a fast preset as its key."""
     if FIELDS[name].kind == "image":
         return metadata.image_label(getattr(plan.request, name))
+    if hasattr(plan, name):
+        value = getattr(plan, name)
+    elif hasattr(plan.composition, name) and getattr(plan.composition, name) is not None:
+        value = getattr(plan.composition, name)
+    else:
+        value = getattr(plan.request, name)
+    if FIELDS[name].kind == "images":
+        return len(value)
     if isinstance(value, presets.FastPreset):
         return value.key
     return value
+
+
+def _has_ip_adapter(pipe: Any) -> bool:
+    """Whether an IP-Adapter was loaded into the pipeline's UNet (by an earlier request with a style image)."""
+    return getattr(pipe.unet, "encoder_hid_proj", None) is not None
 
 
 def _similarity(identity: dict[str, Any] | None) -> float:

@@ -150,6 +150,8 @@ class ModelLifecycle:
         self._analyzer: Any = None
         self.base_model_label = config.base_model  # what the PNG metadata names as the base model and adapter
         self.adapter_label = config.adapter or DEFAULT_ADAPTER_REPO[config.pm_version]
+        # ControlModelRegistry overrides: the tiny control models in tiny mode, else none (the environment's).
+        self.control_model_overrides: dict[str, str] = {}
 
     @property
     def pipeline(self) -> Any:
@@ -226,7 +228,10 @@ class ModelLifecycle:
         if config.tiny_dir:
             from photomaker.testing import make_tiny
 
+            from photomaker.testing_control import tiny_control_overrides
+
             paths = make_tiny(config.tiny_dir)
+            self.control_model_overrides = tiny_control_overrides(paths["control"])
             return str(paths["base"]), str(paths[f"v{config.pm_version}"]), None
         adapter = config.adapter or DEFAULT_ADAPTER_REPO[config.pm_version]
         weight_name = config.adapter_weight_name

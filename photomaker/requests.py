@@ -71,6 +71,8 @@ class GenerationResult:
     negative_prompt_used: str = ""
     cache_hit: bool = False  # the ID encoding came from the cache (the ID encoder did not run)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    control_image: Image.Image | None = None  # the control map the ControlNet / adapter saw (for a preview)
+    mask_image: Image.Image | None = None  # the inpainting mask used (drawn, uploaded, or found around the face)
 
 
 @dataclass
@@ -78,6 +80,38 @@ class ServiceStatus:
     state: Literal["idle", "loading", "ready", "error"]
     message: str
     progress: float  # 0..1 while loading
+
+
+PipelineKind = Literal["text2img", "controlnet", "t2i_adapter", "img2img", "inpaint"]
+
+
+@dataclass
+class CompositionPlan:
+    """The checked control, start-photo and style-image settings of a request: which pipeline runs, with what.
+
+    Control maps that need no model (canny, sketch) are made during validation; pose and depth maps need an
+    estimator, so `control_map` stays None for them until generation (from `control_source`).
+    """
+
+    pipeline: PipelineKind = "text2img"
+    control_type: str = ""
+    control_source: Image.Image | None = None  # the user's control image, decoded
+    control_map: Image.Image | None = None  # at the output size, ready for the control model
+    control_scale: float | None = None
+    control_start: float = 0.0
+    control_end: float | None = None
+    init_image: Image.Image | None = None  # the start photo, fitted to the output size
+    strength: float | None = None
+    mask_image: Image.Image | None = None  # L, 255 = redraw, at the output size (None: mask_face or img2img)
+    mask_face: bool = False
+    style_image: Image.Image | None = None
+    style_image_scale: float = presets.STYLE_IMAGE_SCALE_DEFAULT
+
+    def denoising_steps(self, num_steps: int) -> int:
+        """Steps the pipeline runs: a start photo skips the first (1 - strength) of them, as diffusers does."""
+        if self.strength is None:
+            return num_steps
+        return min(int(num_steps * self.strength), num_steps)
 
 
 @dataclass
@@ -105,6 +139,7 @@ class GenerationPlan:
     mix_strength: float | None  # None without mix photos
     fast: presets.FastPreset | None
     warnings: list[str]
+    composition: CompositionPlan = field(default_factory=CompositionPlan)
 
     @property
     def id_weights(self) -> list[float] | None:

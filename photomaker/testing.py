@@ -412,6 +412,7 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
         "v1": root / "photomaker-v1.bin",
         "v2": root / "photomaker-v2.bin",
         "fast_loras": root / "fast-loras",
+        "control": root / "control",
     }
     marker = root / _COMPLETE_MARKER
     stamp = {"seed": seed, "format": TINY_FORMAT_VERSION}
@@ -442,6 +443,9 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
         partial.replace(target)
     shutil.rmtree(paths["fast_loras"], ignore_errors=True)
     write_fast_loras(paths["fast_loras"], _meta_unet(tiny_unet_config()), LORA_RANK, torch.float32)
+    from .testing_control import write_tiny_control_models  # it builds on this module's tiny models
+
+    write_tiny_control_models(paths["control"], seed)
     marker.write_text(json.dumps(stamp))
     logger.info("Wrote tiny models to %s", root)
     return paths

@@ -27,12 +27,14 @@ from transformers import (
     VitPoseImageProcessorPil,
 )
 
+from . import testing
 from .testing import tiny_sdxl_components, tiny_unet_config
 
 IP_ADAPTER_TOKENS = 4
 """SDXL's ip-adapter_sdxl.bin projects the image embedding to 4 tokens."""
 
 __all__ = [
+    "TINY_CONTROL_LAYOUT",
     "TINY_POSE_INPUT_SIZE",
     "save_tiny_controlnet",
     "save_tiny_depth_model",
@@ -41,7 +43,9 @@ __all__ = [
     "save_tiny_pose_model",
     "save_tiny_t2i_adapter",
     "tiny_controlnet",
+    "tiny_control_overrides",
     "tiny_t2i_adapter",
+    "write_tiny_control_models",
 ]
 
 TINY_POSE_INPUT_SIZE = {"height": 64, "width": 48}
@@ -196,3 +200,39 @@ def save_tiny_ip_adapter(folder: str | Path, seed: int = 0) -> Path:
     }
     torch.save({"image_proj": image_proj, "ip_adapter": ip_layers}, models / "ip-adapter_sdxl.bin")
     return folder
+
+
+TINY_CONTROL_LAYOUT: dict[str, str] = {
+    "pose": "controlnet-pose",
+    "canny": "controlnet-canny",
+    "depth": "controlnet-depth",
+    "sketch": "t2i-adapter-sketch",
+    "ip_adapter": "ip-adapter/ip-adapter.safetensors",
+    "pose_estimator": "pose-estimator",
+    "person_detector": "person-detector",
+    "depth_estimator": "depth-estimator",
+}
+"""Where `write_tiny_control_models` puts each model, by `ControlModelRegistry` key."""
+
+
+def tiny_control_overrides(folder: str | Path) -> dict[str, str]:
+    """`ControlModelRegistry(overrides=...)` for the models `write_tiny_control_models(folder)` wrote."""
+    return {key: str(Path(folder) / relative) for key, relative in TINY_CONTROL_LAYOUT.items()}
+
+
+def write_tiny_control_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
+    """Every control model the service can use, tiny and random, in `TINY_CONTROL_LAYOUT` under `folder`: the
+    pose, canny and depth ControlNets (from the tiny base UNet of `seed`, their control visible in the output),
+    the sketch T2I-Adapter, the IP-Adapter, the pose estimator with its person detector, and a depth estimator.
+    Returns `tiny_control_overrides(folder)`."""
+    folder = Path(folder)
+    paths = tiny_control_overrides(folder)
+    unet = tiny_sdxl_components(seed)["unet"]
+    for index, key in enumerate(("pose", "canny", "depth")):
+        testing.tiny_controlnet(unet, seed=seed + index).save_pretrained(paths[key])
+    testing.tiny_t2i_adapter(seed).save_pretrained(paths["sketch"])
+    testing.write_tiny_ip_adapter(Path(paths["ip_adapter"]).parent, unet, seed)
+    save_tiny_pose_model(paths["pose_estimator"], seed)
+    save_tiny_person_detector(paths["person_detector"], seed=seed)
+    save_tiny_depth_model(paths["depth_estimator"], seed)
+    return paths

@@ -18,14 +18,14 @@ from typing import Any
 
 from PIL import Image
 
-from photomaker import aspect_ratios, presets, styles
+from photomaker import aspect_ratios, control_images, presets, styles
 from photomaker.config import ServiceConfig
-from photomaker.errors import IDImageError, InvalidRequestError, PromptError
+from photomaker.errors import ControlImageError, IDImageError, InvalidRequestError, PromptError
 from photomaker.faces.prepare import photo_label
 from photomaker.fields import FIELDS
 from photomaker.images import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES, load_image
 from photomaker.prompt import check_prompt_text, insert_trigger_word, strip_trigger_word
-from photomaker.requests import GenerationPlan, GenerationRequest
+from photomaker.requests import CompositionPlan, GenerationPlan, GenerationRequest
 
 MAX_PROMPT_CHARS = 2000  # SDXL reads 77 tokens (about 60 words); longer text is almost surely a mistake
 # C0/C1 control characters other than tab and newline: invisible in the UI, meaningless to the tokenizer.
@@ -190,6 +190,7 @@ def validate_request(request: GenerationRequest, config: ServiceConfig) -> Gener
     id_images = _load_photos(photos, id_names, "ID photo")
     mix_images = _load_photos(mix_photos, list(map(_file_name, mix_photos)), "photo of the second person")
 
+    composition = validate_composition(request, config, width, height, num_steps, warnings)
     if fast is not None and not fast.uses_cfg and full_negative:
         whose = "your negative prompt" if negative else f"the negative prompt of the style {request.style!r}"
         warnings.append(
@@ -218,6 +219,7 @@ def validate_request(request: GenerationRequest, config: ServiceConfig) -> Gener
         mix_strength=mix_strength,
         fast=fast,
         warnings=warnings,
+        composition=composition,
     )
 
 
@@ -242,3 +244,129 @@ def _validate_size(request: GenerationRequest) -> tuple[int, int]:
             )
         sizes.append(size)
     return sizes[0], sizes[1]
+
+
+def _optional_image(name: str, value: Any) -> Image.Image | None:
+    """One image field decoded within the upload limits (None when not given); errors name the field."""
+    if value is None:
+        return None
+    label = FIELDS[name].label
+    named = _file_name(value)
+    what = f"the {label} ({named})" if named else f"the {label}"
+    if isinstance(value, dict):  # a Gradio ImageEditor value (a drawing, or an upload painted over)
+        return control_images.flatten_drawing(value, what=what)
+    try:
+        return load_image(value, name=what, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_IMAGE_PIXELS)
+    except IDImageError as exc:
+        raise ControlImageError(str(exc)) from exc
+
+
+def _optional_number(name: str, value: Any, config: ServiceConfig) -> float | None:
+    return None if value is None else _field_number(name, value, config)
+
+
+def validate_composition(
+    request: GenerationRequest, config: ServiceConfig, width: int, height: int, num_steps: int, warnings: list[str]
+) -> CompositionPlan:
+    """Check the control, start-photo and style-image fields together, decode their images, and pick the
+    pipeline; notes on resized images go to `warnings`."""
+    control_type = request.control_type or ""
+    choices = FIELDS["control_type"].choices()
+    if not isinstance(control_type, str) or control_type not in choices:
+        raise InvalidRequestError(
+            f"control_type must be one of {', '.join(repr(choice) for choice in choices)} ('' for none), got "
+            f"{request.control_type!r}."
+        )
+    if control_type and request.control_image is None:
+        raise ControlImageError(
+            f"Control type {control_type!r} needs a control image (--control-image): upload or draw one, or set "
+            "the control type to none."
+        )
+    if not control_type and request.control_image is not None:
+        raise ControlImageError(
+            "A control image was given but no control type: choose pose, canny, depth or sketch (--control TYPE) "
+            "to say how it should guide the picture, or remove the control image."
+        )
+    if request.mask_image is not None and request.mask_face:
+        raise InvalidRequestError(
+            "Give either a mask or mask_face (--mask or --mask-face), not both: mask_face makes the mask from the "
+            "face in the start photo."
+        )
+    masked = request.mask_image is not None or request.mask_face is True
+    if masked and request.init_image is None:
+        which = "mask_face" if request.mask_face is True else "A mask"
+        raise InvalidRequestError(
+            f"{which} needs a start photo (init_image, --init-image) to redraw: give the photo to put the person "
+            "into, or remove the mask."
+        )
+    if control_type and request.init_image is not None:
+        raise InvalidRequestError(
+            f"Control ({control_type}) together with a start photo is not supported: there is no ControlNet "
+            "img2img or inpaint pipeline here. Remove the control image to redraw the start photo, or remove the "
+            "start photo to generate from scratch in the control image's layout."
+        )
+    if not isinstance(request.mask_face, bool):
+        raise InvalidRequestError(f"mask_face must be true or false, got {request.mask_face!r}.")
+    if request.mask_face and config.resolved_face_backend == "none":
+        raise InvalidRequestError(
+            "mask_face needs face detection, and this service runs without face analysis "
+            "(PHOTOMAKER_FACE_BACKEND=none); draw or upload a mask instead, or start it with a face backend."
+        )
+
+    plan = CompositionPlan(
+        control_type=control_type,
+        style_image_scale=_field_number("style_image_scale", request.style_image_scale, config),
+        mask_face=request.mask_face,
+    )
+    if control_type:
+        plan.control_scale = _optional_number("control_scale", request.control_scale, config)
+        plan.control_start = _field_number("control_start", request.control_start, config)
+        plan.control_end = _optional_number("control_end", request.control_end, config)
+        if control_type == "sketch":
+            plan.pipeline = "t2i_adapter"
+            if plan.control_start > 0:
+                raise InvalidRequestError(
+                    f"The sketch adapter always applies from the first step, so control_start must be 0, got "
+                    f"{_show(plan.control_start)}; use control_end (default {_show(presets.SKETCH_END_DEFAULT)}) "
+                    "to say when it stops."
+                )
+            plan.control_scale = presets.SKETCH_SCALE_DEFAULT if plan.control_scale is None else plan.control_scale
+            plan.control_end = presets.SKETCH_END_DEFAULT if plan.control_end is None else plan.control_end
+        else:
+            plan.pipeline = "controlnet"
+            plan.control_scale = presets.CONTROL_SCALE_DEFAULT if plan.control_scale is None else plan.control_scale
+            plan.control_end = presets.CONTROL_END_DEFAULT if plan.control_end is None else plan.control_end
+        if plan.control_start >= plan.control_end:
+            raise InvalidRequestError(
+                f"control_start ({_show(plan.control_start)}) must be below control_end "
+                f"({_show(plan.control_end)}): the control acts between the two fractions of the steps."
+            )
+        if control_type in ("canny", "sketch"):  # no model needed: made now, so a blank drawing fails at once
+            prepared = control_images.prepare_control_image(control_type, request.control_image, width, height)
+            plan.control_map = prepared.image
+            warnings.extend(prepared.notes)
+        else:
+            plan.control_source = _optional_image("control_image", request.control_image).convert("RGB")
+
+    if request.init_image is not None:
+        photo = _optional_image("init_image", request.init_image).convert("RGB")
+        plan.init_image, note = control_images.fit_to_size(photo, width, height, what="start photo")
+        if note:
+            warnings.append(note)
+        plan.pipeline = "inpaint" if masked else "img2img"
+        default = presets.INPAINT_STRENGTH_DEFAULT if masked else presets.IMG2IMG_STRENGTH_DEFAULT
+        strength = _optional_number("strength", request.strength, config)
+        plan.strength = default if strength is None else strength
+        if plan.denoising_steps(num_steps) < 1:
+            raise InvalidRequestError(
+                f"strength {_show(plan.strength)} with {num_steps} steps leaves no step to run (the start photo "
+                f"would come back unchanged); raise strength to at least {_show(math.ceil(100 / num_steps) / 100)} "
+                "or use more steps."
+            )
+        if request.mask_image is not None:
+            prepared = control_images.prepare_mask(request.mask_image, width, height)
+            plan.mask_image = prepared.image
+            warnings.extend(prepared.notes)
+    if request.style_image is not None:
+        plan.style_image = _optional_image("style_image", request.style_image).convert("RGB")
+    return plan
