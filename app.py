@@ -341,9 +341,12 @@ ESTIMATED_MAPS = ("pose", "depth")  # control maps a model finds in the photo (l
 IMG2IMG, INPAINT = "img2img", "inpaint"  # the start-photo modes; inpaint shows the mask tools
 
 
-def _mask_canvas(photo: str | None) -> dict[str, Any] | None:
-    """The mask canvas's value: the target photo as its background, nothing painted yet."""
-    return {"background": photo, "layers": [], "composite": photo} if photo else None
+def mask_editor(photo: str | None, mode: str, mask_face: bool) -> gr.ImageEditor:
+    """The mask canvas: the target photo to paint over, unpainted, in inpaint mode; empty and hidden when the
+    face is masked automatically (a painted mask and "mask the face" exclude each other); empty in img2img."""
+    painted = mode == INPAINT and not mask_face and photo
+    value = {"background": photo, "layers": [], "composite": photo} if painted else None
+    return gr.ImageEditor(value=value, visible=not mask_face)
 
 
 def _painted(layer: Image.Image) -> bool:
@@ -583,21 +586,18 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         except PhotoMakerError as error:
             raise gr.Error(str(error)) from error
 
-    def control_type_chosen(control_type: str, inpaint: bool) -> tuple[float, float]:
+    def control_type_chosen(control_type: str) -> tuple[float, float]:
         """Strength and end sliders at the chosen control's defaults (the sketch adapter has its own)."""
-        defaults = mode_defaults(control_type, inpaint=inpaint)
+        defaults = mode_defaults(control_type, inpaint=False)
         return defaults["control_scale"], defaults["control_end"]
 
-    def start_mode_chosen(mode: str, photo: str | None) -> tuple[gr.Group, float, Any, bool, None]:
-        """img2img or inpaint: the mask tools, the strength default, and the mask canvas over the photo (img2img
-        sends no mask and no face mask)."""
-        inpaint = mode == INPAINT
-        strength = mode_defaults("", inpaint=inpaint)["strength"]
-        return gr.Group(visible=inpaint), strength, _mask_canvas(photo if inpaint else None), False, None
+    def start_mode_chosen(mode: str) -> tuple[float, Any]:
+        """The strength default of the chosen mode; img2img has no face mask."""
+        return mode_defaults("", inpaint=mode == INPAINT)["strength"], False if mode == IMG2IMG else gr.skip()
 
-    def target_photo_changed(photo: str | None, mode: str) -> tuple[Any, bool, None]:
+    def target_photo_changed(photo: str | None, mode: str) -> tuple[gr.ImageEditor, bool, None]:
         """A new target photo: the mask canvas shows it, unpainted; a face mask of the old one is dropped."""
-        return _mask_canvas(photo if mode == INPAINT else None), False, None
+        return mask_editor(photo, mode, mask_face=False), False, None
 
     with gr.Blocks(title="PhotoMaker", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
@@ -809,14 +809,18 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                              [control_preview, control_notes], api_visibility="private")
         generation.success(show_used_maps, used_maps, [control_preview, face_mask_preview], api_visibility="private",
                            queue=False)
-        control_type.change(control_type_chosen, [control_type, mask_face_box], [control_scale, control_end],
-                            api_visibility="private", queue=False)
-        start_mode.change(start_mode_chosen, [start_mode, init_image],
-                          [inpaint_tools, strength, mask_image, mask_face_box, face_mask_preview],
+        # Defaults follow what the user picks (.input), not a PNG's restored values (which .change would undo).
+        control_type.input(control_type_chosen, control_type, [control_scale, control_end], api_visibility="private",
+                           queue=False)
+        start_mode.input(start_mode_chosen, start_mode, [strength, mask_face_box], api_visibility="private",
+                         queue=False)
+        start_mode.change(lambda mode, photo, face: (gr.Group(visible=mode == INPAINT), mask_editor(photo, mode, face)),
+                          [start_mode, init_image, mask_face_box], [inpaint_tools, mask_image],
                           api_visibility="private", queue=False)
-        init_image.change(target_photo_changed, [init_image, start_mode], [mask_image, mask_face_box,
-                                                                             face_mask_preview],
-                          api_visibility="private", queue=False)
+        mask_face_box.change(mask_editor, [init_image, start_mode, mask_face_box], mask_image,
+                             api_visibility="private", queue=False)
+        init_image.change(target_photo_changed, [init_image, start_mode],
+                          [mask_image, mask_face_box, face_mask_preview], api_visibility="private", queue=False)
         face_mask_button.click(show_face_mask, init_image, [face_mask_preview, mask_face_box],
                                api_visibility="private")
 
