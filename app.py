@@ -165,8 +165,8 @@ def accept_image_file(component: gr.Image | gr.ImageEditor, api_name: str) -> gr
                 return obj
             if not isinstance(obj, dict):
                 raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.")
-            if editor and "path" in obj:  # a bare file for the canvas: its background, nothing painted
-                obj = {"background": obj, "layers": [], "composite": obj}
+            if editor and "path" in obj:  # a bare file: the editor's background, nothing painted, no composite
+                obj = {"background": obj, "layers": [], "composite": None}
             elif editor and not ({"background", "layers", "composite", "id"} & set(obj)):
                 raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.")
             elif not editor and not (obj.get("path") or obj.get("url")):
@@ -339,6 +339,8 @@ RANDOMIZE_SEED = "randomize_seed"  # the one /generate parameter that is not a r
 IMAGE_KINDS = ("images", "image")  # fields a PNG does not restore: the user gives the pictures again
 ESTIMATED_MAPS = ("pose", "depth")  # control maps a model finds in the photo (loaded when generating)
 IMG2IMG, INPAINT = "img2img", "inpaint"  # the start-photo modes; inpaint shows the mask tools
+PAINTED_OVER_FIELDS = ("mask_image",)  # image fields whose page canvas only paints over the app's background
+EMPTY_CANVAS: dict[str, Any] = {"background": None, "layers": [], "composite": None}  # a canvas with nothing on it
 
 
 def mask_editor(photo: str | None, mode: str, mask_face: bool) -> gr.ImageEditor:
@@ -355,13 +357,21 @@ def _painted(layer: Image.Image) -> bool:
     return band.getbbox() is not None
 
 
-def _canvas_or_none(value: Any) -> Any:
+def _canvas_or_none(value: Any, *, paint_only: bool = False) -> Any:
     """An image editor's value, or None when nothing was uploaded or drawn on it (an untouched canvas still
-    sends its empty layer and composite, which are no image)."""
+    sends its composite, which is no image).
+
+    With `paint_only` (the mask canvas, whose background is the target photo the app put there) a canvas the
+    page sent (it has a composite) with nothing painted is an empty mask, which the library refuses as such;
+    an uploaded mask file (a bare file through the API: a background without a composite) stays a mask.
+    """
     if not isinstance(value, dict):
         return value
     layers = value.get("layers") or []
-    if value.get("background") is not None or any(_painted(layer) for layer in layers):
+    painted = any(_painted(layer) for layer in layers)
+    if paint_only and not painted and value.get("composite") is not None:
+        return EMPTY_CANVAS
+    if value.get("background") is not None or painted:
         return value
     if not layers and value.get("composite") is not None:  # an API value carrying only the composite
         return value
@@ -374,7 +384,7 @@ def _from_control(item: RequestField, value: Any) -> Any:
     if item.kind == "images":
         return _gallery_paths(value)
     if item.kind == "image":
-        return _canvas_or_none(value)
+        return _canvas_or_none(value, paint_only=item.name in PAINTED_OVER_FIELDS)
     if value is None or value == "":
         return None if item.nullable else item.default
     if item.kind == "bool":

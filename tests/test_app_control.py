@@ -275,6 +275,19 @@ def test_an_untouched_canvas_is_no_image_and_a_painted_one_is_kept() -> None:
     assert app._canvas_or_none("photo.png") == "photo.png"
 
 
+def test_an_unpainted_mask_canvas_is_an_empty_mask_but_an_uploaded_mask_is_kept() -> None:
+    """The page's mask canvas shows the target photo as its background: unpainted, it is no mask at all."""
+    photo = Image.new("RGBA", (32, 32), (200, 180, 160, 255))
+    sent_by_the_page = {"background": photo, "layers": [], "composite": photo}
+    assert app._canvas_or_none(sent_by_the_page, paint_only=True) == app.EMPTY_CANVAS
+    stroke = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    stroke.putpixel((5, 5), (255, 255, 255, 255))
+    painted = {**sent_by_the_page, "layers": [stroke]}
+    assert app._canvas_or_none(painted, paint_only=True) is painted
+    uploaded = {"background": Image.new("L", (32, 32)), "layers": [], "composite": None}  # a bare file via the API
+    assert app._canvas_or_none(uploaded, paint_only=True) is uploaded
+
+
 def test_sliders_restored_from_a_png_show_the_defaults_a_missing_value_stands_for() -> None:
     assert app.mode_defaults("sketch", inpaint=False) == {
         "control_scale": presets.SKETCH_SCALE_DEFAULT, "control_end": presets.SKETCH_END_DEFAULT,
