@@ -240,10 +240,11 @@ class GenerationRunner:
             report(0, total_steps, "Preparing the control and style images")
             control_map, control_notes = modes.control_map(composition, plan.width, plan.height)
             mask = composition.mask_image
-            if composition.mask_face:
-                from photomaker.control_images import mask_face
+            if composition.mask_face:  # found in the photo as given, then fitted as the photo was
+                from photomaker.control_images import fit_to_size, mask_face
 
-                mask = mask_face(composition.init_image, self._model.face_analyzer)
+                face = mask_face(composition.init_source, self._model.face_analyzer)
+                mask, _ = fit_to_size(face, plan.width, plan.height, what="mask")
             pipe = modes.pipeline(composition)
             call_arguments = {
                 **mode_arguments(composition, control_map, mask, plan.width, plan.height),

@@ -94,6 +94,10 @@ def format_parameters(params: Mapping[str, Any]) -> str:
         ("Start merge step", params.get("start_merge_step")),
         ("Size", f"{params.get('width')}x{params.get('height')}"),
         ("Fast", params.get("fast") or "off"),
+        ("Control", _control_summary(params)),
+        ("Start photo", f"strength {params.get('strength')}" if params.get("init_image") else None),
+        ("Mask", "the face" if params.get("mask_face") else params.get("mask_image")),
+        ("Style image", f"scale {params.get('style_image_scale')}" if params.get("style_image") else None),
         ("Base model", params.get("base_model")),
         ("PhotoMaker", f"v{params.get('pm_version')} ({params.get('adapter')})"),
         ("Identity similarity", "no face found" if identity and similarity is None else similarity),
@@ -103,6 +107,16 @@ def format_parameters(params: Mapping[str, Any]) -> str:
     prompt = params.get("prompt_used") or params.get("prompt") or ""
     negative = params.get("negative_prompt_used") or params.get("negative_prompt") or ""
     return f"{prompt}\nNegative prompt: {negative}\n{pairs}"
+
+
+def _control_summary(params: Mapping[str, Any]) -> str | None:
+    """"canny 0.8 (0-1)": the control type, its scale and the fraction of the steps it acted on."""
+    if not params.get("control_type"):
+        return None
+    return (
+        f"{params['control_type']} {params.get('control_scale')} "
+        f"({params.get('control_start')}-{params.get('control_end')})"
+    )
 
 
 def _pnginfo(params: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
@@ -239,8 +253,10 @@ def restore_settings(
     It asks for one output at the image's own seed: since image k of a request uses its own generator seeded
     with seed + k, that single image is the same picture. Photos are not stored in the PNG, so they are passed
     again here. In fast mode the preset sets steps and guidance, so the stored ones are not restored (those of
-    the guidance-free presets are below the standard range). Other values outside the accepted ranges (steps
-    from `steps_min`, the service's `config.steps_min`: a --tiny image may have 2) are moved into them, unknown
+    the guidance-free presets are below the standard range). Images (control image, start photo, mask, style
+    image) are not stored either: `changes` asks for each one the image was made with. Other values outside
+    the accepted ranges (steps from `steps_min`, the service's `config.steps_min`: a --tiny image may have 2)
+    are moved into them, unknown
     styles, sizes and presets fall back to the defaults, and `changes` says so. A width and height equal to the
     stored output size's are left to it (None).
     """
@@ -276,6 +292,11 @@ def restore_settings(
         value = _restored_value(item, params[key], steps_min, said)
         if value is not None:
             values[item.name] = value
+    for item in REQUEST_FIELDS:
+        name = params.get(item.metadata_key) if item.kind == "image" and item.metadata_key else None
+        if name:
+            shown = "" if name == UNNAMED_IMAGE else f" ({name})"
+            changes.append(f"The {item.label}{shown} is not stored in the image: give it again.")
     size = (values.pop("width", None), values.pop("height", None))
     if None in size:
         changes.extend(size_changes)  # an unknown output size matters only without a stored size

@@ -100,6 +100,7 @@ class CompositionPlan:
     control_scale: float | None = None
     control_start: float = 0.0
     control_end: float | None = None
+    init_source: Image.Image | None = None  # the start photo as given (faces are found at full resolution)
     init_image: Image.Image | None = None  # the start photo, fitted to the output size
     strength: float | None = None
     mask_image: Image.Image | None = None  # L, 255 = redraw, at the output size (None: mask_face or img2img)

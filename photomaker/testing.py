@@ -401,10 +401,12 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
     """Write a tiny SDXL pipeline folder and tiny v1/v2 PhotoMaker checkpoints; skip what is already complete.
 
     Returns paths ``{"base": out_dir/base, "v1": out_dir/photomaker-v1.bin, "v2": out_dir/photomaker-v2.bin,
-    "fast_loras": out_dir/fast-loras}``. ``base`` loads with ``StableDiffusionXLPipeline.from_pretrained``; the
-    ``.bin`` files are torch pickles in the official format; ``fast-loras`` holds one random LoRA per fast-mode
-    preset under its official file name and key format, so fast mode runs offline. The output is the same for
-    the same seed.
+    "fast_loras": out_dir/fast-loras, "control": out_dir/control}``. ``base`` loads with
+    ``StableDiffusionXLPipeline.from_pretrained``; the ``.bin`` files are torch pickles in the official format;
+    ``fast-loras`` holds one random LoRA per fast-mode preset under its official file name and key format, so
+    fast mode runs offline; ``control`` holds every control model
+    (`photomaker.testing_control.write_tiny_control_models`), so every mode runs offline. The output is the
+    same for the same seed.
     """
     root = Path(out_dir)
     paths = {

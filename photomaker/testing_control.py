@@ -42,8 +42,8 @@ __all__ = [
     "save_tiny_person_detector",
     "save_tiny_pose_model",
     "save_tiny_t2i_adapter",
-    "tiny_controlnet",
     "tiny_control_overrides",
+    "tiny_controlnet",
     "tiny_t2i_adapter",
     "write_tiny_control_models",
 ]

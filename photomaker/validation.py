@@ -349,8 +349,8 @@ def validate_composition(
             plan.control_source = _optional_image("control_image", request.control_image).convert("RGB")
 
     if request.init_image is not None:
-        photo = _optional_image("init_image", request.init_image).convert("RGB")
-        plan.init_image, note = control_images.fit_to_size(photo, width, height, what="start photo")
+        plan.init_source = _optional_image("init_image", request.init_image).convert("RGB")
+        plan.init_image, note = control_images.fit_to_size(plan.init_source, width, height, what="start photo")
         if note:
             warnings.append(note)
         plan.pipeline = "inpaint" if masked else "img2img"

@@ -259,3 +259,47 @@ def test_two_accelerate_processes_write_the_same_pixels_once_each(batch_case: di
     assert sorted(path.name for path in out.glob("*.png")) == sorted(path.name for path in single.glob("*.png"))
     for path in out.glob("*.png"):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(single / path.name))), path.name
+
+
+def test_control_start_photo_and_style_images_resolve_relative_to_the_jobs_file(tmp_path: Path, photo: Path) -> None:
+    shutil.copy(EXAMPLES / "grace_hopper.jpg", photo.parent / "pose.jpg")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id_images": ["photos/me.png"], "prompt": "a woman img", "control_type": "pose",
+         "control_image": "photos/pose.jpg", "control_scale": 0.8, "control_end": 0.5, "style_image": "photos/me.png",
+         "style_image_scale": 0.3},
+        {"id_images": ["photos/me.png"], "prompt": "a woman img", "init_image": "photos/pose.jpg", "strength": 0.5,
+         "mask_face": True},
+        {"id_images": ["photos/me.png"], "prompt": "a woman img", "init_image": "photos/gone.jpg"},
+        {"id_images": ["photos/me.png"], "prompt": "a woman img", "mask_image": ["photos/pose.jpg"]},
+        {"id_images": ["photos/me.png"], "prompt": "a woman img", "mask_face": "yes"},
+    ])
+    jobs = batch.parse_jobs(jobs_file)
+
+    control = jobs[0].request
+    assert (control.control_type, control.control_image) == ("pose", str(photo.parent / "pose.jpg"))
+    assert (control.control_scale, control.control_end, control.control_start) == (0.8, 0.5, 0.0)
+    assert (control.style_image, control.style_image_scale) == (str(photo), 0.3)
+    start = jobs[1].request
+    assert (start.init_image, start.strength, start.mask_face, start.mask_image) == (
+        str(photo.parent / "pose.jpg"), 0.5, True, None
+    )
+    assert "image 'photos/gone.jpg' in 'init_image' not found" in jobs[2].error
+    assert "'mask_image' must be an image path or null" in jobs[3].error
+    assert "'mask_face' must be bool" in jobs[4].error
+
+
+def test_a_batch_job_runs_a_control_mode_on_the_tiny_models(tiny_models_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(EXAMPLES / "astronaut.png", tmp_path / "me.png")
+    shutil.copy(EXAMPLES / "grace_hopper.jpg", tmp_path / "edges.jpg")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
+        {**TINY_JOB, "id_images": ["me.png"], "num_outputs": 1, "seed": 4, "control_type": "canny",
+         "control_image": "edges.jpg"},
+        {**TINY_JOB, "id_images": ["me.png"], "num_outputs": 1, "seed": 4, "control_type": "canny"},
+    ])
+    status = main(["batch", str(jobs_file), "--out", str(tmp_path / "out"), "--tiny", str(tiny_models_dir),
+                   "--face-backend", "none"])
+    assert status == 1
+    params = read_parameters(tmp_path / "out" / "job-0001-0.png")
+    assert (params["control_type"], params["control_image"], params["control_scale"]) == ("canny", "edges.jpg", 1.0)
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [error["line"] for error in errors] == [2] and "needs a control image" in errors[0]["error"]

@@ -138,5 +138,60 @@ def test_make_tiny_prints_the_model_paths(tiny_models_dir: Path, capsys: pytest.
         "v1": str(tiny_models_dir / "photomaker-v1.bin"),
         "v2": str(tiny_models_dir / "photomaker-v2.bin"),
         "fast_loras": str(tiny_models_dir / "fast-loras"),
+        "control": str(tiny_models_dir / "control"),
     }
     assert all(Path(path).exists() for path in printed.values())
+
+
+def test_control_flags_generate_with_the_control_map_and_record_it(
+    tiny_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    status = main(["generate", "--tiny", str(tiny_models_dir), "--face-backend", "none",
+                   "--id-image", str(ASTRONAUT), "--prompt", "a photo of a woman img", "--style", "(No style)",
+                   "--width", "64", "--height", "64", "--steps", "2", "--seed", "5", "--num-outputs", "1",
+                   "--control", "canny", "--control-image", str(GRACE_HOPPER), "--control-scale", "0.8",
+                   "--control-start", "0.1", "--control-end", "0.9", "--style-image", str(GRACE_HOPPER),
+                   "--style-image-scale", "0.5", "--out", str(out)])
+    captured = capsys.readouterr()
+
+    assert status == 0, captured.err
+    params = read_parameters(out / "seed-5.png")
+    assert (params["control_type"], params["control_image"], params["control_scale"]) == (
+        "canny", "grace_hopper.jpg", 0.8
+    )
+    assert (params["control_start"], params["control_end"], params["style_image_scale"]) == (0.1, 0.9, 0.5)
+    assert "warning: The control image (512x600) has another aspect ratio" in captured.err
+
+
+MASK = ROOT / "tests" / "data" / "mask_face_box.png"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--control", "pose"], "Control type 'pose' needs a control image (--control-image)"),
+        (["--control-image", str(GRACE_HOPPER)], "no control type: choose pose, canny, depth or sketch"),
+        (["--control", "canny", "--control-image", str(GRACE_HOPPER), "--init-image", str(ASTRONAUT)],
+         "Control (canny) together with a start photo is not supported"),
+        (["--mask", str(MASK)], "A mask needs a start photo (init_image, --init-image)"),
+        (["--init-image", str(ASTRONAUT), "--mask", str(MASK), "--mask-face"], "Give either a mask or mask_face"),
+        (["--init-image", str(ASTRONAUT), "--mask", "WHITE"], "the mask is all white"),
+        (["--init-image", str(ASTRONAUT), "--strength", "1.5"], "strength must be between 0 and 1, got 1.5"),
+        (["--control", "canny", "--control-image", str(GRACE_HOPPER), "--control-scale", "3"],
+         "control_scale must be between 0 and 2, got 3"),
+        (["--style-image", "nowhere.png"], "style image 'nowhere.png' (--style-image) not found"),
+    ],
+)
+def test_bad_control_input_exits_2_with_the_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], message: str
+) -> None:
+    """Refused before the model is loaded (offline, the default model's load fails in the background)."""
+    Image.new("L", (32, 32), 255).save(tmp_path / "white.png")
+    flags = [str(tmp_path / "white.png") if flag == "WHITE" else flag for flag in flags]
+    status = main(["generate", "--face-backend", "none", "--id-image", str(ASTRONAUT), "--prompt", "a man img",
+                   "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists()

@@ -245,3 +245,44 @@ def test_decompression_bomb_is_refused_clearly(tmp_path: Path) -> None:
     path.write_bytes(_png(side, side, before_pixels=_parameters_chunk({"prompt": "a man img", "seed": 6})))
     with pytest.raises(InvalidRequestError, match=r"'.*bomb\.png' is too large to read"):
         metadata.read_parameters(path)
+
+
+def test_control_settings_are_restored_and_the_images_asked_for_again() -> None:
+    params = {
+        **PARAMS, "fast": None, "control_type": "depth", "control_image": "room.jpg", "control_scale": 0.6,
+        "control_start": 0.1, "control_end": 0.9, "init_image": None, "strength": None, "mask_image": None,
+        "mask_face": False, "style_image": metadata.UNNAMED_IMAGE, "style_image_scale": 0.4,
+    }
+    restored = metadata.restore_settings(params, id_images=["me.jpg"])
+    request = restored.request
+    assert (request.control_type, request.control_scale, request.control_start, request.control_end) == (
+        "depth", 0.6, 0.1, 0.9
+    )
+    assert (request.style_image_scale, request.strength, request.mask_face) == (0.4, None, False)
+    assert (request.control_image, request.style_image, request.init_image) == (None, None, None)
+    assert restored.changes == [
+        "The control image (room.jpg) is not stored in the image: give it again.",
+        "The style image is not stored in the image: give it again.",
+    ]
+    start = metadata.restore_settings(
+        {**PARAMS, "fast": None, "init_image": "beach.png", "strength": 0.9, "mask_face": True, "control_type": ""}
+    )
+    assert (start.request.strength, start.request.mask_face, start.request.control_type) == (0.9, True, "")
+    assert start.changes == ["The start photo (beach.png) is not stored in the image: give it again."]
+
+
+def test_the_summary_names_control_start_photo_and_style_image_when_used() -> None:
+    used = metadata.format_parameters({
+        **PARAMS, "control_type": "pose", "control_scale": 0.8, "control_start": 0.0, "control_end": 0.5,
+        "style_image": "art.png", "style_image_scale": 0.7,
+    })
+    assert "Control: pose 0.8 (0.0-0.5)" in used and "Style image: scale 0.7" in used and "Mask" not in used
+    start = metadata.format_parameters({**PARAMS, "init_image": "beach.png", "strength": 0.9, "mask_face": True})
+    assert "Start photo: strength 0.9" in start and "Mask: the face" in start and "Control" not in start
+
+
+def test_image_label_names_a_file_and_nothing_else() -> None:
+    assert metadata.image_label("/home/me/photos/beach.png") == "beach.png"
+    assert metadata.image_label(Image.new("RGB", (4, 4))) == metadata.UNNAMED_IMAGE
+    assert metadata.image_label(b"\x89PNG...") == metadata.UNNAMED_IMAGE
+    assert metadata.image_label(None) is None

@@ -123,6 +123,7 @@ def test_make_tiny_writes_a_loadable_pipeline_and_official_files(
         "v1": tiny_models_dir / "photomaker-v1.bin",
         "v2": tiny_models_dir / "photomaker-v2.bin",
         "fast_loras": tiny_models_dir / "fast-loras",
+        "control": tiny_models_dir / "control",
     }
     from photomaker.presets import FAST_PRESETS
 
