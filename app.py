@@ -65,17 +65,21 @@ def _save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image",
 processing_utils.save_pil_to_cache = _save_pil_to_cache_atomically
 
 
-def named_in_errors(component: gr.components.Component, expected: str) -> gr.components.Component:
+def named_in_errors(component: gr.components.Component, expected: str, *, nullable: bool = False
+                    ) -> gr.components.Component:
     """Gradio checks slider, number and dropdown values sent through the API before any app code runs, with
     messages such as "Value 0 is less than minimum value 1."; prefix the control's label so the user knows which,
     and turn any other refusal of a malformed value (a text for a number, ...) into a message saying what
-    `expected` values look like.
+    `expected` values look like. With `nullable`, null passes through (the field's default: a slider whose
+    default depends on the mode, such as the control strength).
 
     Wraps the instance's method: subclassing a Gradio component would make Gradio write an `app.pyi` file.
     """
     check = component.preprocess
 
     def preprocess(payload: Any) -> Any:
+        if payload is None and nullable:
+            return None
         try:
             return check(payload)
         except gr.Error as error:
@@ -149,10 +153,9 @@ def accept_image_file(component: gr.Image | gr.ImageEditor, api_name: str) -> gr
     """Let a single-image `/generate` parameter take a bare file (`handle_file(path)`) or null, and refuse
     anything else with a message naming the parameter and showing the expected format.
 
-    An image editor (a canvas the user draws on) takes its own value too; a bare file becomes the editor's
-    background with nothing painted, which the library reads as an uploaded image (a drawing, a mask). As in
-    `accept_bare_files`, the rewrite lives in the instance's data model, which Gradio validates before any app
-    code runs.
+    An image editor (a canvas the user draws on) takes its own value too, and a bare file, which reaches the
+    handler as its path (an uploaded image: a drawing, a mask). As in `accept_bare_files`, the rewrite lives in
+    the instance's data model, which Gradio validates before any app code runs.
     """
     editor = isinstance(component, gr.ImageEditor)
 
@@ -177,6 +180,18 @@ def accept_image_file(component: gr.Image | gr.ImageEditor, api_name: str) -> gr
                 raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.") from error
 
     component.data_model = ImagePayload
+    if editor:
+        editor_preprocess = component.preprocess
+
+        def preprocess(payload: Any) -> Any:
+            # Only a bare file has a background and nothing else: hand the library its path, as the CLI does,
+            # so the PNG records the file's name.
+            if (payload is not None and payload.background is not None and not payload.layers
+                    and payload.composite is None and payload.id is None):
+                return payload.background.path
+            return editor_preprocess(payload)
+
+        component.preprocess = preprocess
     return component
 
 
@@ -805,7 +820,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             elif item.kind == "image":
                 accept_image_file(control, item.api_name)
             else:
-                named_in_errors(control, item.describe_type(service.config))
+                named_in_errors(control, item.describe_type(service.config), nullable=item.nullable)
             api_inputs[item.api_name] = control
             if item.name == "seed":
                 api_inputs[RANDOMIZE_SEED] = named_in_errors(randomize_seed, "true or false")

@@ -136,7 +136,7 @@ def test_canny_control_from_a_photo(client) -> None:
     parameters, _ = generated(client, control_type="canny", control_image=handle_file(str(ASTRONAUT)),
                               control_scale=0.8, control_start=0.1, control_end=0.9)
     assert parameters["control_type"] == "canny"
-    assert parameters["control_image"]
+    assert parameters["control_image"] == "astronaut.png"  # a bare file reaches the library by path, named
     assert (parameters["control_scale"], parameters["control_start"], parameters["control_end"]) == (0.8, 0.1, 0.9)
 
 
@@ -165,6 +165,17 @@ def test_sketch_from_an_image_editor_value(client, pictures: dict[str, Path]) ->
     assert parameters["control_type"] == "sketch"
 
 
+def test_null_strengths_take_the_defaults_of_the_mode(client, pictures: dict[str, Path]) -> None:
+    """The sliders' API defaults are concrete numbers; null asks for the mode's own default, as the CLI does."""
+    parameters, _ = generated(client, control_type="sketch", control_image=handle_file(str(pictures["sketch"])),
+                              control_scale=None, control_end=None)
+    assert (parameters["control_scale"], parameters["control_end"]) == (presets.SKETCH_SCALE_DEFAULT,
+                                                                        presets.SKETCH_END_DEFAULT)
+    parameters, _ = generated(client, init_image=handle_file(str(ASTRONAUT)),
+                              mask_image=handle_file(str(pictures["mask"])), strength=None)
+    assert parameters["strength"] == presets.INPAINT_STRENGTH_DEFAULT
+
+
 def test_img2img_from_a_start_photo(client) -> None:
     parameters, notes = generated(client, init_image=handle_file(str(ASTRONAUT)), strength=0.75)
     assert parameters["strength"] == 0.75 and parameters["init_image"] == "astronaut.png"
@@ -174,7 +185,7 @@ def test_img2img_from_a_start_photo(client) -> None:
 def test_inpaint_with_a_mask_file(client, pictures: dict[str, Path]) -> None:
     parameters, _ = generated(client, init_image=handle_file(str(ASTRONAUT)),
                               mask_image=handle_file(str(pictures["mask"])), strength=0.9)
-    assert parameters["mask_image"] and parameters["strength"] == 0.9
+    assert parameters["mask_image"] == "mask.png" and parameters["strength"] == 0.9
 
 
 def test_inpaint_with_the_face_masked_automatically(client) -> None:
