@@ -449,6 +449,24 @@ def request_from_api(values: dict[str, Any]) -> GenerationRequest:
     return GenerationRequest(**fields)
 
 
+def accept_shorter_calls(demo: gr.Blocks, api_name: str) -> None:
+    """Let a raw HTTP call of endpoint `api_name` leave out trailing parameters, which take their controls'
+    initial values, as gradio_client does for a call that leaves them out.
+
+    Gradio refuses a `data` list shorter than the endpoint's inputs ("didn't receive enough input values"), so
+    without this every script that posts the parameters `/generate` had before new ones were appended would
+    break. Wraps this page's own check (nothing global is patched).
+    """
+    validate_inputs = demo.validate_inputs
+
+    def validate_with_defaults(block_fn: Any, inputs: list[Any]) -> None:
+        if block_fn.api_name == api_name and len(inputs) < len(block_fn.inputs):
+            inputs.extend(block.value for block in block_fn.inputs[len(inputs):])  # checked in place by Gradio
+        validate_inputs(block_fn, inputs)
+
+    demo.validate_inputs = validate_with_defaults
+
+
 def declare_optional_images(handler: Any) -> Any:
     """Declare each single-image field's `/generate` parameter on `handler`'s signature with a None default.
 
@@ -829,6 +847,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         generation = gr.on([generate_button.click, prompt.submit], generate, None, generate_outputs,
                            inputs_kwargs=api_inputs, api_name="generate", show_progress_on=results)
         generation.success(lambda: gr.Row(visible=True), None, seed_row, api_visibility="private", queue=False)
+        accept_shorter_calls(demo, "generate")
         size_inputs = [aspect_ratio, width, height]
         preview_button.click(preview_control, [control_type, control_image, *size_inputs],
                              [control_preview, control_notes], api_visibility="private")

@@ -25,7 +25,7 @@ from photomaker.control_images import coco_to_openpose, draw_openpose
 
 pytest.register_assert_rewrite("app_server", "robust_app")
 from app_server import AppServer, photos_payload  # noqa: E402 (after register_assert_rewrite)
-from robust_app import GENERATE_PARAMETERS  # noqa: E402
+from robust_app import GENERATE_PARAMETERS, call_raw, gallery_value, upload  # noqa: E402
 
 pytest_plugins = ["app_server"]
 
@@ -127,6 +127,14 @@ def test_old_positional_call_without_the_new_parameters_makes_text_to_image(clie
     images, seed, _, _ = client.predict(*positional, api_name="/generate")
     parameters = read_parameters(images[0]["image"])
     assert seed == 42 and parameters["control_type"] == "" and parameters["init_image"] is None
+
+
+def test_old_raw_http_call_with_the_old_parameter_count_still_generates(app_server: AppServer) -> None:
+    """A script posting the 18 values `/generate` took before (robust_app pins them) over plain HTTP."""
+    event, outputs = call_raw(app_server.url, gallery_value(upload(app_server.url, ASTRONAUT), "astronaut.png"))
+    assert event == "complete", outputs
+    images, seed = outputs[0], outputs[1]
+    assert len(images) == 1 and seed == 1
 
 
 # ------------------------------------------------------------------------------------------ every mode
