@@ -166,13 +166,11 @@ def accept_image_file(component: gr.Image | gr.ImageEditor, api_name: str) -> gr
         def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
             if obj is None or isinstance(obj, cls):
                 return obj
-            if not isinstance(obj, dict):
-                raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.")
-            if editor and "path" in obj:  # a bare file: the editor's background, nothing painted, no composite
+            if editor and isinstance(obj, dict) and "path" in obj:  # a bare file: the background, nothing else
                 obj = {"background": obj, "layers": [], "composite": None}
-            elif editor and not ({"background", "layers", "composite", "id"} & set(obj)):
-                raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.")
-            elif not editor and not (obj.get("path") or obj.get("url")):
+            if not isinstance(obj, dict) or not (
+                {"background", "layers", "composite", "id"} & set(obj) if editor else obj.get("path") or obj.get("url")
+            ):
                 raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.")
             try:
                 return super().model_validate(obj, *args, **kwargs)

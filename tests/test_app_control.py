@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw
 
 import app
 from photomaker import presets
+from photomaker.control_images import coco_to_openpose, draw_openpose
 from photomaker.fields import REQUEST_FIELDS
 from photomaker.metadata import read_parameters
-from photomaker.control_images import coco_to_openpose, draw_openpose
 
 pytest.register_assert_rewrite("app_server", "robust_app")
 from app_server import AppServer, photos_payload  # noqa: E402 (after register_assert_rewrite)
@@ -118,7 +118,7 @@ def test_new_parameters_follow_the_old_ones_in_the_table_order(client) -> None:
 
 
 def test_old_positional_call_without_the_new_parameters_makes_text_to_image(client) -> None:
-    positional = [generate_args()[name] if name in generate_args() else None for name in GENERATE_PARAMETERS]
+    positional = [generate_args().get(name) for name in GENERATE_PARAMETERS]
     defaults = {"negative_prompt": "", "style": "Photographic (Default)", "aspect_ratio": "Instagram (1:1)",
                 "style_strength": 20, "guidance_scale": 5.0, "crop_faces": True, "mix_photos": [],
                 "mix_strength": 0.5, "fast_mode": "", "best_of": 1}
@@ -197,11 +197,8 @@ def test_inpaint_with_a_mask_file(client, pictures: dict[str, Path]) -> None:
 
 
 def test_inpaint_with_the_face_masked_automatically(client) -> None:
-    """The face is found in the start photo at the output size: 256 px keeps the astronaut's face detectable."""
-    images, _, _, _ = client.predict(**generate_args(init_image=handle_file(str(ASTRONAUT)), mask_face=True,
-                                                     width=256, height=256), api_name="/generate")
-    parameters = read_parameters(images[0]["image"])
-    assert parameters["mask_face"] is True and parameters["width"] == 256
+    parameters, _ = generated(client, init_image=handle_file(str(ASTRONAUT)), mask_face=True)
+    assert parameters["mask_face"] is True
 
 
 def test_style_image_with_its_strength(client) -> None:

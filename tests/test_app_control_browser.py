@@ -9,21 +9,14 @@ visible state, so a slow machine only makes it slower. Screenshots go to `artifa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytest.register_assert_rewrite("app_server")
-from app_server import REPO_ROOT  # noqa: E402 (after register_assert_rewrite)
-from test_app_browser import (  # noqa: E402,F401 (the fixtures are used by name)
-    ARTIFACTS,
-    CHROMIUM,
-    GENERATE_TIMEOUT_MS,
-    browser,
-    page,
-    type_number,
-)
+import test_app_browser as app_browser  # noqa: E402 (after register_assert_rewrite)
+from app_server import REPO_ROOT  # noqa: E402
+from test_app_browser import ARTIFACTS, CHROMIUM, GENERATE_TIMEOUT_MS, type_number  # noqa: E402
 
+browser, page = app_browser.browser, app_browser.page  # the same fixtures: a tab on the app, once it is ready
 pytest_plugins = ["app_server"]
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -122,3 +115,32 @@ def test_inpaint_needs_a_painted_mask_or_the_face_mask(page) -> None:
     expect(page.locator("#face-mask-preview img")).to_be_visible(timeout=60_000)
     expect(page.locator("#mask-face input[type=checkbox]")).to_be_checked()
     expect(page.locator("#mask-image")).to_be_hidden()  # a painted mask and the face mask exclude each other
+
+
+def test_png_restores_the_control_settings(page, app_server) -> None:
+    """The PNG of a controlled generation fills the control type and its sliders; the control image is asked
+    for again (it is not stored)."""
+    from gradio_client import handle_file
+    from playwright.sync_api import expect
+
+    from photomaker.metadata import read_parameters
+
+    images, _, _, _ = app_server.client().predict(
+        id_photos=[handle_file(str(EXAMPLES / "astronaut.png"))], prompt="a photo of a woman img dancing",
+        num_steps=2, num_outputs=1, seed=3, randomize_seed=False, width=64, height=64, control_type="canny",
+        control_image=handle_file(str(EXAMPLES / "grace_hopper.jpg")), control_scale=0.5, control_start=0.1,
+        control_end=0.9, style_image_scale=0.4, api_name="/generate",
+    )
+    png = images[0]["image"]
+    assert read_parameters(png)["control_type"] == "canny"
+    page.locator("#reproduce").get_by_text("Reproduce from a PNG").click()
+    page.locator("#png-file input[type=file]").set_input_files(png)
+
+    expect(page.locator(".toast-body.info", has_text="control image")).to_be_visible()
+    page.locator("#control").get_by_text("Control: pose, edges").click()
+    expect(page.locator("#control-type").get_by_label("Edges (canny)")).to_be_checked()
+    expect(page.locator("#control-scale input[type=number]")).to_have_value("0.5")
+    expect(page.locator("#control-start input[type=number]")).to_have_value("0.1")
+    expect(page.locator("#control-end input[type=number]")).to_have_value("0.9")
+    page.locator("#style-image-section").get_by_text("Style image").first.click()
+    expect(page.locator("#style-image-scale input[type=number]")).to_have_value("0.4")
