@@ -636,6 +636,10 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         """The strength default of the chosen mode; img2img has no face mask."""
         return mode_defaults("", inpaint=mode == INPAINT)["strength"], False if mode == IMG2IMG else gr.skip()
 
+    def start_mode_shown(mode: str, photo: str | None, mask_face: bool) -> tuple[gr.Group, gr.ImageEditor]:
+        """The mask tools in inpaint mode only (a restored PNG may set the mode too)."""
+        return gr.Group(visible=mode == INPAINT), mask_editor(photo, mode, mask_face)
+
     def target_photo_changed(photo: str | None, mode: str) -> tuple[gr.ImageEditor, bool, None]:
         """A new target photo: the mask canvas shows it, unpainted; a face mask of the old one is dropped."""
         return mask_editor(photo, mode, mask_face=False), False, None
@@ -856,8 +860,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                            queue=False)
         start_mode.input(start_mode_chosen, start_mode, [strength, mask_face_box], api_visibility="private",
                          queue=False)
-        start_mode.change(lambda mode, photo, face: (gr.Group(visible=mode == INPAINT), mask_editor(photo, mode, face)),
-                          [start_mode, init_image, mask_face_box], [inpaint_tools, mask_image],
+        start_mode.change(start_mode_shown, [start_mode, init_image, mask_face_box], [inpaint_tools, mask_image],
                           api_visibility="private", queue=False)
         mask_face_box.change(mask_editor, [init_image, start_mode, mask_face_box], mask_image,
                              api_visibility="private", queue=False)
