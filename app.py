@@ -7,6 +7,7 @@ All generation logic lives in the library; this file only builds the page and co
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import tempfile
@@ -17,17 +18,19 @@ from typing import Any
 import gradio as gr
 import spaces  # before anything imports torch (the photomaker modules below), so that ZeroGPU can patch CUDA
 from gradio import processing_utils
+from PIL import Image
 from pydantic import ConfigDict, ValidationError
 from spaces.config import Config as SpacesConfig
 
 from photomaker import presets
 from photomaker.aspect_ratios import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from photomaker.config import ENV_VARIABLES, ServiceConfig, parse_switch
+from photomaker.control_images import mask_face, prepare_control_image
 from photomaker.errors import PhotoMakerError
 from photomaker.faces import get_face_analyzer, prepare_id_photos
 from photomaker.fields import REQUEST_FIELDS, RequestField
 from photomaker.flags import MODEL_FLAGS, add_model_flags, model_settings
-from photomaker.images import MAX_UPLOAD_BYTES
+from photomaker.images import MAX_UPLOAD_BYTES, load_image
 from photomaker.metadata import read_parameters, restore_settings
 from photomaker.requests import GenerationRequest, GenerationResult, ServiceStatus
 from photomaker.service import PhotoMakerService
@@ -63,17 +66,21 @@ def _save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image",
 processing_utils.save_pil_to_cache = _save_pil_to_cache_atomically
 
 
-def named_in_errors(component: gr.components.Component, expected: str) -> gr.components.Component:
+def named_in_errors(component: gr.components.Component, expected: str, *, nullable: bool = False
+                    ) -> gr.components.Component:
     """Gradio checks slider, number and dropdown values sent through the API before any app code runs, with
     messages such as "Value 0 is less than minimum value 1."; prefix the control's label so the user knows which,
     and turn any other refusal of a malformed value (a text for a number, ...) into a message saying what
-    `expected` values look like.
+    `expected` values look like. With `nullable`, null passes through (the field's default: a slider whose
+    default depends on the mode, such as the control strength).
 
     Wraps the instance's method: subclassing a Gradio component would make Gradio write an `app.pyi` file.
     """
     check = component.preprocess
 
     def preprocess(payload: Any) -> Any:
+        if payload is None and nullable:
+            return None
         try:
             return check(payload)
         except gr.Error as error:
@@ -133,6 +140,58 @@ def accept_bare_files(gallery: gr.Gallery, api_name: str) -> gr.Gallery:
 
     gallery.data_model = PhotoListPayload
     return gallery
+
+
+def image_format(api_name: str, editor: bool) -> str:
+    """How one image is passed to `/generate` through gradio_client, for error messages."""
+    text = f"{api_name} takes one image file: handle_file('picture.png') (from gradio_client import handle_file)"
+    if editor:
+        text += ", or an image editor value {'background': handle_file(...), 'layers': [...], 'composite': ...}"
+    return text + ", or null for none"
+
+
+def accept_image_file(component: gr.Image | gr.ImageEditor, api_name: str) -> gr.Image | gr.ImageEditor:
+    """Let a single-image `/generate` parameter take a bare file (`handle_file(path)`) or null, and refuse
+    anything else with a message naming the parameter and showing the expected format.
+
+    An image editor (a canvas the user draws on) takes its own value too, and a bare file, which reaches the
+    handler as its path (an uploaded image: a drawing, a mask). As in `accept_bare_files`, the rewrite lives in
+    the instance's data model, which Gradio validates before any app code runs.
+    """
+    editor = isinstance(component, gr.ImageEditor)
+
+    class ImagePayload(component.data_model):  # type: ignore[name-defined,misc]
+        model_config = ConfigDict(title=component.data_model.__name__)
+
+        @classmethod
+        def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            if obj is None or isinstance(obj, cls):
+                return obj
+            if editor and isinstance(obj, dict) and "path" in obj:  # a bare file: the background, nothing else
+                obj = {"background": obj, "layers": [], "composite": None}
+            if not isinstance(obj, dict) or not (
+                {"background", "layers", "composite", "id"} & set(obj) if editor else obj.get("path") or obj.get("url")
+            ):
+                raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.")
+            try:
+                return super().model_validate(obj, *args, **kwargs)
+            except ValidationError as error:
+                raise gr.Error(f"{image_format(api_name, editor)}; got {obj!r}.") from error
+
+    component.data_model = ImagePayload
+    if editor:
+        editor_preprocess = component.preprocess
+
+        def preprocess(payload: Any) -> Any:
+            # Only a bare file has a background and nothing else: hand the library its path, as the CLI does,
+            # so the PNG records the file's name.
+            if (payload is not None and payload.background is not None and not payload.layers
+                    and payload.composite is None and payload.id is None):
+                return payload.background.path
+            return editor_preprocess(payload)
+
+        component.preprocess = preprocess
+    return component
 
 
 APP_DIR = Path(__file__).resolve().parent
@@ -291,6 +350,46 @@ def _identity_caption(identity: dict[str, Any] | None) -> str | None:
 
 
 RANDOMIZE_SEED = "randomize_seed"  # the one /generate parameter that is not a request field: it follows seed
+IMAGE_KINDS = ("images", "image")  # fields a PNG does not restore: the user gives the pictures again
+ESTIMATED_MAPS = ("pose", "depth")  # control maps a model finds in the photo (loaded when generating)
+IMG2IMG, INPAINT = "img2img", "inpaint"  # the start-photo modes; inpaint shows the mask tools
+PAINTED_OVER_FIELDS = ("mask_image",)  # image fields whose page canvas only paints over the app's background
+EMPTY_CANVAS: dict[str, Any] = {"background": None, "layers": [], "composite": None}  # a canvas with nothing on it
+
+
+def mask_editor(photo: str | None, mode: str, mask_face: bool) -> gr.ImageEditor:
+    """The mask canvas: the target photo to paint over, unpainted, in inpaint mode; empty and hidden when the
+    face is masked automatically (a painted mask and "mask the face" exclude each other); empty in img2img."""
+    painted = mode == INPAINT and not mask_face and photo
+    value = {"background": photo, "layers": [], "composite": photo} if painted else None
+    return gr.ImageEditor(value=value, visible=not mask_face)
+
+
+def _painted(layer: Image.Image) -> bool:
+    """Whether a canvas layer holds any stroke (alpha, or non-black where the layer has no alpha)."""
+    band = layer.getchannel("A") if "A" in layer.getbands() else layer.convert("L")
+    return band.getbbox() is not None
+
+
+def _canvas_or_none(value: Any, *, paint_only: bool = False) -> Any:
+    """An image editor's value, or None when nothing was uploaded or drawn on it (an untouched canvas still
+    sends its composite, which is no image).
+
+    With `paint_only` (the mask canvas, whose background is the target photo the app put there) a canvas the
+    page sent (it has a composite) with nothing painted is an empty mask, which the library refuses as such;
+    an uploaded mask file (a bare file through the API: a background without a composite) stays a mask.
+    """
+    if not isinstance(value, dict):
+        return value
+    layers = value.get("layers") or []
+    painted = any(_painted(layer) for layer in layers)
+    if paint_only and not painted and value.get("composite") is not None:
+        return EMPTY_CANVAS
+    if value.get("background") is not None or painted:
+        return value
+    if not layers and value.get("composite") is not None:  # an API value carrying only the composite
+        return value
+    return None
 
 
 def _from_control(item: RequestField, value: Any) -> Any:
@@ -298,6 +397,8 @@ def _from_control(item: RequestField, value: Any) -> Any:
     and a size of 0 (below the field's range) means "from the aspect ratio"."""
     if item.kind == "images":
         return _gallery_paths(value)
+    if item.kind == "image":
+        return _canvas_or_none(value, paint_only=item.name in PAINTED_OVER_FIELDS)
     if value is None or value == "":
         return None if item.nullable else item.default
     if item.kind == "bool":
@@ -309,13 +410,34 @@ def _from_control(item: RequestField, value: Any) -> Any:
     return value
 
 
-def _to_control(item: RequestField, value: Any) -> Any:
+def _to_control(item: RequestField, value: Any, request: GenerationRequest) -> Any:
     """A request value as the control of field `item` shows it (the reverse of `_from_control`)."""
     if value is None and item.kind == "choice":
         return ""  # e.g. fast mode off
     if value is None and item.kind == "int" and item.low > 0:
         return 0  # e.g. a size from the aspect ratio
+    if value is None and item.kind == "float":  # a slider shows the default the request stands for
+        return mode_defaults(request.control_type, inpaint=request.mask_face)[item.name]
     return value
+
+
+def mode_defaults(control_type: str, *, inpaint: bool) -> dict[str, float]:
+    """The slider values a control type and a start-photo mode stand for when left at their defaults (the
+    sketch adapter's scale and end as the reference demo; inpainting redraws more than img2img)."""
+    sketch = control_type == "sketch"
+    return {
+        "control_scale": presets.SKETCH_SCALE_DEFAULT if sketch else presets.CONTROL_SCALE_DEFAULT,
+        "control_end": presets.SKETCH_END_DEFAULT if sketch else presets.CONTROL_END_DEFAULT,
+        "strength": presets.INPAINT_STRENGTH_DEFAULT if inpaint else presets.IMG2IMG_STRENGTH_DEFAULT,
+    }
+
+
+def output_size(aspect_ratio: str | None, width: float | None, height: float | None) -> tuple[int, int]:
+    """The output size a request asks for: width and height when both are set, else the aspect ratio's (an
+    unknown one falls back to the default: validation refuses it later)."""
+    if width and height:
+        return int(width), int(height)
+    return ASPECT_RATIOS.get(aspect_ratio or "", ASPECT_RATIOS[DEFAULT_ASPECT_RATIO])
 
 
 def request_from_api(values: dict[str, Any]) -> GenerationRequest:
@@ -326,14 +448,47 @@ def request_from_api(values: dict[str, Any]) -> GenerationRequest:
     return GenerationRequest(**fields)
 
 
+def accept_shorter_calls(demo: gr.Blocks, api_name: str) -> None:
+    """Let a raw HTTP call of endpoint `api_name` leave out trailing parameters, which take their controls'
+    initial values, as gradio_client does for a call that leaves them out.
+
+    Gradio refuses a `data` list shorter than the endpoint's inputs ("didn't receive enough input values"), so
+    without this every script that posts the parameters `/generate` had before new ones were appended would
+    break. Wraps this page's own check (nothing global is patched).
+    """
+    validate_inputs = demo.validate_inputs
+
+    def validate_with_defaults(block_fn: Any, inputs: list[Any]) -> None:
+        if block_fn.api_name == api_name and len(inputs) < len(block_fn.inputs):
+            inputs.extend(block.value for block in block_fn.inputs[len(inputs):])  # checked in place by Gradio
+        validate_inputs(block_fn, inputs)
+
+    demo.validate_inputs = validate_with_defaults
+
+
+def declare_optional_images(handler: Any) -> Any:
+    """Declare each single-image field's `/generate` parameter on `handler`'s signature with a None default.
+
+    Gradio tells API clients that a parameter may be left out only when its component starts with a value or
+    the handler declares that parameter with a None default; image inputs start empty, so without this every
+    existing call (which knows nothing of them) would be refused. The handler still receives them in
+    `**values`.
+    """
+    signature = inspect.signature(handler)
+    parameters = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
+    optional = [inspect.Parameter(item.api_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any)
+                for item in REQUEST_FIELDS if item.kind == "image"]
+    handler.__signature__ = signature.replace(parameters=[*parameters, *optional, *rest])
+    return handler
+
+
 def gpu_duration(request: GenerationRequest, progress: Any = None) -> int:
     """Seconds of GPU to reserve on ZeroGPU for `request`: grows with steps, images and pixels.
 
     Runs before the request is validated, so odd values fall back to the defaults instead of raising.
     """
-    width, height = ASPECT_RATIOS.get(request.aspect_ratio, ASPECT_RATIOS[DEFAULT_ASPECT_RATIO])
-    if request.width and request.height:
-        width, height = request.width, request.height
+    width, height = output_size(request.aspect_ratio, request.width, request.height)
     return presets.gpu_seconds(request.num_steps, request.num_outputs, width, height, best_of=request.best_of,
                                fast=request.fast)
 
@@ -363,10 +518,11 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                 "and report the problem if it persists."
             ) from error
 
-    def generate(progress: gr.Progress = gr.Progress(), **values: Any) -> tuple[list, int, list, str]:
+    @declare_optional_images
+    def generate(progress: gr.Progress = gr.Progress(), **values: Any) -> tuple[list, int, list, str, tuple]:
         """Generate images of the person in the ID photos; `values` are the `/generate` parameters by API name
         (the field table's, plus randomize_seed). Returns (images with identity captions, seed used, face crops
-        used, notes)."""
+        used, notes, (control map, mask) used: page state, not part of the API's answer)."""
         request = request_from_api(values)
         if SpacesConfig.zero_gpu:
             # Refuse a bad request before a GPU is reserved for it (off ZeroGPU, `generate` checks it first).
@@ -381,7 +537,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         notes = f"**Prompt used:** {result.prompt_used}" if result.prompt_used else ""
         if result.warnings:
             notes += "\n\n" + "\n".join(f"- {warning}" for warning in result.warnings)
-        return images, result.seed, result.crops, notes
+        return images, result.seed, result.crops, notes, (result.control_image, result.mask_image)
 
     def preview_crops(id_photos: list | None, crop_faces: bool) -> list:
         """The ID photos as the encoder will see them (face crops), shown as soon as photos are uploaded."""
@@ -415,20 +571,79 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             raise gr.Error(str(error)) from error
         request = restored.request
         updates: dict[gr.components.Component, Any] = {
-            controls[item.name]: _to_control(item, getattr(request, item.name))
+            controls[item.name]: _to_control(item, getattr(request, item.name), request)
             for item in REQUEST_FIELDS
-            if item.kind != "images"
+            if item.kind not in IMAGE_KINDS
         }
         updates[randomize_seed] = False
+        if request.mask_face:  # the start photo itself is not stored: the user gives it again
+            updates[start_mode] = INPAINT
         for change in restored.changes:
             gr.Warning(change)
         made_with = f"{parameters.get('base_model')}, PhotoMaker v{parameters.get('pm_version')}"
         if parameters.get("pm_version") != service.config.pm_version:
             gr.Warning(f"This image was made with PhotoMaker v{parameters.get('pm_version')}; this app runs "
                        f"v{service.config.pm_version}, so the result will differ.")
-        gr.Info(f"Settings restored from the PNG (made with {made_with}). Add the same ID photos and press "
-                "Generate to remake it.")
+        pictures = ["ID photos", *(item.label for item in REQUEST_FIELDS
+                                   if item.kind == "image" and parameters.get(item.metadata_key))]
+        gr.Info(f"Settings restored from the PNG (made with {made_with}). Add the same {', '.join(pictures)} and "
+                "press Generate to remake it.")
         return updates
+
+    def preview_control(control_type: str, image: Any, aspect_ratio: str, width: float | None,
+                        height: float | None) -> tuple[Image.Image | None, str]:
+        """The control map the generation will use (at the output size), and what was done to the image. Pose
+        and depth maps need their estimator models, which load with the first generation that uses them: those
+        maps are shown after generating."""
+        if not control_type:
+            raise gr.Error("Choose a control type (pose, edges, depth or sketch) to see its control map.")
+        image = _canvas_or_none(image)
+        if image is None:
+            raise gr.Error(f"The {control_type} control needs an image: upload one or draw on the canvas.")
+        if control_type in ESTIMATED_MAPS:
+            return None, (f"The {control_type} map is found by the {control_type} model during generation; "
+                          "it is shown here after you press Generate.")
+        try:
+            prepared = prepare_control_image(control_type, image, *output_size(aspect_ratio, width, height))
+        except PhotoMakerError as error:
+            raise gr.Error(str(error)) from error
+        return prepared.image, "\n".join(f"- {note}" for note in prepared.notes)
+
+    def show_used_maps(maps: tuple[Image.Image | None, Image.Image | None] | None) -> tuple[Any, Any]:
+        """After a generation: the control map and the inpainting mask it used (unchanged when it used none)."""
+        control_map, mask = maps or (None, None)
+        return (control_map if control_map is not None else gr.skip(),
+                mask if mask is not None else gr.skip())
+
+    def show_face_mask(photo: str | None) -> tuple[Image.Image, bool]:
+        """The mask "mask the face" makes on the target photo; turns that option on."""
+        if not photo:
+            raise gr.Error("Upload a target photo first: the face mask is made from the face found in it.")
+        backend = service.config.resolved_face_backend
+        if backend == "none":
+            raise gr.Error("Face detection is off (PHOTOMAKER_FACE_BACKEND=none): paint the mask instead.")
+        try:
+            analyzer = get_face_analyzer(backend, model_dir=service.config.face_model_dir)
+            return mask_face(load_image(photo, name="the target photo"), analyzer), True
+        except PhotoMakerError as error:
+            raise gr.Error(str(error)) from error
+
+    def control_type_chosen(control_type: str) -> tuple[float, float]:
+        """Strength and end sliders at the chosen control's defaults (the sketch adapter has its own)."""
+        defaults = mode_defaults(control_type, inpaint=False)
+        return defaults["control_scale"], defaults["control_end"]
+
+    def start_mode_chosen(mode: str) -> tuple[float, Any]:
+        """The strength default of the chosen mode; img2img has no face mask."""
+        return mode_defaults("", inpaint=mode == INPAINT)["strength"], False if mode == IMG2IMG else gr.skip()
+
+    def start_mode_shown(mode: str, photo: str | None, mask_face: bool) -> tuple[gr.Group, gr.ImageEditor]:
+        """The mask tools in inpaint mode only (a restored PNG may set the mode too)."""
+        return gr.Group(visible=mode == INPAINT), mask_editor(photo, mode, mask_face)
+
+    def target_photo_changed(photo: str | None, mode: str) -> tuple[gr.ImageEditor, bool, None]:
+        """A new target photo: the mask canvas shows it, unpainted; a face mask of the old one is dropped."""
+        return mask_editor(photo, mode, mask_face=False), False, None
 
     with gr.Blocks(title="PhotoMaker", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
@@ -510,6 +725,70 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                         label="Mix (0 = first person only, 1 = second person only)", minimum=presets.MIX_STRENGTH_MIN,
                         maximum=presets.MIX_STRENGTH_MAX, step=0.05, value=presets.MIX_STRENGTH_DEFAULT,
                     )
+                with gr.Accordion("Control: pose, edges, depth or a sketch", open=False, elem_id="control"):
+                    control_type = gr.Radio(
+                        [("None", ""), ("Pose", "pose"), ("Edges (canny)", "canny"), ("Depth", "depth"),
+                         ("Sketch", "sketch")],
+                        value="", label="Control type", elem_id="control-type",
+                        info="Pose, edges and depth are taken from a photo; sketch from a drawing.",
+                    )
+                    control_image = gr.ImageEditor(
+                        label="Control image: upload, or draw (brush tool)", type="pil",
+                        image_mode="RGBA", sources=["upload", "clipboard"], layers=False, transforms=(),
+                        brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=6),
+                        eraser=gr.Eraser(default_size=16), canvas_size=(512, 512), format="png", height=420,
+                        elem_id="control-image",
+                    )
+                    with gr.Row():
+                        preview_button = gr.Button("Show the control map", size="sm", elem_id="control-preview-button")
+                    control_preview = gr.Image(label="Control map (at the output size)", interactive=False,
+                                               format="png", height=220, elem_id="control-preview")
+                    control_notes = gr.Markdown(elem_id="control-notes")
+                    control_scale = gr.Slider(
+                        label="Control strength", minimum=presets.CONTROL_SCALE_MIN,
+                        maximum=presets.CONTROL_SCALE_MAX, step=0.05, value=presets.CONTROL_SCALE_DEFAULT,
+                        info=f"How strongly the image steers the layout (sketch default "
+                             f"{presets.SKETCH_SCALE_DEFAULT:g}).", elem_id="control-scale",
+                    )
+                    with gr.Row():
+                        control_start = gr.Slider(label="Control start", minimum=0, maximum=1, step=0.05, value=0,
+                                                  info="Fraction of the steps before it applies.",
+                                                  elem_id="control-start")
+                        control_end = gr.Slider(label="Control end", minimum=0, maximum=1, step=0.05,
+                                                value=presets.CONTROL_END_DEFAULT,
+                                                info=f"Fraction after which it stops (sketch default "
+                                                     f"{presets.SKETCH_END_DEFAULT:g}).", elem_id="control-end")
+                with gr.Accordion("Start from a photo", open=False, elem_id="start-photo"):
+                    init_image = gr.Image(label="Target photo", type="filepath", sources=["upload", "clipboard"],
+                                          height=260, elem_id="init-image")
+                    start_mode = gr.Radio(
+                        [("Redraw the whole photo (img2img)", IMG2IMG), ("Put the person into a region (inpaint)",
+                                                                         INPAINT)],
+                        value=IMG2IMG, label="Mode", elem_id="start-mode",
+                    )
+                    strength = gr.Slider(label="Strength", minimum=0, maximum=1, step=0.05,
+                                         value=presets.IMG2IMG_STRENGTH_DEFAULT, elem_id="strength",
+                                         info="How much of the photo is redrawn: 0 keeps it, 1 redraws all.")
+                    with gr.Group(visible=False) as inpaint_tools:
+                        mask_image = gr.ImageEditor(
+                            label="Paint the region to redraw", type="pil", image_mode="RGBA", sources=(),
+                            layers=False, transforms=(), format="png", height=320, elem_id="mask-image",
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=20),
+                        )
+                        with gr.Row():
+                            mask_face_box = gr.Checkbox(label="Mask the face (instead of painting)", value=False,
+                                                        elem_id="mask-face")
+                            face_mask_button = gr.Button("Show the face mask", size="sm", elem_id="face-mask-button")
+                        face_mask_preview = gr.Image(label="Face mask", interactive=False, format="png",
+                                                     height=160, elem_id="face-mask-preview")
+                with gr.Accordion("Style image", open=False, elem_id="style-image-section"):
+                    style_image = gr.Image(label="A picture whose style the result borrows (IP-Adapter)",
+                                           type="filepath", sources=["upload", "clipboard"], height=220,
+                                           elem_id="style-image")
+                    style_image_scale = gr.Slider(
+                        label="Style image strength", minimum=0, maximum=1, step=0.05,
+                        value=presets.STYLE_IMAGE_SCALE_DEFAULT, elem_id="style-image-scale",
+                    )
                 with gr.Accordion("Reproduce from a PNG", open=False, elem_id="reproduce"):
                     png_file = gr.File(label="A PNG made by this app", file_types=[".png"], type="filepath",
                                        elem_id="png-file")
@@ -549,22 +828,47 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             "aspect_ratio": aspect_ratio, "num_steps": num_steps, "style_strength": style_strength,
             "num_outputs": num_outputs, "guidance_scale": guidance_scale, "seed": seed, "crop_faces": crop_faces,
             "mix_images": mix_photos, "mix_strength": mix_strength, "fast": fast_mode, "best_of": best_of,
-            "width": width, "height": height,
+            "width": width, "height": height, "control_type": control_type, "control_image": control_image,
+            "control_scale": control_scale, "control_start": control_start, "control_end": control_end,
+            "init_image": init_image, "strength": strength, "mask_image": mask_image, "mask_face": mask_face_box,
+            "style_image": style_image, "style_image_scale": style_image_scale,
         }
         api_inputs: dict[str, gr.components.Component] = {}  # /generate's parameters, in the field table's order
         for item in REQUEST_FIELDS:
             control = controls[item.name]
             if item.kind == "images":
                 accept_bare_files(control, item.api_name)
+            elif item.kind == "image":
+                accept_image_file(control, item.api_name)
             else:
-                named_in_errors(control, item.describe_type(service.config))
+                named_in_errors(control, item.describe_type(service.config), nullable=item.nullable)
             api_inputs[item.api_name] = control
             if item.name == "seed":
                 api_inputs[RANDOMIZE_SEED] = named_in_errors(randomize_seed, "true or false")
-        generate_outputs = [results, seed_used, crops, notes]
+        used_maps = gr.State()  # (control map, mask) of the last generation; a State is not in the API's answer
+        generate_outputs = [results, seed_used, crops, notes, used_maps]
         generation = gr.on([generate_button.click, prompt.submit], generate, None, generate_outputs,
                            inputs_kwargs=api_inputs, api_name="generate", show_progress_on=results)
         generation.success(lambda: gr.Row(visible=True), None, seed_row, api_visibility="private", queue=False)
+        accept_shorter_calls(demo, "generate")
+        size_inputs = [aspect_ratio, width, height]
+        preview_button.click(preview_control, [control_type, control_image, *size_inputs],
+                             [control_preview, control_notes], api_visibility="private")
+        generation.success(show_used_maps, used_maps, [control_preview, face_mask_preview], api_visibility="private",
+                           queue=False)
+        # Defaults follow what the user picks (.input), not a PNG's restored values (which .change would undo).
+        control_type.input(control_type_chosen, control_type, [control_scale, control_end], api_visibility="private",
+                           queue=False)
+        start_mode.input(start_mode_chosen, start_mode, [strength, mask_face_box], api_visibility="private",
+                         queue=False)
+        start_mode.change(start_mode_shown, [start_mode, init_image, mask_face_box], [inpaint_tools, mask_image],
+                          api_visibility="private", queue=False)
+        mask_face_box.change(mask_editor, [init_image, start_mode, mask_face_box], mask_image,
+                             api_visibility="private", queue=False)
+        init_image.change(target_photo_changed, [init_image, start_mode],
+                          [mask_image, mask_face_box, face_mask_preview], api_visibility="private", queue=False)
+        face_mask_button.click(show_face_mask, init_image, [face_mask_preview, mask_face_box],
+                               api_visibility="private")
 
         # Status polls skip the queue: they are instant, and must not take places a generation could use.
         demo.load(model_status, None, [status_line, status_timer], api_visibility="private", queue=False)
@@ -573,8 +877,9 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         gr.on([id_photos.change, crop_faces.change], preview_crops, [id_photos, crop_faces], crops,
               api_visibility="private", show_progress="minimal")
         png_file.upload(reproduce, png_file,
-                        [*(controls[item.name] for item in REQUEST_FIELDS if item.kind != "images"), randomize_seed],
-                        api_visibility="private")
+                        [*(controls[item.name] for item in REQUEST_FIELDS if item.kind not in IMAGE_KINDS),
+                         randomize_seed,
+                         start_mode], api_visibility="private")
         reuse_seed.click(lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private",
                          queue=False)
     return demo
