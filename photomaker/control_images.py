@@ -492,7 +492,7 @@ class PersonDetector(_TransformersVisionModel):
         )[0]
         people = [
             (score, tuple(float(v) for v in box))
-            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist())
+            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True)
             if int(label) in self.person_labels
         ]
         return [box for _, box in sorted(people, key=lambda item: -item[0])]

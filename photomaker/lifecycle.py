@@ -227,7 +227,6 @@ class ModelLifecycle:
         config = self.config
         if config.tiny_dir:
             from photomaker.testing import make_tiny
-
             from photomaker.testing_control import tiny_control_overrides
 
             paths = make_tiny(config.tiny_dir)

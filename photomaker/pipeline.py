@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -79,7 +80,7 @@ class PhotoMakerStableDiffusionXLPipeline(PhotoMakerMixin, StableDiffusionXLPipe
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature; never mutated)
         # PhotoMaker
         input_id_images: Sequence[Any] | IDEncoding | None = None,
         start_merge_step: int = 0,

@@ -7,7 +7,8 @@ phase; the UNet switches from text-only to ID-fused after `start_merge_step`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
@@ -57,7 +58,7 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
         _per_net(controlnet_conditioning_scale, num_nets, "controlnet_conditioning_scale")
         starts = _per_net(control_guidance_start, num_nets, "control_guidance_start")
         ends = _per_net(control_guidance_end, num_nets, "control_guidance_end")
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=True):
             if not 0.0 <= start < end <= 1.0:
                 raise InvalidRequestError(
                     f"control_guidance_start ({start}) and control_guidance_end ({end}) must satisfy "
@@ -104,7 +105,7 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature; never mutated)
         # PhotoMaker
         input_id_images: Sequence[Any] | IDEncoding | None = None,
         start_merge_step: int = 0,
@@ -219,7 +220,7 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
         for i in range(len(timesteps)):
             keeps = [
                 1.0 - float(i / len(timesteps) < s or (i + 1) / len(timesteps) > e)
-                for s, e in zip(control_guidance_start, control_guidance_end)
+                for s, e in zip(control_guidance_start, control_guidance_end, strict=True)
             ]
             controlnet_keep.append(keeps[0] if num_nets == 1 else keeps)
         original_size = original_size or tuple(control_images[0].shape[-2:])
@@ -267,7 +268,7 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
                     controlnet_prompt_embeds = text_only.prompt_embeds
                     controlnet_added_cond_kwargs = added_cond_kwargs
                 if isinstance(controlnet_keep[i], list):
-                    cond_scale = [c * s for c, s in zip(controlnet_conditioning_scale, controlnet_keep[i])]
+                    cond_scale = [c * s for c, s in zip(controlnet_conditioning_scale, controlnet_keep[i], strict=True)]
                 else:
                     scale = controlnet_conditioning_scale
                     cond_scale = (scale[0] if isinstance(scale, list) else scale) * controlnet_keep[i]

@@ -6,7 +6,8 @@ text-only prompt, then the ID-fused prompt after `start_merge_step`, as the text
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -69,7 +70,7 @@ class PhotoMakerStableDiffusionXLImg2ImgPipeline(PhotoMakerMixin, StableDiffusio
         negative_aesthetic_score: float = 2.5,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature; never mutated)
         # PhotoMaker
         input_id_images: Sequence[Any] | IDEncoding | None = None,
         start_merge_step: int = 0,

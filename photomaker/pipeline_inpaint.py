@@ -7,7 +7,8 @@ the mask the photo's own latents are put back after every step (4-channel UNet),
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
         negative_aesthetic_score: float = 2.5,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature; never mutated)
         # PhotoMaker
         input_id_images: Sequence[Any] | IDEncoding | None = None,
         start_merge_step: int = 0,

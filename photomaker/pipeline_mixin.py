@@ -13,8 +13,9 @@ import ctypes
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import CLIPImageProcessor
@@ -233,7 +234,7 @@ class PhotoMakerMixin:
                 add_trigger_token(tokenizer, trigger_word)
         logger.info("Loaded PhotoMaker v%d adapter (fused=%s).", self.pm_version, fuse)
 
-    def use_photomaker_adapter_of(self, other: "PhotoMakerMixin") -> None:
+    def use_photomaker_adapter_of(self, other: PhotoMakerMixin) -> None:
         """Take the PhotoMaker adapter that `other` loaded into the UNet both share, e.g. a ControlNet pipeline
         built as `PhotoMakerStableDiffusionXLControlNetPipeline(**pipe.components, controlnet=...)`: the ID encoder
         and the trigger word come along; nothing is read or fused again (loading again would refuse, as the LoRA
@@ -296,7 +297,7 @@ class PhotoMakerMixin:
 
     # ------------------------------------------------------------------ devices
 
-    def to(self, *args: Any, **kwargs: Any) -> "PhotoMakerMixin":
+    def to(self, *args: Any, **kwargs: Any) -> PhotoMakerMixin:
         """Move the pipeline and the ID encoder (which is not a registered component) together."""
         super().to(*args, **kwargs)
         if self.id_encoder is not None and not hasattr(self.id_encoder, "_hf_hook"):
@@ -441,12 +442,12 @@ class PhotoMakerMixin:
         words cut from too-long prompts. `labels` name the argument each tokenizer's prompts came from in
         errors and notes ("prompt_2" when it was given): the messages say "The prompt" otherwise."""
         id_ids, masks, text_ids, notes = [], [], [], []
-        for tokenizer, batch, label in zip(self._tokenizers(), prompts, labels):
+        for tokenizer, batch, label in zip(self._tokenizers(), prompts, labels, strict=True):
             trigger_id = tokenizer.convert_tokens_to_ids(self.trigger_word)
             eos_id, pad_id = tokenizer.eos_token_id, self._pad_id(tokenizer)
             max_length = tokenizer.model_max_length
             rows_ids, rows_mask, rows_text = [], [], []
-            for prompt, ids in zip(batch, self._tokenize(tokenizer, batch)):
+            for prompt, ids in zip(batch, self._tokenize(tokenizer, batch), strict=True):
                 try:
                     expanded = expand_class_tokens(
                         ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=eos_id, pad_id=pad_id,
@@ -482,7 +483,7 @@ class PhotoMakerMixin:
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Hidden states of each text encoder (penultimate layer, or `clip_skip`) and the pooled output."""
         hidden, pooled = [], None
-        for text_encoder, ids in zip((self.text_encoder, self.text_encoder_2), ids_per_encoder):
+        for text_encoder, ids in zip((self.text_encoder, self.text_encoder_2), ids_per_encoder, strict=True):
             output = text_encoder(ids.to(device), output_hidden_states=True)
             layer = -2 if clip_skip is None else -(clip_skip + 2)
             hidden.append(output.hidden_states[layer])
@@ -517,7 +518,7 @@ class PhotoMakerMixin:
         )
         label_2 = "The negative prompt" if negative_prompt_2 is None else "negative_prompt_2"
         for tokenizer, batch, label in zip(
-            self._tokenizers(), (negatives, negatives_2), ("The negative prompt", label_2)
+            self._tokenizers(), (negatives, negatives_2), ("The negative prompt", label_2), strict=True
         ):
             if tokenizer is None or not batch:
                 continue
@@ -562,7 +563,7 @@ class PhotoMakerMixin:
         hidden, pooled = self._encode_ids(id_ids, device, clip_skip)
         batch = len(prompts)
         class_rows = torch.cat(
-            [h[m.to(device)].view(batch, id_encoding.num_id_tokens, -1) for h, m in zip(hidden, masks)], dim=-1
+            [h[m.to(device)].view(batch, id_encoding.num_id_tokens, -1) for h, m in zip(hidden, masks, strict=True)], dim=-1
         )
         all_rows = torch.ones(class_rows.shape[:2], dtype=torch.bool, device=device)
         with self._id_encoder_on_device():
@@ -570,7 +571,7 @@ class PhotoMakerMixin:
                 class_rows.to(id_encoding.id_tokens.dtype), id_encoding.id_tokens.to(device), all_rows, id_weights
             ).to(hidden[0].dtype)
         widths = [h.shape[-1] for h in hidden]
-        for h, m, part in zip(hidden, masks, fused.split(widths, dim=-1)):
+        for h, m, part in zip(hidden, masks, fused.split(widths, dim=-1), strict=True):
             h[m.to(device)] = part.reshape(-1, part.shape[-1])
         prompt_embeds = torch.cat(hidden, dim=-1)
 
@@ -596,7 +597,7 @@ class PhotoMakerMixin:
             raise ValueError(f"Give one negative prompt or {batch_size} (one per prompt).")
         ids = []
         removed = False
-        for tokenizer, batch in zip(self._tokenizers(), (negatives, negatives_2)):
+        for tokenizer, batch in zip(self._tokenizers(), (negatives, negatives_2), strict=True):
             # The trigger is an added token the text encoders have no embedding for: it must not reach them.
             trigger_id = tokenizer.convert_tokens_to_ids(self.trigger_word) if self.trigger_word else None
             if trigger_id == tokenizer.unk_token_id:  # not added to this tokenizer: nothing to remove (not EOS!)

@@ -10,8 +10,8 @@ that it can be tested exactly, without any model.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from .errors import PromptError
 

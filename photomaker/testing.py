@@ -18,8 +18,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,

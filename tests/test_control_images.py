@@ -240,7 +240,7 @@ def test_pose_estimator_finds_17_keypoints_per_box_and_draws_them(tiny_pose_esti
     assert len(two) == 2
     # ViTPose widens a 48x96 box to its 3:4 input (72x96), then pads by 1.25 (90x120): keypoints map back
     # there, give or take one heatmap cell (90 / 24 px wide), which the sub-pixel refinement may step over.
-    for person, centre_x in zip(two, (24, 72)):
+    for person, centre_x in zip(two, (24, 72), strict=True):
         assert (np.abs(person.keypoints[:, 0] - centre_x) <= 45 + 4).all()
         assert (np.abs(person.keypoints[:, 1] - 48) <= 60 + 5).all()
     assert two[0].keypoints[:, 0].mean() < two[1].keypoints[:, 0].mean()

@@ -182,7 +182,7 @@ def test_pose_estimator_uses_only_the_detector_s_person_boxes(tmp_path):
     with torch.inference_mode():
         outputs = detector.model(pixel_values=inputs["pixel_values"])
     raw = detector.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(60, 80)])[0]
-    person_boxes = [box for box, label in zip(raw["boxes"].tolist(), raw["labels"].tolist()) if label == 0]
+    person_boxes = [box for box, label in zip(raw["boxes"].tolist(), raw["labels"].tolist(), strict=True) if label == 0]
     assert 0 < len(person_boxes) < len(raw["labels"])
     boxes = detector.detect(photo)
     assert sorted(boxes) == sorted(tuple(box) for box in person_boxes)

@@ -79,7 +79,8 @@ class UNetSpy:
 
 def reference_conditioning(pipe, checkpoint, prompt, images, negative_prompt=None, start_merge_step=1, steps=STEPS,
                            id_tokens=None):
-    """The reference prompt surgery and two-phase conditioning from scratch: returns, per step, (encoder_hidden_states, text_embeds) for CFG batch."""
+    """The reference prompt surgery and two-phase conditioning from scratch: returns, per step,
+    (encoder_hidden_states, text_embeds) for the CFG batch."""
     sd = checkpoint["id_encoder"]
     trigger = pipe.tokenizer.convert_tokens_to_ids("img")
 

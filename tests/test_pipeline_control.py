@@ -2,7 +2,8 @@
 
 What reaches the UNet, the ControlNet and the adapter residuals at every step is checked against the
 independent reference of the prompt surgery, the two conditioning phases and the reference's control
-pipelines (`reference_conditioning` in test_pipeline.py, plain tensor operations); with `start_merge_step >= steps` each pipeline must give what diffusers' own pipeline gives.
+pipelines (`reference_conditioning` in test_pipeline.py, plain tensor operations); with
+`start_merge_step >= steps` each pipeline must give what diffusers' own pipeline gives.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def test_controlnet_gets_text_only_prompt_and_the_phase_conditioning_unet_switch
     expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, images, "blurry", start_merge_step=1)
     text_only_embeds = expected[0][0]
     assert len(unet.calls) == len(controlnet.calls) == STEPS
-    for step, (unet_kwargs, cn_kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, controlnet.calls, expected)):
+    for step, (unet_kwargs, cn_kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, controlnet.calls, expected, strict=True)):
         assert_close(unet_kwargs["encoder_hidden_states"], embeds, step)
         assert_close(unet_kwargs["added_cond_kwargs"]["text_embeds"], pooled, step)
         assert_close(cn_kwargs["encoder_hidden_states"], text_only_embeds, step)
@@ -128,9 +129,9 @@ def test_controlnet_gets_text_only_prompt_and_the_phase_conditioning_unet_switch
     # Residuals: what the ControlNet returned reaches the UNet; inside [0.25, 0.75] of the steps only (diffusers'
     # rule: step i acts when i/steps >= start and (i+1)/steps <= end), i.e. steps 1 and 2 of 4.
     assert [c["conditioning_scale"] for c in controlnet.calls] == [0.0, 0.8, 0.8, 0.0]
-    for step, (unet_kwargs, (down, mid)) in enumerate(zip(unet.calls, controlnet.outputs)):
+    for step, (unet_kwargs, (down, mid)) in enumerate(zip(unet.calls, controlnet.outputs, strict=True)):
         for got, made in zip([*unet_kwargs["down_block_additional_residuals"],
-                              unet_kwargs["mid_block_additional_residual"]], [*down, mid]):
+                              unet_kwargs["mid_block_additional_residual"]], [*down, mid], strict=True):
             assert_close(got, made, step)
         active = any(d.abs().max() > 0 for d in down)
         assert active == (step in (1, 2)), step
@@ -231,13 +232,13 @@ def test_adapter_residuals_while_step_below_factor_times_steps_scaled_and_unet_s
     expected = reference_conditioning(t2i_pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=1)
     features = reference_adapter_features(t2i_pipe, sketch, 0.7)
     assert len(unet.calls) == STEPS
-    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected)):
+    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected, strict=True)):
         assert_close(kwargs["encoder_hidden_states"], embeds, step)
         assert_close(kwargs["added_cond_kwargs"]["text_embeds"], pooled, step)
         residuals = kwargs["down_intrablock_additional_residuals"]
         if step < int(STEPS * factor):
             assert len(residuals) == len(features)
-            for got, feature in zip(residuals, features):
+            for got, feature in zip(residuals, features, strict=True):
                 assert_close(got, torch.cat([feature, feature]), step)  # same residual for both CFG halves
         else:
             assert residuals is None, step

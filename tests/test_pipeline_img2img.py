@@ -52,7 +52,7 @@ def test_steps_that_run_follow_strength_and_merge_step_counts_them(pipe, strengt
     assert len(unet.calls) == steps_run
     expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=1,
                                       steps=steps_run)
-    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected)):
+    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected, strict=True)):
         assert kwargs["args"][1] == all_timesteps[STEPS - steps_run + step]
         assert_close(kwargs["encoder_hidden_states"], embeds, step)
         assert_close(kwargs["added_cond_kwargs"]["text_embeds"], pooled, step)

@@ -80,7 +80,7 @@ def test_unet_gets_text_only_then_the_id_over_the_steps_that_run(pipe):
     expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=0,
                                       steps=steps_run)
     assert len(unet.calls) == steps_run
-    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected)):
+    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected, strict=True)):
         assert kwargs["args"][0].shape[1] == 4
         assert_close(kwargs["encoder_hidden_states"], embeds, step)
         assert_close(kwargs["added_cond_kwargs"]["text_embeds"], pooled, step)

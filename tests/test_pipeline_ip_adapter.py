@@ -80,7 +80,7 @@ def test_style_image_rides_image_embeds_every_step_and_the_id_still_reaches_the_
     expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=0,
                                       steps=STEPS)
     assert len(unet.calls) == STEPS
-    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected)):
+    for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected, strict=True)):
         assert_close(kwargs["encoder_hidden_states"], embeds, step)
         assert_close(kwargs["added_cond_kwargs"]["text_embeds"], pooled, step)
         image_embeds = kwargs["added_cond_kwargs"]["image_embeds"]

@@ -369,7 +369,7 @@ def test_generate_end_to_end(tiny_service: PhotoMakerService) -> None:
 def test_same_seed_same_pixels_and_each_image_reproducible_alone(tiny_service: PhotoMakerService) -> None:
     first = tiny_service.generate(request(num_outputs=2, seed=2024))
     second = tiny_service.generate(request(num_outputs=2, seed=2024))
-    for a, b in zip(first.images, second.images):
+    for a, b in zip(first.images, second.images, strict=True):
         assert np.array_equal(pixels(a.image), pixels(b.image))
     assert not np.array_equal(pixels(first.images[0].image), pixels(first.images[1].image))
 

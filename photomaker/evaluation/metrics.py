@@ -157,8 +157,8 @@ def _load_scoring_model(name: str, model_class: Any, processor_class: Any, what:
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"cannot load the {what} {name!r}: {str(error).rstrip('.')}. Pass {flag} with a Hub id (e.g. "
-            f"{example}) or a local folder holding {kind} and its processor. Offline, a Hub id loads only from the Hugging Face cache: "
-            f"fill it once while online with 'hf download {name}'."
+            f"{example}) or a local folder holding {kind} and its processor. Offline, a Hub id loads only from the "
+            f"Hugging Face cache: fill it once while online with 'hf download {name}'."
         ) from error
 
 
