@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -62,10 +63,16 @@ def build_pairs(models: common.Models, modes: list[str]) -> dict[str, tuple[Any,
     base = common.load_photomaker(models)  # fuses the LoRA into the shared UNet once
     controlnet, adapter = _control_models(models, base.unet)
     kinds = {
-        "controlnet": (StableDiffusionXLControlNetPipeline, PhotoMakerStableDiffusionXLControlNetPipeline,
-                       {"controlnet": controlnet}),
-        "t2i_adapter": (StableDiffusionXLAdapterPipeline, PhotoMakerStableDiffusionXLAdapterPipeline,
-                        {"adapter": adapter}),
+        "controlnet": (
+            StableDiffusionXLControlNetPipeline,
+            PhotoMakerStableDiffusionXLControlNetPipeline,
+            {"controlnet": controlnet},
+        ),
+        "t2i_adapter": (
+            StableDiffusionXLAdapterPipeline,
+            PhotoMakerStableDiffusionXLAdapterPipeline,
+            {"adapter": adapter},
+        ),
         "img2img": (StableDiffusionXLImg2ImgPipeline, PhotoMakerStableDiffusionXLImg2ImgPipeline, {}),
         "inpaint": (StableDiffusionXLInpaintPipeline, PhotoMakerStableDiffusionXLInpaintPipeline, {}),
     }
@@ -105,13 +112,22 @@ def measure(args: argparse.Namespace, models: common.Models) -> dict[str, Any]:
     for mode, (plain, photomaker) in pairs.items():
         inputs = mode_inputs(mode, args.size)
         calls: dict[str, Callable[[int], Any]] = {
-            "plain": lambda seed, p=plain: p(
-                TEXT_ONLY_PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(seed),
-                output_type="latent", **inputs),
-            "photomaker": lambda seed, p=photomaker: p(
-                common.PROMPT, input_id_images=encoding, start_merge_step=args.steps // 5,
-                num_inference_steps=args.steps, generator=torch.Generator().manual_seed(seed),
-                output_type="latent", **inputs),
+            "plain": lambda seed, p=plain, i=inputs: p(
+                TEXT_ONLY_PROMPT,
+                num_inference_steps=args.steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="latent",
+                **i,
+            ),
+            "photomaker": lambda seed, p=photomaker, i=inputs: p(
+                common.PROMPT,
+                input_id_images=encoding,
+                start_merge_step=args.steps // 5,
+                num_inference_steps=args.steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="latent",
+                **i,
+            ),
         }
         calls["plain"](0), calls["photomaker"](0)  # warm-up: first-call allocations are not what is compared
         times: dict[str, list[float]] = {"plain": [], "photomaker": []}
@@ -163,21 +179,38 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     rows = []
     for mode, r in result["modes"].items():
         paired = r["paired_ratios"]
-        rows.append([
-            mode, common.spread(r["plain_s"]), common.spread(r["photomaker_s"]), f"{r['ratio']:.3f}",
-            f"{r['paired_ratio']:.3f} [{min(paired):.3f}-{max(paired):.3f}]", f"{r['min_ratio']:.3f}",
-            _signed_ms(r["extra_s"]), f"{r['real_size_ratio']:.4f}",
-            common.verdict(r["paired_ratio"], TARGET), common.verdict(r["real_size_ratio"], TARGET),
-        ])
+        rows.append(
+            [
+                mode,
+                common.spread(r["plain_s"]),
+                common.spread(r["photomaker_s"]),
+                f"{r['ratio']:.3f}",
+                f"{r['paired_ratio']:.3f} [{min(paired):.3f}-{max(paired):.3f}]",
+                f"{r['min_ratio']:.3f}",
+                _signed_ms(r["extra_s"]),
+                f"{r['real_size_ratio']:.4f}",
+                common.verdict(r["paired_ratio"], TARGET),
+                common.verdict(r["real_size_ratio"], TARGET),
+            ]
+        )
     lines = common.header("Control modes: PhotoMaker pipeline vs diffusers' plain pipeline of the same kind", result)
     lines += [
         f"{args.models} models, {result['dtype']}, {args.size} px, {args.steps} steps, {args.repeats} alternated "
         f"pairs, torch threads {result['machine']['torch_threads']}; target <= {TARGET}x",
         "",
         common.table(
-            ["mode", "plain per call", "PhotoMaker per call", "ratio (medians)", "ratio (paired) [spread]",
-             "ratio (minima)", "extra per call (paired)", "real size, 50 steps (computed)", "verdict (measured)",
-             "verdict (real size)"],
+            [
+                "mode",
+                "plain per call",
+                "PhotoMaker per call",
+                "ratio (medians)",
+                "ratio (paired) [spread]",
+                "ratio (minima)",
+                "extra per call (paired)",
+                "real size, 50 steps (computed)",
+                "verdict (measured)",
+                "verdict (real size)",
+            ],
             rows,
         ),
         "",

@@ -180,21 +180,56 @@ class ControlModelBuilder:
 
 # The control models photomaker.control_models loads by default, each from its published configuration.
 CONTROL_MODELS: tuple[ControlModelBuilder, ...] = (
-    ControlModelBuilder("controlnet", "ControlNet (pose, canny or depth: each)", "thibaud/controlnet-openpose-sdxl-1.0, "
-                     "diffusers/controlnet-{canny,depth}-sdxl-1.0", "ControlNetModel.from_unet(SDXL UNet)", controlnet),
-    ControlModelBuilder("t2i_adapter", "sketch T2I-Adapter", "TencentARC/t2i-adapter-sketch-sdxl-1.0",
-                     "T2IAdapter full_adapter_xl", t2i_sketch_adapter),
-    ControlModelBuilder("ip_adapter_image_encoder", "IP-Adapter image encoder", "h94/IP-Adapter sdxl_models/image_encoder",
-                     "CLIPVisionModelWithProjection ViT-bigG/14, projection 1280", ip_adapter_image_encoder),
-    ControlModelBuilder("ip_adapter", "IP-Adapter weights", "h94/IP-Adapter sdxl_models/ip-adapter_sdxl.bin",
-                     "ImageProjection 1280 -> 4 x 2048 + to_k_ip/to_v_ip in 70 attn2", ip_adapter_weights),
-    ControlModelBuilder("pose_estimator", "pose estimator", "usyd-community/vitpose-base-simple",
-                     "VitPoseForPoseEstimation ViT-B/16", vitpose_base),
-    ControlModelBuilder("person_detector", "person detector", "PekingU/rtdetr_r50vd_coco_o365",
-                     "RTDetrForObjectDetection R50-vd", rt_detr_r50),
-    ControlModelBuilder("depth_estimator", "depth estimator", "Intel/dpt-hybrid-midas",
-                     "DPTForDepthEstimation hybrid (BiT + ViT-B/16)", dpt_hybrid),
-)  # fmt: skip
+    ControlModelBuilder(
+        "controlnet",
+        "ControlNet (pose, canny or depth: each)",
+        "thibaud/controlnet-openpose-sdxl-1.0, diffusers/controlnet-{canny,depth}-sdxl-1.0",
+        "ControlNetModel.from_unet(SDXL UNet)",
+        controlnet,
+    ),
+    ControlModelBuilder(
+        "t2i_adapter",
+        "sketch T2I-Adapter",
+        "TencentARC/t2i-adapter-sketch-sdxl-1.0",
+        "T2IAdapter full_adapter_xl",
+        t2i_sketch_adapter,
+    ),
+    ControlModelBuilder(
+        "ip_adapter_image_encoder",
+        "IP-Adapter image encoder",
+        "h94/IP-Adapter sdxl_models/image_encoder",
+        "CLIPVisionModelWithProjection ViT-bigG/14, projection 1280",
+        ip_adapter_image_encoder,
+    ),
+    ControlModelBuilder(
+        "ip_adapter",
+        "IP-Adapter weights",
+        "h94/IP-Adapter sdxl_models/ip-adapter_sdxl.bin",
+        "ImageProjection 1280 -> 4 x 2048 + to_k_ip/to_v_ip in 70 attn2",
+        ip_adapter_weights,
+    ),
+    ControlModelBuilder(
+        "pose_estimator",
+        "pose estimator",
+        "usyd-community/vitpose-base-simple",
+        "VitPoseForPoseEstimation ViT-B/16",
+        vitpose_base,
+    ),
+    ControlModelBuilder(
+        "person_detector",
+        "person detector",
+        "PekingU/rtdetr_r50vd_coco_o365",
+        "RTDetrForObjectDetection R50-vd",
+        rt_detr_r50,
+    ),
+    ControlModelBuilder(
+        "depth_estimator",
+        "depth estimator",
+        "Intel/dpt-hybrid-midas",
+        "DPTForDepthEstimation hybrid (BiT + ViT-B/16)",
+        dpt_hybrid,
+    ),
+)
 CONTROL_MODEL_KEYS = tuple(spec.key for spec in CONTROL_MODELS)
 
 
@@ -214,8 +249,13 @@ def _gb(size: int) -> str:
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     rows = [
-        [m["name"], m["repository"], m["architecture"], f"{m['parameters']:,}",
-         *(_gb(m[f"{_dtype_name(d)}_bytes"]) for d in DTYPES)]
+        [
+            m["name"],
+            m["repository"],
+            m["architecture"],
+            f"{m['parameters']:,}",
+            *(_gb(m[f"{_dtype_name(d)}_bytes"]) for d in DTYPES),
+        ]
         for m in result["control_models"]
     ]
     lines = common.header("Control models: extra memory at real size (computed)", result)

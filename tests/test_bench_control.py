@@ -12,14 +12,29 @@ from bench import bench_control
 
 def test_bench_control_reports_paired_ratios_per_mode(tiny_models_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "control.json"
-    result = bench_control.main([
-        "--models", "tiny", "--dir", str(tiny_models_dir), "--steps", "2", "--repeats", "2", "--threads", "1",
-        "--modes", "controlnet", "inpaint", "--json", str(out),
-    ])
+    result = bench_control.main(
+        [
+            "--models",
+            "tiny",
+            "--dir",
+            str(tiny_models_dir),
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--modes",
+            "controlnet",
+            "inpaint",
+            "--json",
+            str(out),
+        ]
+    )
     assert set(result["modes"]) == {"controlnet", "inpaint"}
     for mode in result["modes"].values():
         assert len(mode["plain_s"]) == len(mode["photomaker_s"]) == len(mode["paired_ratios"]) == 2
-        assert mode["paired_ratios"] == [pm / pl for pl, pm in zip(mode["plain_s"], mode["photomaker_s"])]
+        assert mode["paired_ratios"] == [pm / pl for pl, pm in zip(mode["plain_s"], mode["photomaker_s"], strict=True)]
         assert mode["min_ratio"] == min(mode["photomaker_s"]) / min(mode["plain_s"])
     assert "| controlnet" in result["report"] and "<= 1.03x" in result["report"]
     assert "ratio (paired) [spread]" in result["report"] and "real size, 50 steps (computed)" in result["report"]
@@ -37,8 +52,9 @@ def test_summary_pairs_the_calls_of_each_repeat() -> None:
 
 
 def test_real_size_ratio_adds_the_extra_and_the_prompt_surgery_to_a_real_50_step_call() -> None:
-    plain = (bench_control.REAL_BEFORE_UNET_S + 50 * bench_control.REAL_UNET_STEP_S
-             + bench_control.REAL_AFTER_LAST_STEP_S)
+    plain = (
+        bench_control.REAL_BEFORE_UNET_S + 50 * bench_control.REAL_UNET_STEP_S + bench_control.REAL_AFTER_LAST_STEP_S
+    )
     expected = (plain + 0.5 + bench_control.REAL_PROMPT_SURGERY_S) / plain
     assert bench_control.real_size_ratio(0.5) == pytest.approx(expected)
     # A negative extra is noise around no cost, not a saving to credit PhotoMaker with.
