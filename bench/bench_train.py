@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.models == "tiny" else 512)
     common.setup_logging(args.verbose, args.threads)
-    result = common.new_result(args, **run_benchmark(args))
+    result = common.new_result(args)  # the machine's state (load average) before the run, not after it
+    result.update(run_benchmark(args))
     return common.finish(args, result, report)
 
 
