@@ -163,12 +163,9 @@ class PhotoMakerStableDiffusionXLImg2ImgPipeline(PhotoMakerMixin, StableDiffusio
             add_time_ids = torch.cat([add_neg_time_ids, add_time_ids])
         add_time_ids = add_time_ids.to(device)
         text_only, with_id = self.photomaker_phases(embeddings, num_images_per_prompt, device, latent_dtype)
-        image_embeds = None
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt,
-                self.do_classifier_free_guidance,
-            )
+        image_embeds = self.style_image_embeds(
+            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt
+        )
 
         # 6. Denoising loop over the steps that run
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)

@@ -757,6 +757,17 @@ class PhotoMakerMixin:
             negative_prompt_embeds, negative_pooled_prompt_embeds,
         )
 
+    def style_image_embeds(
+        self, ip_adapter_image: Any, ip_adapter_image_embeds: Any, device: torch.device, num_images: int
+    ) -> list[torch.Tensor] | None:
+        """The IP-Adapter's image embeddings for `num_images` outputs (None without a style image); they ride
+        `added_cond_kwargs["image_embeds"]` on every step of both PhotoMaker phases."""
+        if ip_adapter_image is None and ip_adapter_image_embeds is None:
+            return None
+        return self.prepare_ip_adapter_image_embeds(
+            ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
+        )
+
     def photomaker_phases(
         self, embeddings: PhotoMakerEmbeddings, num_images_per_prompt: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[_Conditioning, _Conditioning]:

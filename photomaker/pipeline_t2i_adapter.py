@@ -175,12 +175,9 @@ class PhotoMakerStableDiffusionXLAdapterPipeline(PhotoMakerMixin, StableDiffusio
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
             negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
-        image_embeds = None
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt,
-                self.do_classifier_free_guidance,
-            )
+        image_embeds = self.style_image_embeds(
+            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt
+        )
 
         # 4. Timesteps
         timesteps, num_inference_steps = retrieve_timesteps(
