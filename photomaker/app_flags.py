@@ -43,7 +43,8 @@ def _whole_number(low: int, high: int | None = None) -> Any:
 
 def parse_args(argv: Sequence[str] | None = None, *, tiny_default: str | None = None) -> argparse.Namespace:
     """Command-line flags. Model flags left out fall back to the PHOTOMAKER_* variables read by
-    `ServiceConfig.from_env`; server flags read the variables named in their help."""
+    `ServiceConfig.from_env`; server flags read the variables named in their help. With `tiny_default`,
+    `--tiny` alone uses that folder (app.py passes the one next to it)."""
     flagged = {item.setting for item in MODEL_FLAGS}
     env_only = [name for name, (setting, _) in ENV_VARIABLES.items() if setting not in flagged]
     parser = argparse.ArgumentParser(
@@ -82,6 +83,7 @@ def parse_args(argv: Sequence[str] | None = None, *, tiny_default: str | None = 
                              "requests have their photos checked and wait inside the app instead of in the queue "
                              "[PHOTOMAKER_CONCURRENCY, default %(default)s]")
     return parser.parse_args(argv)
+
 
 def service_config(args: argparse.Namespace) -> ServiceConfig:
     """Environment variables overridden by the flags given; on ZeroGPU the model goes to CUDA at startup."""

@@ -33,6 +33,7 @@ EMPTY_CANVAS: dict[str, Any] = {"background": None, "layers": [], "composite": N
 # Gradio's file cache
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image", format: str = "webp") -> str:
     """Gradio's `processing_utils.save_pil_to_cache`, but written under a temporary name and renamed into place.
 
@@ -59,6 +60,7 @@ def save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image", 
 # ---------------------------------------------------------------------------------------------------------------
 # /generate payloads: checked before any handler runs, refused with the expected format
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def named_in_errors(component: gr.components.Component, expected: str, *, nullable: bool = False
                     ) -> gr.components.Component:
@@ -225,6 +227,7 @@ def declare_optional_images(handler: Any) -> Any:
 # Request fields <-> page controls
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def gallery_paths(value: Sequence[Any] | None) -> list[str]:
     """File paths from a Gallery input value (a list of (path, caption) tuples, or None)."""
     if not value:
@@ -317,6 +320,7 @@ def request_from_api(values: dict[str, Any]) -> GenerationRequest:
 # ---------------------------------------------------------------------------------------------------------------
 # What the page shows, and the GPU time a request reserves
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def status_markdown(status: ServiceStatus) -> str:
     """The model status line shown at the top of the page."""
