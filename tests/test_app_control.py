@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 import app
-from photomaker import presets
+from photomaker import app_support, presets
 from photomaker.control_images import coco_to_openpose, draw_openpose
 from photomaker.fields import REQUEST_FIELDS
 from photomaker.metadata import read_parameters
@@ -280,28 +280,28 @@ def test_still_generates_after_the_bad_inputs(client) -> None:
 
 def test_an_untouched_canvas_is_no_image_and_a_painted_one_is_kept() -> None:
     blank = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
-    assert app._canvas_or_none({"background": None, "layers": [blank], "composite": blank}) is None
-    assert app._canvas_or_none({"background": None, "layers": [], "composite": None}) is None
+    assert app_support.canvas_or_none({"background": None, "layers": [blank], "composite": blank}) is None
+    assert app_support.canvas_or_none({"background": None, "layers": [], "composite": None}) is None
     painted = blank.copy()
     painted.putpixel((3, 3), (0, 0, 0, 255))
     drawing = {"background": None, "layers": [painted], "composite": painted}
-    assert app._canvas_or_none(drawing) is drawing
+    assert app_support.canvas_or_none(drawing) is drawing
     uploaded = {"background": Image.new("RGB", (32, 32)), "layers": [], "composite": None}
-    assert app._canvas_or_none(uploaded) is uploaded  # an uploaded picture, black included
-    assert app._canvas_or_none("photo.png") == "photo.png"
+    assert app_support.canvas_or_none(uploaded) is uploaded  # an uploaded picture, black included
+    assert app_support.canvas_or_none("photo.png") == "photo.png"
 
 
 def test_an_unpainted_mask_canvas_is_an_empty_mask_but_an_uploaded_mask_is_kept() -> None:
     """The page's mask canvas shows the target photo as its background: unpainted, it is no mask at all."""
     photo = Image.new("RGBA", (32, 32), (200, 180, 160, 255))
     sent_by_the_page = {"background": photo, "layers": [], "composite": photo}
-    assert app._canvas_or_none(sent_by_the_page, paint_only=True) == app.EMPTY_CANVAS
+    assert app_support.canvas_or_none(sent_by_the_page, paint_only=True) == app_support.EMPTY_CANVAS
     stroke = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     stroke.putpixel((5, 5), (255, 255, 255, 255))
     painted = {**sent_by_the_page, "layers": [stroke]}
-    assert app._canvas_or_none(painted, paint_only=True) is painted
+    assert app_support.canvas_or_none(painted, paint_only=True) is painted
     uploaded = {"background": Image.new("L", (32, 32)), "layers": [], "composite": None}  # a bare file via the API
-    assert app._canvas_or_none(uploaded, paint_only=True) is uploaded
+    assert app_support.canvas_or_none(uploaded, paint_only=True) is uploaded
 
 
 def test_sliders_restored_from_a_png_show_the_defaults_a_missing_value_stands_for() -> None:

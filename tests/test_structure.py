@@ -126,3 +126,20 @@ def test_the_top_level_template_modules_are_the_package_tables() -> None:
     assert style_template.STYLES is styles.STYLES and style_template.apply_style is styles.apply_style
     assert aspect_ratio_template.ASPECT_RATIOS is aspect_ratios.ASPECT_RATIOS
     assert aspect_ratio_template.get_size is aspect_ratios.get_size
+
+
+def _package_modules() -> list[str]:
+    """Every module of the package, by its dotted name."""
+    return sorted(
+        "photomaker." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        for path in PACKAGE.rglob("*.py")
+    )
+
+
+def test_only_app_support_imports_gradio() -> None:
+    """Gradio is the `app` extra: the library, the CLI and batch must import without it."""
+    importers = [
+        module for module in _package_modules()
+        if any(name == "gradio" or name.startswith("gradio.") for name in imported_modules(module))
+    ]
+    assert importers == ["photomaker.app_support"]
