@@ -253,6 +253,16 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         except PhotoMakerError as error:
             raise gr.Error(str(error)) from error
 
+    def check_start_mode(mode: str, photo: str | None, mask: Any, mask_face: bool) -> None:
+        """Inpaint chosen on the page needs a mask: without one the request would quietly run as img2img (the
+        mode is page state, not a request field), e.g. when Generate is pressed before the photo reached the
+        mask canvas."""
+        if mode == INPAINT and photo and not mask_face and canvas_or_none(mask, paint_only=True) is None:
+            raise gr.Error(
+                "Inpaint needs a mask: paint the region to redraw over the target photo, or tick 'Mask the face'. "
+                "If you have just uploaded the photo, wait until it shows on the mask canvas."
+            )
+
     def control_type_chosen(control_type: str) -> tuple[float, float]:
         """Strength and end sliders at the chosen control's defaults (the sketch adapter has its own)."""
         defaults = mode_defaults(control_type, inpaint=False)
@@ -472,8 +482,11 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                 api_inputs[RANDOMIZE_SEED] = named_in_errors(randomize_seed, "true or false")
         used_maps = gr.State()  # (control map, mask) of the last generation; a State is not in the API's answer
         generate_outputs = [results, seed_used, crops, notes, used_maps]
-        generation = gr.on([generate_button.click, prompt.submit], generate, None, generate_outputs,
-                           inputs_kwargs=api_inputs, api_name="generate", show_progress_on=results)
+        start_check = gr.on([generate_button.click, prompt.submit], check_start_mode,
+                            [start_mode, init_image, mask_image, mask_face_box], None, api_visibility="private",
+                            queue=False)
+        generation = start_check.success(generate, None, generate_outputs, inputs_kwargs=api_inputs,
+                                         api_name="generate", show_progress_on=results)
         generation.success(lambda: gr.Row(visible=True), None, seed_row, api_visibility="private", queue=False)
         accept_shorter_calls(demo, "generate")
         size_inputs = [aspect_ratio, width, height]

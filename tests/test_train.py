@@ -368,7 +368,8 @@ def test_init_none_puts_fresh_heads_on_the_given_clip_vision_tower(tmp_path):
 
 
 def _sdxl_transformer_blocks() -> list[str]:
-    """The 70 transformer blocks of SDXL base 1.0, written out from its layout (REFERENCE.md section 1)."""
+    """The 70 transformer blocks of SDXL base 1.0, written out from its layout (the official checkpoint's LoRA
+    covers exactly these)."""
     layout = {"down_blocks.1": (2, 2), "down_blocks.2": (2, 10), "up_blocks.0": (3, 10), "up_blocks.1": (3, 2)}
     blocks = [f"{level}.attentions.{a}.transformer_blocks.{t}"
               for level, (attentions, depth) in layout.items() for a in range(attentions) for t in range(depth)]
