@@ -129,6 +129,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
 
         def report(step: int, total: int, description: str) -> None:
             progress((step, total), desc=description)
+
         if tiny:  # test hook, --tiny mode only: PHOTOMAKER_FAULT_INJECT (photomaker/testsupport/fault_injection.py)
             report = fault_injection.inject(report)
 
@@ -207,16 +208,23 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             gr.Warning(change)
         made_with = f"{parameters.get('base_model')}, PhotoMaker v{parameters.get('pm_version')}"
         if parameters.get("pm_version") != service.config.pm_version:
-            gr.Warning(f"This image was made with PhotoMaker v{parameters.get('pm_version')}; this app runs "
-                       f"v{service.config.pm_version}, so the result will differ.")
-        pictures = ["ID photos", *(item.label for item in REQUEST_FIELDS
-                                   if item.kind == "image" and parameters.get(item.metadata_key))]
-        gr.Info(f"Settings restored from the PNG (made with {made_with}). Add the same {', '.join(pictures)} and "
-                "press Generate to remake it.")
+            gr.Warning(
+                f"This image was made with PhotoMaker v{parameters.get('pm_version')}; this app runs "
+                f"v{service.config.pm_version}, so the result will differ."
+            )
+        pictures = [
+            "ID photos",
+            *(item.label for item in REQUEST_FIELDS if item.kind == "image" and parameters.get(item.metadata_key)),
+        ]
+        gr.Info(
+            f"Settings restored from the PNG (made with {made_with}). Add the same {', '.join(pictures)} and "
+            "press Generate to remake it."
+        )
         return updates
 
-    def preview_control(control_type: str, image: Any, aspect_ratio: str, width: float | None,
-                        height: float | None) -> tuple[Image.Image | None, str]:
+    def preview_control(
+        control_type: str, image: Any, aspect_ratio: str, width: float | None, height: float | None
+    ) -> tuple[Image.Image | None, str]:
         """The control map the generation will use (at the output size), and what was done to the image. Pose
         and depth maps need their estimator models, which load with the first generation that uses them: those
         maps are shown after generating."""
@@ -226,8 +234,10 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         if image is None:
             raise gr.Error(f"The {control_type} control needs an image: upload one or draw on the canvas.")
         if control_type in ESTIMATED_MAPS:
-            return None, (f"The {control_type} map is found by the {control_type} model during generation; "
-                          "it is shown here after you press Generate.")
+            return None, (
+                f"The {control_type} map is found by the {control_type} model during generation; "
+                "it is shown here after you press Generate."
+            )
         try:
             prepared = prepare_control_image(control_type, image, *output_size(aspect_ratio, width, height))
         except PhotoMakerError as error:
@@ -237,8 +247,7 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
     def show_used_maps(maps: tuple[Image.Image | None, Image.Image | None] | None) -> tuple[Any, Any]:
         """After a generation: the control map and the inpainting mask it used (unchanged when it used none)."""
         control_map, mask = maps or (None, None)
-        return (control_map if control_map is not None else gr.skip(),
-                mask if mask is not None else gr.skip())
+        return (control_map if control_map is not None else gr.skip(), mask if mask is not None else gr.skip())
 
     def show_face_mask(photo: str | None) -> tuple[Image.Image, bool]:
         """The mask "mask the face" makes on the target photo; turns that option on."""
@@ -291,146 +300,285 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
             with gr.Column(scale=1):
                 id_photos = gr.Gallery(
                     label=f"ID photos: {presets.ID_IMAGES_MIN} to {presets.ID_IMAGES_MAX} photos of the same person",
-                    type="filepath", interactive=True, file_types=["image"], columns=4, height=260,
-                    format="png", elem_id="id-photos",
+                    type="filepath",
+                    interactive=True,
+                    file_types=["image"],
+                    columns=4,
+                    height=260,
+                    format="png",
+                    elem_id="id-photos",
                 )
                 crops = gr.Gallery(
-                    label="Faces that will be used", interactive=False, columns=4, fit_columns=False, height=170,
-                    object_fit="contain", format="png", elem_id="face-crops",
+                    label="Faces that will be used",
+                    interactive=False,
+                    columns=4,
+                    fit_columns=False,
+                    height=170,
+                    object_fit="contain",
+                    format="png",
+                    elem_id="face-crops",
                 )
                 prompt = gr.Textbox(
-                    label="Prompt", lines=2, elem_id="prompt",
+                    label="Prompt",
+                    lines=2,
+                    elem_id="prompt",
                     info="Put the trigger word img right after the class word: "
-                         "'a photo of a man img', 'a woman img in a garden'.",
+                    "'a photo of a man img', 'a woman img in a garden'.",
                     placeholder="portrait photo of a woman img, golden hour, 85mm",
                 )
                 with gr.Row():
                     style = gr.Dropdown(STYLE_NAMES, value=DEFAULT_STYLE_NAME, label="Style template")
                     aspect_ratio = gr.Dropdown(
                         [(f"{name} ({w}×{h})", name) for name, (w, h) in ASPECT_RATIOS.items()],
-                        value=DEFAULT_ASPECT_RATIO, label="Output size",
+                        value=DEFAULT_ASPECT_RATIO,
+                        label="Output size",
                     )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
-                    negative_prompt = gr.Textbox(label="Negative prompt", value="", lines=2,
-                                                 placeholder="what you do not want to see")
+                    negative_prompt = gr.Textbox(
+                        label="Negative prompt", value="", lines=2, placeholder="what you do not want to see"
+                    )
                     num_steps = gr.Slider(
-                        label="Sampling steps", minimum=service.config.steps_min, maximum=presets.STEPS_MAX, step=1,
-                        value=presets.STEPS_DEFAULT, elem_id="num-steps",
+                        label="Sampling steps",
+                        minimum=service.config.steps_min,
+                        maximum=presets.STEPS_MAX,
+                        step=1,
+                        value=presets.STEPS_DEFAULT,
+                        elem_id="num-steps",
                     )
                     style_strength = gr.Slider(
-                        label="Style strength (%)", minimum=presets.STYLE_STRENGTH_MIN,
-                        maximum=presets.STYLE_STRENGTH_MAX, step=1, value=presets.STYLE_STRENGTH_DEFAULT,
+                        label="Style strength (%)",
+                        minimum=presets.STYLE_STRENGTH_MIN,
+                        maximum=presets.STYLE_STRENGTH_MAX,
+                        step=1,
+                        value=presets.STYLE_STRENGTH_DEFAULT,
                         info="Higher: more style and prompt; lower: more identity.",
                     )
                     num_outputs = gr.Slider(
-                        label="Number of images", minimum=presets.OUTPUTS_MIN, maximum=presets.OUTPUTS_MAX, step=1,
-                        value=presets.OUTPUTS_DEFAULT, elem_id="num-outputs",
+                        label="Number of images",
+                        minimum=presets.OUTPUTS_MIN,
+                        maximum=presets.OUTPUTS_MAX,
+                        step=1,
+                        value=presets.OUTPUTS_DEFAULT,
+                        elem_id="num-outputs",
                     )
-                    guidance_scale = gr.Slider(label="Guidance scale", minimum=presets.GUIDANCE_MIN,
-                                               maximum=presets.GUIDANCE_MAX, step=0.1,
-                                               value=presets.GUIDANCE_DEFAULT, elem_id="guidance-scale")
+                    guidance_scale = gr.Slider(
+                        label="Guidance scale",
+                        minimum=presets.GUIDANCE_MIN,
+                        maximum=presets.GUIDANCE_MAX,
+                        step=0.1,
+                        value=presets.GUIDANCE_DEFAULT,
+                        elem_id="guidance-scale",
+                    )
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=0, precision=0, minimum=presets.SEED_MIN,
-                                         maximum=presets.SEED_MAX, elem_id="seed")
+                        seed = gr.Number(
+                            label="Seed",
+                            value=0,
+                            precision=0,
+                            minimum=presets.SEED_MIN,
+                            maximum=presets.SEED_MAX,
+                            elem_id="seed",
+                        )
                         randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
-                    crop_faces = gr.Checkbox(label="Crop to the face", value=True,
-                                             info="Off: use the whole photos as they are.")
+                    crop_faces = gr.Checkbox(
+                        label="Crop to the face", value=True, info="Off: use the whole photos as they are."
+                    )
                     fast_mode = gr.Dropdown(
                         [(FAST_MODE_OFF, "")] + [(fast.label, fast.key) for fast in presets.FAST_PRESETS.values()],
-                        value="", label="Fast mode", info="Few-step LoRA presets: much faster, slightly less detail.",
+                        value="",
+                        label="Fast mode",
+                        info="Few-step LoRA presets: much faster, slightly less detail.",
                         elem_id="fast-mode",
                     )
                     best_of = gr.Slider(
-                        label="Best of N", minimum=presets.BEST_OF_MIN, maximum=presets.BEST_OF_MAX, step=1, value=1,
+                        label="Best of N",
+                        minimum=presets.BEST_OF_MIN,
+                        maximum=presets.BEST_OF_MAX,
+                        step=1,
+                        value=1,
                         info="Make N candidates per image and keep the one whose face is most similar.",
                     )
                     with gr.Row():
-                        width = gr.Number(label="Custom width", value=0, precision=0, minimum=0,
-                                          maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="width",
-                                          info=f"0: from Output size. A multiple of {presets.SIZE_MULTIPLE}.")
-                        height = gr.Number(label="Custom height", value=0, precision=0, minimum=0,
-                                           maximum=presets.SIZE_MAX, step=presets.SIZE_MULTIPLE, elem_id="height",
-                                           info="Set both to use a custom size.")
+                        width = gr.Number(
+                            label="Custom width",
+                            value=0,
+                            precision=0,
+                            minimum=0,
+                            maximum=presets.SIZE_MAX,
+                            step=presets.SIZE_MULTIPLE,
+                            elem_id="width",
+                            info=f"0: from Output size. A multiple of {presets.SIZE_MULTIPLE}.",
+                        )
+                        height = gr.Number(
+                            label="Custom height",
+                            value=0,
+                            precision=0,
+                            minimum=0,
+                            maximum=presets.SIZE_MAX,
+                            step=presets.SIZE_MULTIPLE,
+                            elem_id="height",
+                            info="Set both to use a custom size.",
+                        )
                     gr.Markdown("**Identity mixing**: photos of a second person, blended with the first.")
-                    mix_photos = gr.Gallery(label="Second person's photos (optional)", type="filepath",
-                                            interactive=True, file_types=["image"], columns=4, height=130,
-                                            format="png")
+                    mix_photos = gr.Gallery(
+                        label="Second person's photos (optional)",
+                        type="filepath",
+                        interactive=True,
+                        file_types=["image"],
+                        columns=4,
+                        height=130,
+                        format="png",
+                    )
                     mix_strength = gr.Slider(
-                        label="Mix (0 = first person only, 1 = second person only)", minimum=presets.MIX_STRENGTH_MIN,
-                        maximum=presets.MIX_STRENGTH_MAX, step=0.05, value=presets.MIX_STRENGTH_DEFAULT,
+                        label="Mix (0 = first person only, 1 = second person only)",
+                        minimum=presets.MIX_STRENGTH_MIN,
+                        maximum=presets.MIX_STRENGTH_MAX,
+                        step=0.05,
+                        value=presets.MIX_STRENGTH_DEFAULT,
                     )
                 with gr.Accordion("Control: pose, edges, depth or a sketch", open=False, elem_id="control"):
                     control_type = gr.Radio(
-                        [("None", ""), ("Pose", "pose"), ("Edges (canny)", "canny"), ("Depth", "depth"),
-                         ("Sketch", "sketch")],
-                        value="", label="Control type", elem_id="control-type",
+                        [
+                            ("None", ""),
+                            ("Pose", "pose"),
+                            ("Edges (canny)", "canny"),
+                            ("Depth", "depth"),
+                            ("Sketch", "sketch"),
+                        ],
+                        value="",
+                        label="Control type",
+                        elem_id="control-type",
                         info="Pose, edges and depth are taken from a photo; sketch from a drawing.",
                     )
                     control_image = gr.ImageEditor(
-                        label="Control image: upload, or draw (brush tool)", type="pil",
-                        image_mode="RGBA", sources=["upload", "clipboard"], layers=False, transforms=(),
+                        label="Control image: upload, or draw (brush tool)",
+                        type="pil",
+                        image_mode="RGBA",
+                        sources=["upload", "clipboard"],
+                        layers=False,
+                        transforms=(),
                         brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=6),
-                        eraser=gr.Eraser(default_size=16), canvas_size=(512, 512), format="png", height=420,
+                        eraser=gr.Eraser(default_size=16),
+                        canvas_size=(512, 512),
+                        format="png",
+                        height=420,
                         elem_id="control-image",
                     )
                     with gr.Row():
                         preview_button = gr.Button("Show the control map", size="sm", elem_id="control-preview-button")
-                    control_preview = gr.Image(label="Control map (at the output size)", interactive=False,
-                                               format="png", height=220, elem_id="control-preview")
+                    control_preview = gr.Image(
+                        label="Control map (at the output size)",
+                        interactive=False,
+                        format="png",
+                        height=220,
+                        elem_id="control-preview",
+                    )
                     control_notes = gr.Markdown(elem_id="control-notes")
                     control_scale = gr.Slider(
-                        label="Control strength", minimum=presets.CONTROL_SCALE_MIN,
-                        maximum=presets.CONTROL_SCALE_MAX, step=0.05, value=presets.CONTROL_SCALE_DEFAULT,
+                        label="Control strength",
+                        minimum=presets.CONTROL_SCALE_MIN,
+                        maximum=presets.CONTROL_SCALE_MAX,
+                        step=0.05,
+                        value=presets.CONTROL_SCALE_DEFAULT,
                         info=f"How strongly the image steers the layout (sketch default "
-                             f"{presets.SKETCH_SCALE_DEFAULT:g}).", elem_id="control-scale",
+                        f"{presets.SKETCH_SCALE_DEFAULT:g}).",
+                        elem_id="control-scale",
                     )
                     with gr.Row():
-                        control_start = gr.Slider(label="Control start", minimum=0, maximum=1, step=0.05, value=0,
-                                                  info="Fraction of the steps before it applies.",
-                                                  elem_id="control-start")
-                        control_end = gr.Slider(label="Control end", minimum=0, maximum=1, step=0.05,
-                                                value=presets.CONTROL_END_DEFAULT,
-                                                info=f"Fraction after which it stops (sketch default "
-                                                     f"{presets.SKETCH_END_DEFAULT:g}).", elem_id="control-end")
+                        control_start = gr.Slider(
+                            label="Control start",
+                            minimum=0,
+                            maximum=1,
+                            step=0.05,
+                            value=0,
+                            info="Fraction of the steps before it applies.",
+                            elem_id="control-start",
+                        )
+                        control_end = gr.Slider(
+                            label="Control end",
+                            minimum=0,
+                            maximum=1,
+                            step=0.05,
+                            value=presets.CONTROL_END_DEFAULT,
+                            info=f"Fraction after which it stops (sketch default {presets.SKETCH_END_DEFAULT:g}).",
+                            elem_id="control-end",
+                        )
                 with gr.Accordion("Start from a photo", open=False, elem_id="start-photo"):
-                    init_image = gr.Image(label="Target photo", type="filepath", sources=["upload", "clipboard"],
-                                          height=260, elem_id="init-image")
-                    start_mode = gr.Radio(
-                        [("Redraw the whole photo (img2img)", IMG2IMG), ("Put the person into a region (inpaint)",
-                                                                         INPAINT)],
-                        value=IMG2IMG, label="Mode", elem_id="start-mode",
+                    init_image = gr.Image(
+                        label="Target photo",
+                        type="filepath",
+                        sources=["upload", "clipboard"],
+                        height=260,
+                        elem_id="init-image",
                     )
-                    strength = gr.Slider(label="Strength", minimum=0, maximum=1, step=0.05,
-                                         value=presets.IMG2IMG_STRENGTH_DEFAULT, elem_id="strength",
-                                         info="How much of the photo is redrawn: 0 keeps it, 1 redraws all.")
+                    start_mode = gr.Radio(
+                        [
+                            ("Redraw the whole photo (img2img)", IMG2IMG),
+                            ("Put the person into a region (inpaint)", INPAINT),
+                        ],
+                        value=IMG2IMG,
+                        label="Mode",
+                        elem_id="start-mode",
+                    )
+                    strength = gr.Slider(
+                        label="Strength",
+                        minimum=0,
+                        maximum=1,
+                        step=0.05,
+                        value=presets.IMG2IMG_STRENGTH_DEFAULT,
+                        elem_id="strength",
+                        info="How much of the photo is redrawn: 0 keeps it, 1 redraws all.",
+                    )
                     with gr.Group(visible=False) as inpaint_tools:
                         mask_image = gr.ImageEditor(
-                            label="Paint the region to redraw", type="pil", image_mode="RGBA", sources=(),
-                            layers=False, transforms=(), format="png", height=320, elem_id="mask-image",
+                            label="Paint the region to redraw",
+                            type="pil",
+                            image_mode="RGBA",
+                            sources=(),
+                            layers=False,
+                            transforms=(),
+                            format="png",
+                            height=320,
+                            elem_id="mask-image",
                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=20),
                         )
                         with gr.Row():
-                            mask_face_box = gr.Checkbox(label="Mask the face (instead of painting)", value=False,
-                                                        elem_id="mask-face")
+                            mask_face_box = gr.Checkbox(
+                                label="Mask the face (instead of painting)", value=False, elem_id="mask-face"
+                            )
                             face_mask_button = gr.Button("Show the face mask", size="sm", elem_id="face-mask-button")
-                        face_mask_preview = gr.Image(label="Face mask", interactive=False, format="png",
-                                                     height=160, elem_id="face-mask-preview")
+                        face_mask_preview = gr.Image(
+                            label="Face mask", interactive=False, format="png", height=160, elem_id="face-mask-preview"
+                        )
                 with gr.Accordion("Style image", open=False, elem_id="style-image-section"):
-                    style_image = gr.Image(label="A picture whose style the result borrows (IP-Adapter)",
-                                           type="filepath", sources=["upload", "clipboard"], height=220,
-                                           elem_id="style-image")
+                    style_image = gr.Image(
+                        label="A picture whose style the result borrows (IP-Adapter)",
+                        type="filepath",
+                        sources=["upload", "clipboard"],
+                        height=220,
+                        elem_id="style-image",
+                    )
                     style_image_scale = gr.Slider(
-                        label="Style image strength", minimum=0, maximum=1, step=0.05,
-                        value=presets.STYLE_IMAGE_SCALE_DEFAULT, elem_id="style-image-scale",
+                        label="Style image strength",
+                        minimum=0,
+                        maximum=1,
+                        step=0.05,
+                        value=presets.STYLE_IMAGE_SCALE_DEFAULT,
+                        elem_id="style-image-scale",
                     )
                 with gr.Accordion("Reproduce from a PNG", open=False, elem_id="reproduce"):
-                    png_file = gr.File(label="A PNG made by this app", file_types=[".png"], type="filepath",
-                                       elem_id="png-file")
+                    png_file = gr.File(
+                        label="A PNG made by this app", file_types=[".png"], type="filepath", elem_id="png-file"
+                    )
             with gr.Column(scale=1):
                 results = gr.Gallery(
-                    label="Results", format="png", columns=2, height="auto", interactive=False,
-                    buttons=["download", "fullscreen"], elem_id="results",
+                    label="Results",
+                    format="png",
+                    columns=2,
+                    height="auto",
+                    interactive=False,
+                    buttons=["download", "fullscreen"],
+                    elem_id="results",
                 )
                 with gr.Row(visible=False) as seed_row:  # shown once there is a result
                     seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
@@ -441,13 +589,24 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         gr.Examples(
             label="Examples (click one, then press Generate)",
             examples=[
-                [[str(EXAMPLES_DIR / "astronaut.png")], None,
-                 "a photo of a woman img in a spacesuit walking on the moon, earth in the sky",
-                 "Photographic (Default)"],
-                [[str(EXAMPLES_DIR / "grace_hopper.jpg")], None,
-                 "portrait of a woman img as a 1950s computer scientist at a mainframe console", "Cinematic"],
-                [[str(EXAMPLES_DIR / "astronaut.png")], [str(EXAMPLES_DIR / "grace_hopper.jpg")],
-                 "a woman img as a knight in shining armour, castle in the background", "Fantasy Art"],
+                [
+                    [str(EXAMPLES_DIR / "astronaut.png")],
+                    None,
+                    "a photo of a woman img in a spacesuit walking on the moon, earth in the sky",
+                    "Photographic (Default)",
+                ],
+                [
+                    [str(EXAMPLES_DIR / "grace_hopper.jpg")],
+                    None,
+                    "portrait of a woman img as a 1950s computer scientist at a mainframe console",
+                    "Cinematic",
+                ],
+                [
+                    [str(EXAMPLES_DIR / "astronaut.png")],
+                    [str(EXAMPLES_DIR / "grace_hopper.jpg")],
+                    "a woman img as a knight in shining armour, castle in the background",
+                    "Fantasy Art",
+                ],
             ],
             example_labels=[
                 "Astronaut on the moon (photographic)",
@@ -459,14 +618,34 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
         gr.Markdown(EXAMPLE_SOURCES)
 
         controls = {  # request field -> the control that sets it
-            "id_images": id_photos, "prompt": prompt, "negative_prompt": negative_prompt, "style": style,
-            "aspect_ratio": aspect_ratio, "num_steps": num_steps, "style_strength": style_strength,
-            "num_outputs": num_outputs, "guidance_scale": guidance_scale, "seed": seed, "crop_faces": crop_faces,
-            "mix_images": mix_photos, "mix_strength": mix_strength, "fast": fast_mode, "best_of": best_of,
-            "width": width, "height": height, "control_type": control_type, "control_image": control_image,
-            "control_scale": control_scale, "control_start": control_start, "control_end": control_end,
-            "init_image": init_image, "strength": strength, "mask_image": mask_image, "mask_face": mask_face_box,
-            "style_image": style_image, "style_image_scale": style_image_scale,
+            "id_images": id_photos,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "style": style,
+            "aspect_ratio": aspect_ratio,
+            "num_steps": num_steps,
+            "style_strength": style_strength,
+            "num_outputs": num_outputs,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "crop_faces": crop_faces,
+            "mix_images": mix_photos,
+            "mix_strength": mix_strength,
+            "fast": fast_mode,
+            "best_of": best_of,
+            "width": width,
+            "height": height,
+            "control_type": control_type,
+            "control_image": control_image,
+            "control_scale": control_scale,
+            "control_start": control_start,
+            "control_end": control_end,
+            "init_image": init_image,
+            "strength": strength,
+            "mask_image": mask_image,
+            "mask_face": mask_face_box,
+            "style_image": style_image,
+            "style_image_scale": style_image_scale,
         }
         api_inputs: dict[str, gr.components.Component] = {}  # /generate's parameters, in the field table's order
         for item in REQUEST_FIELDS:
@@ -482,44 +661,86 @@ def build_demo(service: PhotoMakerService, *, tiny: bool = False) -> gr.Blocks:
                 api_inputs[RANDOMIZE_SEED] = named_in_errors(randomize_seed, "true or false")
         used_maps = gr.State()  # (control map, mask) of the last generation; a State is not in the API's answer
         generate_outputs = [results, seed_used, crops, notes, used_maps]
-        start_check = gr.on([generate_button.click, prompt.submit], check_start_mode,
-                            [start_mode, init_image, mask_image, mask_face_box], None, api_visibility="private",
-                            queue=False)
-        generation = start_check.success(generate, None, generate_outputs, inputs_kwargs=api_inputs,
-                                         api_name="generate", show_progress_on=results)
+        start_check = gr.on(
+            [generate_button.click, prompt.submit],
+            check_start_mode,
+            [start_mode, init_image, mask_image, mask_face_box],
+            None,
+            api_visibility="private",
+            queue=False,
+        )
+        generation = start_check.success(
+            generate, None, generate_outputs, inputs_kwargs=api_inputs, api_name="generate", show_progress_on=results
+        )
         generation.success(lambda: gr.Row(visible=True), None, seed_row, api_visibility="private", queue=False)
         accept_shorter_calls(demo, "generate")
         size_inputs = [aspect_ratio, width, height]
-        preview_button.click(preview_control, [control_type, control_image, *size_inputs],
-                             [control_preview, control_notes], api_visibility="private")
-        generation.success(show_used_maps, used_maps, [control_preview, face_mask_preview], api_visibility="private",
-                           queue=False)
+        preview_button.click(
+            preview_control,
+            [control_type, control_image, *size_inputs],
+            [control_preview, control_notes],
+            api_visibility="private",
+        )
+        generation.success(
+            show_used_maps, used_maps, [control_preview, face_mask_preview], api_visibility="private", queue=False
+        )
         # Defaults follow what the user picks (.input), not a PNG's restored values (which .change would undo).
-        control_type.input(control_type_chosen, control_type, [control_scale, control_end], api_visibility="private",
-                           queue=False)
-        start_mode.input(start_mode_chosen, start_mode, [strength, mask_face_box], api_visibility="private",
-                         queue=False)
-        start_mode.change(start_mode_shown, [start_mode, init_image, mask_face_box], [inpaint_tools, mask_image],
-                          api_visibility="private", queue=False)
-        mask_face_box.change(mask_editor, [init_image, start_mode, mask_face_box], mask_image,
-                             api_visibility="private", queue=False)
-        init_image.change(target_photo_changed, [init_image, start_mode],
-                          [mask_image, mask_face_box, face_mask_preview], api_visibility="private", queue=False)
-        face_mask_button.click(show_face_mask, init_image, [face_mask_preview, mask_face_box],
-                               api_visibility="private")
+        control_type.input(
+            control_type_chosen, control_type, [control_scale, control_end], api_visibility="private", queue=False
+        )
+        start_mode.input(
+            start_mode_chosen, start_mode, [strength, mask_face_box], api_visibility="private", queue=False
+        )
+        start_mode.change(
+            start_mode_shown,
+            [start_mode, init_image, mask_face_box],
+            [inpaint_tools, mask_image],
+            api_visibility="private",
+            queue=False,
+        )
+        mask_face_box.change(
+            mask_editor, [init_image, start_mode, mask_face_box], mask_image, api_visibility="private", queue=False
+        )
+        init_image.change(
+            target_photo_changed,
+            [init_image, start_mode],
+            [mask_image, mask_face_box, face_mask_preview],
+            api_visibility="private",
+            queue=False,
+        )
+        face_mask_button.click(show_face_mask, init_image, [face_mask_preview, mask_face_box], api_visibility="private")
 
         # Status polls skip the queue: they are instant, and must not take places a generation could use.
         demo.load(model_status, None, [status_line, status_timer], api_visibility="private", queue=False)
-        status_timer.tick(model_status, None, [status_line, status_timer], api_visibility="private", queue=False,
-                          show_progress="hidden")
-        gr.on([id_photos.change, crop_faces.change], preview_crops, [id_photos, crop_faces], crops,
-              api_visibility="private", show_progress="minimal")
-        png_file.upload(reproduce, png_file,
-                        [*(controls[item.name] for item in REQUEST_FIELDS if item.kind not in IMAGE_KINDS),
-                         randomize_seed,
-                         start_mode], api_visibility="private")
-        reuse_seed.click(lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private",
-                         queue=False)
+        status_timer.tick(
+            model_status,
+            None,
+            [status_line, status_timer],
+            api_visibility="private",
+            queue=False,
+            show_progress="hidden",
+        )
+        gr.on(
+            [id_photos.change, crop_faces.change],
+            preview_crops,
+            [id_photos, crop_faces],
+            crops,
+            api_visibility="private",
+            show_progress="minimal",
+        )
+        png_file.upload(
+            reproduce,
+            png_file,
+            [
+                *(controls[item.name] for item in REQUEST_FIELDS if item.kind not in IMAGE_KINDS),
+                randomize_seed,
+                start_mode,
+            ],
+            api_visibility="private",
+        )
+        reuse_seed.click(
+            lambda used: (used, False), seed_used, [seed, randomize_seed], api_visibility="private", queue=False
+        )
     return demo
 
 
@@ -544,10 +765,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo = build_demo(service, tiny=bool(config.tiny_dir))
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     demo.launch(
-        server_name=args.host, server_port=args.port, share=args.share,
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
         # Uploads larger than the library accepts are refused before they are stored; only the app's own
         # cache is served (no extra allowed_paths).
-        max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[], theme=gr.themes.Soft(), css=CSS,
+        max_file_size=MAX_UPLOAD_BYTES,
+        allowed_paths=[],
+        theme=gr.themes.Soft(),
+        css=CSS,
     )
 
 

@@ -98,8 +98,8 @@ def cold_child(args: argparse.Namespace) -> None:
     models = common.prepare_models(args.models, args.dir, args.dtype)
     import diffusers  # noqa: F401
 
-    import photomaker.pipeline_mixin as pm_mixin
     import photomaker.pipeline as pm_pipeline
+    import photomaker.pipeline_mixin as pm_mixin
 
     imports = time.perf_counter() - started_imports
     timer = PhaseTimer()

@@ -37,8 +37,14 @@ def _parts(kind: str, dtype: torch.dtype) -> dict[str, Any]:
         parts = tiny_sdxl_components()
     else:
         te1, te2 = sdxl.build_text_encoders()
-        parts = {"unet": sdxl.build_unet(), "vae": sdxl.build_vae(), "text_encoder": te1, "text_encoder_2": te2,
-                 "tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad_token="!")}
+        parts = {
+            "unet": sdxl.build_unet(),
+            "vae": sdxl.build_vae(),
+            "text_encoder": te1,
+            "text_encoder_2": te2,
+            "tokenizer": clip_tokenizer(),
+            "tokenizer_2": clip_tokenizer(pad_token="!"),
+        }
         for seed, name in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")):
             parts[name] = _fill_position_ids(sdxl.materialize_random(parts[name], dtype, seed=seed))
     parts["scheduler"] = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -64,9 +70,16 @@ def _id_encoder(kind: str, dtype: torch.dtype) -> torch.nn.Module:
     return _fill_position_ids(sdxl.materialize_random(sdxl.build_id_encoder(1), dtype, seed=9))
 
 
-def _step(parts: dict[str, Any], size: int, caption: str, seed: int,
-          predict: Callable[[torch.Tensor, torch.Tensor, list, list, torch.Tensor, torch.Tensor], torch.Tensor],
-          num_id_tokens: int, optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+def _step(
+    parts: dict[str, Any],
+    size: int,
+    caption: str,
+    seed: int,
+    predict: Callable[[torch.Tensor, torch.Tensor, list, list, torch.Tensor, torch.Tensor], torch.Tensor],
+    num_id_tokens: int,
+    optimizer: torch.optim.Optimizer,
+    dtype: torch.dtype,
+) -> None:
     """One training step: VAE encode, text encode, noise, UNet (via ``predict``), loss, backward, AdamW."""
     from photomaker.train.loop import encode_caption
     from photomaker.train.loss import diffusion_loss
@@ -77,8 +90,13 @@ def _step(parts: dict[str, Any], size: int, caption: str, seed: int,
             pixels = torch.rand(1, 3, size, size, generator=generator).to(dtype) * 2 - 1
             latents = parts["vae"].encode(pixels).latent_dist.mean * parts["vae"].config.scaling_factor
             hidden, masks, pooled = encode_caption(
-                caption, (parts["tokenizer"], parts["tokenizer_2"]), (parts["text_encoder"], parts["text_encoder_2"]),
-                num_id_tokens=num_id_tokens, trigger_word="img", device=torch.device("cpu"))
+                caption,
+                (parts["tokenizer"], parts["tokenizer_2"]),
+                (parts["text_encoder"], parts["text_encoder_2"]),
+                num_id_tokens=num_id_tokens,
+                trigger_word="img",
+                device=torch.device("cpu"),
+            )
         noise = torch.randn(latents.shape, generator=generator).to(latents.dtype)
         timesteps = torch.tensor([500])
         noisy = parts["scheduler"].add_noise(latents, noise, timesteps)
@@ -112,8 +130,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         freeze_for_training,
     )
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
-                                                                   ("float32" if args.models == "tiny" else "bfloat16")]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        args.dtype or ("float32" if args.models == "tiny" else "bfloat16")
+    ]
     torch.set_grad_enabled(True)
     meter = PeakMeter("cpu")
     with common.quiet_libraries():
@@ -133,13 +152,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     def plain_predict(noisy, timesteps, hidden, masks, pooled, time_ids):
         embeds = torch.cat(hidden, dim=-1)[None]
-        return unet(noisy, timesteps, encoder_hidden_states=embeds,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        return unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
 
     plain_optimizer = torch.optim.AdamW(lora, lr=1e-4)
-    plain = _measure("plain SDXL LoRA step", lambda seed: _step(
-        parts, args.size, common.PLAIN_PROMPT, seed, plain_predict, 1, plain_optimizer, dtype),
-        meter, args.warmup, args.repeats)
+    plain = _measure(
+        "plain SDXL LoRA step",
+        lambda seed: _step(parts, args.size, common.PLAIN_PROMPT, seed, plain_predict, 1, plain_optimizer, dtype),
+        meter,
+        args.warmup,
+        args.repeats,
+    )
 
     plain_optimizer.state.clear()  # its AdamW moments (2 x the LoRA in fp32) are not PhotoMaker's memory
     encoder = _id_encoder(args.models, dtype)
@@ -152,33 +179,59 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     def photomaker_predict(noisy, timesteps, hidden, masks, pooled, time_ids):
         prompts = [(hidden, masks, id_pixels.to(dtype), None)]
-        return model([{"noisy_latents": noisy, "timesteps": timesteps, "prompts": prompts, "pooled": pooled,
-                       "time_ids": time_ids}])[0]
+        return model(
+            [
+                {
+                    "noisy_latents": noisy,
+                    "timesteps": timesteps,
+                    "prompts": prompts,
+                    "pooled": pooled,
+                    "time_ids": time_ids,
+                }
+            ]
+        )[0]
 
     optimizer = torch.optim.AdamW([{"params": groups["main"], "lr": 1e-4}, {"params": groups["vision"], "lr": 1e-5}])
-    photomaker = _measure("PhotoMaker step", lambda seed: _step(
-        parts, args.size, common.PROMPT, seed, photomaker_predict, args.num_photos, optimizer, dtype),
-        meter, args.warmup, args.repeats)
+    photomaker = _measure(
+        "PhotoMaker step",
+        lambda seed: _step(
+            parts, args.size, common.PROMPT, seed, photomaker_predict, args.num_photos, optimizer, dtype
+        ),
+        meter,
+        args.warmup,
+        args.repeats,
+    )
 
     peaks = {name: record["rss_peak"] for name, record in meter.phases.items()}
     seconds = {"plain": common.median(plain), "photomaker": common.median(photomaker)}
     peak = {"plain": peaks["plain SDXL LoRA step"], "photomaker": peaks["PhotoMaker step"]}
     return {
-        "seconds_per_step": seconds, "peak_rss": peak, "phases": meter.phases,
-        "time_ratio": seconds["photomaker"] / seconds["plain"], "memory_ratio": peak["photomaker"] / peak["plain"],
-        "trained_parameters": {"plain": sum(p.numel() for p in lora),
-                               "photomaker": sum(p.numel() for p in groups["main"] + groups["vision"])},
+        "seconds_per_step": seconds,
+        "peak_rss": peak,
+        "phases": meter.phases,
+        "time_ratio": seconds["photomaker"] / seconds["plain"],
+        "memory_ratio": peak["photomaker"] / peak["plain"],
+        "trained_parameters": {
+            "plain": sum(p.numel() for p in lora),
+            "photomaker": sum(p.numel() for p in groups["main"] + groups["vision"]),
+        },
         "dtype": str(dtype).replace("torch.", ""),
     }
 
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
-    lines = common.header(f"Training step, batch 1, {args.size} px, gradient checkpointing, LoRA rank {LORA_RANK}",
-                          result)
-    rows = [[name, f"{result['seconds_per_step'][key]:.2f} s", f"{result['peak_rss'][key] / 1e6:,.0f} MB",
-             f"{result['trained_parameters'][key]:,}"]
-            for name, key in (("plain SDXL LoRA", "plain"),
-                              (f"PhotoMaker ({args.num_photos} ID images)", "photomaker"))]
+    lines = common.header(
+        f"Training step, batch 1, {args.size} px, gradient checkpointing, LoRA rank {LORA_RANK}", result
+    )
+    rows = [
+        [
+            name,
+            f"{result['seconds_per_step'][key]:.2f} s",
+            f"{result['peak_rss'][key] / 1e6:,.0f} MB",
+            f"{result['trained_parameters'][key]:,}",
+        ]
+        for name, key in (("plain SDXL LoRA", "plain"), (f"PhotoMaker ({args.num_photos} ID images)", "photomaker"))
+    ]
     rows.append(["ratio PhotoMaker / plain", f"{result['time_ratio']:.2f}x", f"{result['memory_ratio']:.2f}x", ""])
     lines.append(common.table(["step", "time", "peak RSS", "trained parameters"], rows))
     return "\n".join(lines)

@@ -49,9 +49,9 @@ def parse_args(argv: Sequence[str] | None = None, *, tiny_default: str | None = 
     env_only = [name for name, (setting, _) in ENV_VARIABLES.items() if setting not in flagged]
     parser = argparse.ArgumentParser(
         description="PhotoMaker web app (Gradio). Each flag can also be set with the environment variable "
-                    "in brackets; a flag given here wins.",
+        "in brackets; a flag given here wins.",
         epilog=f"Settings without a flag, set by environment variable only (README, Configuration): "
-               f"{', '.join(env_only)}.",
+        f"{', '.join(env_only)}.",
     )
 
     def env(name: str, default: Any, parse: Any) -> Any:
@@ -66,22 +66,39 @@ def parse_args(argv: Sequence[str] | None = None, *, tiny_default: str | None = 
 
     add_model_flags(parser.add_argument_group("model"), tiny_default=tiny_default)
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-                        help="address to listen on; 0.0.0.0 for every interface "
-                             "[GRADIO_SERVER_NAME, default %(default)s]")
+    server.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface [GRADIO_SERVER_NAME, default %(default)s]",
+    )
     port = _whole_number(1, 65535)
-    server.add_argument("--port", type=port, default=env("GRADIO_SERVER_PORT", 7860, port),
-                        help="port [GRADIO_SERVER_PORT, default %(default)s]")
-    server.add_argument("--share", action="store_true", default=env("PHOTOMAKER_SHARE", False, _switch),
-                        help="also create a public gradio.live link [PHOTOMAKER_SHARE=1]")
+    server.add_argument(
+        "--port",
+        type=port,
+        default=env("GRADIO_SERVER_PORT", 7860, port),
+        help="port [GRADIO_SERVER_PORT, default %(default)s]",
+    )
+    server.add_argument(
+        "--share",
+        action="store_true",
+        default=env("PHOTOMAKER_SHARE", False, _switch),
+        help="also create a public gradio.live link [PHOTOMAKER_SHARE=1]",
+    )
     positive = _whole_number(1)
-    server.add_argument("--max-queue", type=positive, default=env("PHOTOMAKER_MAX_QUEUE", 20, positive),
-                        help="requests allowed to wait; more are told the queue is full "
-                             "[PHOTOMAKER_MAX_QUEUE, default %(default)s]")
-    server.add_argument("--concurrency", type=positive, default=env("PHOTOMAKER_CONCURRENCY", 1, positive),
-                        help="requests handled at once; generations still run one at a time, so more only lets "
-                             "requests have their photos checked and wait inside the app instead of in the queue "
-                             "[PHOTOMAKER_CONCURRENCY, default %(default)s]")
+    server.add_argument(
+        "--max-queue",
+        type=positive,
+        default=env("PHOTOMAKER_MAX_QUEUE", 20, positive),
+        help="requests allowed to wait; more are told the queue is full [PHOTOMAKER_MAX_QUEUE, default %(default)s]",
+    )
+    server.add_argument(
+        "--concurrency",
+        type=positive,
+        default=env("PHOTOMAKER_CONCURRENCY", 1, positive),
+        help="requests handled at once; generations still run one at a time, so more only lets "
+        "requests have their photos checked and wait inside the app instead of in the queue "
+        "[PHOTOMAKER_CONCURRENCY, default %(default)s]",
+    )
     return parser.parse_args(argv)
 
 

@@ -62,8 +62,9 @@ def save_pil_to_cache_atomically(img: Any, cache_dir: str, name: str = "image", 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def named_in_errors(component: gr.components.Component, expected: str, *, nullable: bool = False
-                    ) -> gr.components.Component:
+def named_in_errors(
+    component: gr.components.Component, expected: str, *, nullable: bool = False
+) -> gr.components.Component:
     """Gradio checks slider, number and dropdown values sent through the API before any app code runs, with
     messages such as "Value 0 is less than minimum value 1."; prefix the control's label so the user knows which,
     and turn any other refusal of a malformed value (a text for a number, ...) into a message saying what
@@ -181,12 +182,18 @@ def accept_image_file(component: gr.Image | gr.ImageEditor, api_name: str) -> gr
         def preprocess(payload: Any) -> Any:
             # Only a bare file has a background and nothing else: hand the library its path, as the CLI does,
             # so the PNG records the file's name.
-            if (payload is not None and payload.background is not None and not payload.layers
-                    and payload.composite is None and payload.id is None):
+            if (
+                payload is not None
+                and payload.background is not None
+                and not payload.layers
+                and payload.composite is None
+                and payload.id is None
+            ):
                 return payload.background.path
             return editor_preprocess(payload)
 
         component.preprocess = preprocess
+
 
 def accept_shorter_calls(demo: gr.Blocks, api_name: str) -> None:
     """Let a raw HTTP call of endpoint `api_name` leave out trailing parameters, which take their controls'
@@ -200,7 +207,7 @@ def accept_shorter_calls(demo: gr.Blocks, api_name: str) -> None:
 
     def validate_with_defaults(block_fn: Any, inputs: list[Any]) -> None:
         if block_fn.api_name == api_name and len(inputs) < len(block_fn.inputs):
-            inputs.extend(block.value for block in block_fn.inputs[len(inputs):])  # checked in place by Gradio
+            inputs.extend(block.value for block in block_fn.inputs[len(inputs) :])  # checked in place by Gradio
         validate_inputs(block_fn, inputs)
 
     demo.validate_inputs = validate_with_defaults
@@ -217,8 +224,11 @@ def declare_optional_images(handler: Any) -> Any:
     signature = inspect.signature(handler)
     parameters = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     rest = [p for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
-    optional = [inspect.Parameter(item.api_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any)
-                for item in REQUEST_FIELDS if item.kind == "image"]
+    optional = [
+        inspect.Parameter(item.api_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any)
+        for item in REQUEST_FIELDS
+        if item.kind == "image"
+    ]
     handler.__signature__ = signature.replace(parameters=[*parameters, *optional, *rest])
     return handler
 
@@ -317,6 +327,7 @@ def request_from_api(values: dict[str, Any]) -> GenerationRequest:
         fields["seed"] = None
     return GenerationRequest(**fields)
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # What the page shows, and the GPU time a request reserves
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,6 +346,7 @@ def status_markdown(status: ServiceStatus) -> str:
         return f"**Loading the model ({status.progress:.0%})**: {status.message} The page works meanwhile."
     return "**The model is not loaded yet.** It loads with the first generation."
 
+
 def identity_caption(identity: dict[str, Any] | None) -> str | None:
     """The text under a result: its face similarity to the ID photos."""
     if not identity:
@@ -344,11 +356,13 @@ def identity_caption(identity: dict[str, Any] | None) -> str | None:
     verdict = "same person" if identity.get("same_person") else "different person"
     return f"identity {identity['similarity']:.2f} ({verdict})"
 
+
 def gpu_duration(request: GenerationRequest, progress: Any = None) -> int:
     """Seconds of GPU to reserve on ZeroGPU for `request`: grows with steps, images and pixels.
 
     Runs before the request is validated, so odd values fall back to the defaults instead of raising.
     """
     width, height = output_size(request.aspect_ratio, request.width, request.height)
-    return presets.gpu_seconds(request.num_steps, request.num_outputs, width, height, best_of=request.best_of,
-                               fast=request.fast)
+    return presets.gpu_seconds(
+        request.num_steps, request.num_outputs, width, height, best_of=request.best_of, fast=request.fast
+    )

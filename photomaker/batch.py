@@ -379,8 +379,9 @@ def run_batch(
     state.wait_for_everyone()
     mine = shard(work, state.process_index, state.num_processes)
     total = sum(len(item.missing) for item in mine)
-    logger.info("process %d/%d: %d unfinished jobs, %d images", state.process_index, state.num_processes,
-                len(mine), total)
+    logger.info(
+        "process %d/%d: %d unfinished jobs, %d images", state.process_index, state.num_processes, len(mine), total
+    )
 
     report = BatchReport()
     try:
@@ -391,8 +392,7 @@ def run_batch(
         logger.exception("process %d could not load the model", state.process_index)
         report.fatal.append(f"{type(error).__name__}: {error}")
     else:
-        with tqdm(total=total, unit="image", file=sys.stderr, desc="batch",
-                  disable=not state.is_main_process) as bar:
+        with tqdm(total=total, unit="image", file=sys.stderr, desc="batch", disable=not state.is_main_process) as bar:
 
             def on_output(path: Path) -> None:
                 print(path, flush=True)

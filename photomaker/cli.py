@@ -52,9 +52,14 @@ class ProgressBar:
 
         if self._bar is None or self._bar.total != total:
             self.close()
-            self._bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True,
-                             disable=not self._enabled,
-                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+            self._bar = tqdm(
+                total=total,
+                desc=description,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                disable=not self._enabled,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]",
+            )
         self._bar.set_description_str(description, refresh=False)
         self._bar.n = min(step, total)
         self._bar.refresh()
@@ -77,8 +82,9 @@ class ProgressBar:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m photomaker",
-                                     description="PhotoMaker: pictures of a person from 1-4 photos and a prompt.")
+    parser = argparse.ArgumentParser(
+        prog="python -m photomaker", description="PhotoMaker: pictures of a person from 1-4 photos and a prompt."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -89,18 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_cmd_generate)
 
     batch = commands.add_parser(
-        "batch", help="generate every job of a JSON Lines file (resumable; splits over accelerate processes)",
+        "batch",
+        help="generate every job of a JSON Lines file (resumable; splits over accelerate processes)",
         description="One JSON object per line with generate's fields (id_images, prompt, seed, num_steps, "
-                    "num_outputs, style, aspect_ratio, ...). Outputs are DIR/job-<line>-<k>.png; finished ones "
-                    "are skipped on a re-run. Run on several GPUs with: accelerate launch -m photomaker batch ...")
+        "num_outputs, style, aspect_ratio, ...). Outputs are DIR/job-<line>-<k>.png; finished ones "
+        "are skipped on a re-run. Run on several GPUs with: accelerate launch -m photomaker batch ...",
+    )
     batch.add_argument("jobs", metavar="JOBS.jsonl")
     batch.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and errors.jsonl")
     add_model_flags(batch.add_argument_group(MODEL_GROUP))
     batch.set_defaults(handler=_cmd_batch)
 
     score = commands.add_parser("score", help="how much the face in an image looks like the reference photos")
-    score.add_argument("--reference", action="append", required=True, metavar="PHOTO", dest="references",
-                       help="photo of the person (repeatable)")
+    score.add_argument(
+        "--reference",
+        action="append",
+        required=True,
+        metavar="PHOTO",
+        dest="references",
+        help="photo of the person (repeatable)",
+    )
     score.add_argument("--image", required=True, help="the image to score, e.g. a generated PNG")
     score.add_argument("--json", action="store_true", help="print the result as one JSON object")
     score.add_argument("--backend", choices=("dlib", "insightface"), default="dlib")
@@ -117,22 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     from photomaker.train.data import add_prepare_data_arguments, run_prepare_data_command
 
     evaluate = commands.add_parser(
-        "eval", help="generate for your identities and prompts, then score them as the paper does (Table 1)",
+        "eval",
+        help="generate for your identities and prompts, then score them as the paper does (Table 1)",
         description="Face Sim, Face Div, CLIP-T, CLIP-I, DINO (and FID) over IDS x PROMPTS, with sweeps; resumable. "
-                    "Several GPUs: accelerate launch -m photomaker eval ...")
+        "Several GPUs: accelerate launch -m photomaker eval ...",
+    )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=run_eval_command)
 
     prepare = commands.add_parser(
-        "prepare-data", help="turn folders of photos per person into a training DATA folder",
+        "prepare-data",
+        help="turn folders of photos per person into a training DATA folder",
         description="Face detection, size and identity checks, crops, masks, captions; DATA/manifest.jsonl and "
-                    "DATA/report.jsonl (every dropped photo and why). Running it again resumes.")
+        "DATA/report.jsonl (every dropped photo and why). Running it again resumes.",
+    )
     add_prepare_data_arguments(prepare)
     prepare.set_defaults(handler=run_prepare_data_command)
 
     train = commands.add_parser(
-        "train", help="train or fine-tune PhotoMaker on a DATA folder; exports OUT/photomaker.bin",
-        description="Several GPUs or machines: accelerate launch -m photomaker train ...")
+        "train",
+        help="train or fine-tune PhotoMaker on a DATA folder; exports OUT/photomaker.bin",
+        description="Several GPUs or machines: accelerate launch -m photomaker train ...",
+    )
     add_train_arguments(train)
     train.set_defaults(handler=run_train_command)
     return parser
@@ -267,8 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return the process exit status."""
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.handler(args)
     except PhotoMakerError as error:

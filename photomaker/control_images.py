@@ -492,7 +492,9 @@ class PersonDetector(_TransformersVisionModel):
         )[0]
         people = [
             (score, tuple(float(v) for v in box))
-            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True)
+            for score, label, box in zip(
+                result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist(), strict=True
+            )
             if int(label) in self.person_labels
         ]
         return [box for _, box in sorted(people, key=lambda item: -item[0])]
@@ -521,9 +523,7 @@ class PoseEstimator(_TransformersVisionModel):
             return [(0.0, 0.0, float(image.width), float(image.height))]
         return self.detector.detect(image)
 
-    def estimate(
-        self, image: Image.Image, boxes: Sequence[Sequence[float]] | None = None
-    ) -> list[PersonPose]:
+    def estimate(self, image: Image.Image, boxes: Sequence[Sequence[float]] | None = None) -> list[PersonPose]:
         """COCO-17 keypoints of each person in ``image``; ``boxes`` (x0, y0, x1, y1) skip the detector."""
         image = image.convert("RGB")
         xyxy = [tuple(float(v) for v in box) for box in boxes] if boxes is not None else self.person_boxes(image)
@@ -575,8 +575,7 @@ class DepthEstimator(_TransformersVisionModel):
         super().__init__(model, processor)
         config = model.config
         self.predicts_distance = (
-            getattr(config, "depth_estimation_type", None) == "metric"
-            or config.model_type in METRIC_DEPTH_MODEL_TYPES
+            getattr(config, "depth_estimation_type", None) == "metric" or config.model_type in METRIC_DEPTH_MODEL_TYPES
         )
 
     def estimate(self, image: Image.Image) -> np.ndarray:

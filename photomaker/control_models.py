@@ -22,9 +22,7 @@ from photomaker.errors import ControlModelUnavailableError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-ModelKind = Literal[
-    "controlnet", "t2i_adapter", "ip_adapter", "pose_estimator", "person_detector", "depth_estimator"
-]
+ModelKind = Literal["controlnet", "t2i_adapter", "ip_adapter", "pose_estimator", "person_detector", "depth_estimator"]
 NO_MODEL = "none"
 """Value of an override or variable that turns an optional model off (only the person detector is optional)."""
 
@@ -166,9 +164,7 @@ class ControlModelRegistry:
     ):
         unknown = sorted(set(overrides or {}) - set(CONTROL_MODEL_SPECS))
         if unknown:
-            raise InvalidRequestError(
-                f"unknown control model key(s) {unknown}; use {', '.join(CONTROL_MODEL_SPECS)}"
-            )
+            raise InvalidRequestError(f"unknown control model key(s) {unknown}; use {', '.join(CONTROL_MODEL_SPECS)}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.overrides = dict(overrides or {})
@@ -211,9 +207,7 @@ class ControlModelRegistry:
         """The ControlNet ("pose", "canny", "depth") or T2I-Adapter ("sketch") for a control type."""
         spec = _spec(control_type)
         if spec.kind not in ("controlnet", "t2i_adapter"):
-            raise InvalidRequestError(
-                f"{control_type!r} is not a control type; use pose, canny, depth or sketch"
-            )
+            raise InvalidRequestError(f"{control_type!r} is not a control type; use pose, canny, depth or sketch")
         return self._get(control_type)
 
     def pose_estimator(self) -> PoseEstimator:

@@ -53,22 +53,46 @@ class ModelFlag:
 
 
 MODEL_FLAGS: tuple[ModelFlag, ...] = (
-    ModelFlag("tiny_dir", "--tiny", "use the tiny random-weight test models in DIR, written there first if absent; "
-              "fully offline, the outputs are noise", metavar="DIR"),
-    ModelFlag("base_model", "--base-model", "SDXL base model: Hub id, diffusers folder or single .safetensors "
-              f"file (default {DEFAULT_BASE_MODEL})", metavar="ID_OR_PATH"),
-    ModelFlag("adapter", "--adapter", "PhotoMaker checkpoint: Hub repo, folder or file; default: the official one "
-              "of --pm-version", metavar="ID_OR_PATH"),
-    ModelFlag("pm_version", "--pm-version", "PhotoMaker version: 1 or 2 (v1 and v2 work too); v2 needs the "
-              "insightface face backend (default 1)", choices=PM_VERSIONS, type=_pm_version, metavar="{1,2}"),
+    ModelFlag(
+        "tiny_dir",
+        "--tiny",
+        "use the tiny random-weight test models in DIR, written there first if absent; "
+        "fully offline, the outputs are noise",
+        metavar="DIR",
+    ),
+    ModelFlag(
+        "base_model",
+        "--base-model",
+        f"SDXL base model: Hub id, diffusers folder or single .safetensors file (default {DEFAULT_BASE_MODEL})",
+        metavar="ID_OR_PATH",
+    ),
+    ModelFlag(
+        "adapter",
+        "--adapter",
+        "PhotoMaker checkpoint: Hub repo, folder or file; default: the official one of --pm-version",
+        metavar="ID_OR_PATH",
+    ),
+    ModelFlag(
+        "pm_version",
+        "--pm-version",
+        "PhotoMaker version: 1 or 2 (v1 and v2 work too); v2 needs the insightface face backend (default 1)",
+        choices=PM_VERSIONS,
+        type=_pm_version,
+        metavar="{1,2}",
+    ),
     ModelFlag("device", "--device", "cuda, cuda:N, mps or cpu; default: the best available"),
     ModelFlag("dtype", "--dtype", "weights dtype; default: float16 on GPU, bfloat16 on CPU", choices=DTYPE_CHOICES),
     ModelFlag("offload", "--offload", "CPU offload for small GPUs (default none)", choices=OFFLOAD_MODES),
-    ModelFlag("face_backend", "--face-backend", "face cropping and identity scores; default: dlib for v1, "
-              "insightface for v2", choices=FACE_BACKENDS),
+    ModelFlag(
+        "face_backend",
+        "--face-backend",
+        "face cropping and identity scores; default: dlib for v1, insightface for v2",
+        choices=FACE_BACKENDS,
+    ),
     ModelFlag("face_model_dir", "--face-model-dir", "face models folder", metavar="DIR"),
-    ModelFlag("fast_lora_dir", "--fast-lora-dir", "folder with the fast-mode LoRA files, instead of the Hub",
-              metavar="DIR"),
+    ModelFlag(
+        "fast_lora_dir", "--fast-lora-dir", "folder with the fast-mode LoRA files, instead of the Hub", metavar="DIR"
+    ),
 )
 
 
@@ -81,8 +105,11 @@ def add_model_flags(
         if wanted is not None and item.setting not in wanted:
             continue
         variable = _VARIABLE_OF_SETTING.get(item.setting)
-        options: dict[str, Any] = {"help": f"{item.help} [{variable}]" if variable else item.help,
-                                   "dest": item.dest, "type": item.type}
+        options: dict[str, Any] = {
+            "help": f"{item.help} [{variable}]" if variable else item.help,
+            "dest": item.dest,
+            "type": item.type,
+        }
         if item.choices is not None:
             options["choices"] = item.choices
         if item.metavar is not None:
@@ -104,8 +131,9 @@ def _request_flag_options(item: RequestField) -> dict[str, Any]:
     elif item.kind == "bool":
         options.update(action="store_false" if item.default else "store_true", default=None)
     else:
-        options.update(type={"int": int, "float": float}.get(item.kind, str), metavar=item.cli_metavar,
-                       required=item.required)
+        options.update(
+            type={"int": int, "float": float}.get(item.kind, str), metavar=item.cli_metavar, required=item.required
+        )
     options.update(item.cli_options)
     return options
 

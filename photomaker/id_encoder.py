@@ -87,9 +87,7 @@ class PhotoMakerIDEncoderConfig:
         )
 
     @classmethod
-    def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor]
-    ) -> PhotoMakerIDEncoderConfig:
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> PhotoMakerIDEncoderConfig:
         """Infer every size from the tensor shapes of an ``id_encoder`` state dict.
 
         Read off shapes: vision width/patch (patch embedding), image size (position count = (image/patch)^2 + 1),
@@ -110,9 +108,7 @@ class PhotoMakerIDEncoderConfig:
 
         patch = shape(VISION_PREFIX + "embeddings.patch_embedding.weight")
         hidden, patch_size = int(patch[0]), int(patch[-1])
-        num_positions = int(
-            shape(VISION_PREFIX + "embeddings.position_embedding.weight")[0]
-        )
+        num_positions = int(shape(VISION_PREFIX + "embeddings.position_embedding.weight")[0])
         grid = round((num_positions - 1) ** 0.5)
         if grid * grid != num_positions - 1:
             raise CheckpointError(
@@ -123,13 +119,9 @@ class PhotoMakerIDEncoderConfig:
             "vision_hidden_size": hidden,
             "patch_size": patch_size,
             "image_size": grid * patch_size,
-            "vision_num_layers": _count_indexed(
-                state_dict, VISION_PREFIX + "encoder.layers."
-            ),
+            "vision_num_layers": _count_indexed(state_dict, VISION_PREFIX + "encoder.layers."),
             "vision_num_heads": max(1, hidden // CLIP_HEAD_DIM),
-            "vision_intermediate_size": int(
-                shape(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")[0]
-            ),
+            "vision_intermediate_size": int(shape(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")[0]),
             "projection_dim_1": int(shape("visual_projection.weight")[0]),
             "projection_dim_2": int(shape("visual_projection_2.weight")[0]),
         }
@@ -150,9 +142,7 @@ class PhotoMakerIDEncoderConfig:
                 id_embed_dim=id_embed_dim,
                 token_proj_ratio=proj_hidden // id_embed_dim,
                 num_tokens=proj_out // embed_dim,
-                resampler_depth=_count_indexed(
-                    state_dict, RESAMPLER_PREFIX + "layers."
-                ),
+                resampler_depth=_count_indexed(state_dict, RESAMPLER_PREFIX + "layers."),
                 resampler_heads=heads,
                 resampler_dim_head=max(1, inner // heads),
                 resampler_ff_mult=max(1, ff_inner // embed_dim),
@@ -167,9 +157,7 @@ def _count_indexed(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _placement(
-    parameter: torch.Tensor, fallback: torch.device
-) -> tuple[torch.device, torch.dtype]:
+def _placement(parameter: torch.Tensor, fallback: torch.device) -> tuple[torch.device, torch.dtype]:
     """Where inputs must go to meet ``parameter``.
 
     Under sequential CPU offload the weights sit on ``meta`` until a hook moves them in; inputs then stay
@@ -205,9 +193,7 @@ class FuseModule(nn.Module):
         self.mlp2 = _MLP(embed_dim, embed_dim, embed_dim)
         self.layer_norm = nn.LayerNorm(embed_dim)
 
-    def forward(
-        self, class_embeds: torch.Tensor, id_embeds: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, class_embeds: torch.Tensor, id_embeds: torch.Tensor) -> torch.Tensor:
         h = self.mlp1(torch.cat([class_embeds, id_embeds], dim=-1)) + class_embeds
         h = self.mlp2(h) + h
         return self.layer_norm(h)
@@ -223,12 +209,8 @@ class PhotoMakerIDEncoder(nn.Module):
         self.config = config or PhotoMakerIDEncoderConfig()
         self.vision_model = CLIPVisionModel(self.config.vision_config())
         hidden = self.config.vision_hidden_size
-        self.visual_projection = nn.Linear(
-            hidden, self.config.projection_dim_1, bias=False
-        )
-        self.visual_projection_2 = nn.Linear(
-            hidden, self.config.projection_dim_2, bias=False
-        )
+        self.visual_projection = nn.Linear(hidden, self.config.projection_dim_1, bias=False)
+        self.visual_projection_2 = nn.Linear(hidden, self.config.projection_dim_2, bias=False)
         self.fuse_module = FuseModule(self.config.embed_dim)
 
     @property
@@ -246,9 +228,7 @@ class PhotoMakerIDEncoder(nn.Module):
         for module in self.modules():
             if isinstance(module, CLIPVisionEmbeddings):
                 device = module.position_embedding.weight.device
-                module.position_ids = torch.arange(
-                    module.num_positions, device=device
-                ).expand((1, -1))
+                module.position_ids = torch.arange(module.num_positions, device=device).expand((1, -1))
 
     def _vision_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
@@ -259,16 +239,10 @@ class PhotoMakerIDEncoder(nn.Module):
         weight = self.vision_model.embeddings.patch_embedding.weight
         return pixel_values.to(*_placement(weight, pixel_values.device))
 
-    def encode_images(
-        self, pixel_values: torch.Tensor, face_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, face_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """ID tokens [N, 1, D]: pooled CLIP output projected to [proj_1 | proj_2]. ``face_embeds`` is unused."""
-        pooled = self.vision_model(
-            pixel_values=self._vision_inputs(pixel_values)
-        ).pooler_output
-        tokens = torch.cat(
-            [self.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1
-        )
+        pooled = self.vision_model(pixel_values=self._vision_inputs(pixel_values)).pooler_output
+        tokens = torch.cat([self.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1)
         return tokens.unsqueeze(1)
 
     def fuse(
@@ -316,19 +290,9 @@ class PhotoMakerIDEncoder(nn.Module):
                 "photomaker.prompt.expand_class_tokens using the same number of ID images."
             )
 
-        fuse_device, fuse_dtype = _placement(
-            self.fuse_module.layer_norm.weight, prompt_embeds.device
-        )
-        class_embeds = (
-            prompt_embeds[mask]
-            .reshape(batch, expected, dim)
-            .to(fuse_device, fuse_dtype)
-        )
-        flat_ids = (
-            id_tokens.reshape(1, expected, dim)
-            .to(fuse_device, fuse_dtype)
-            .expand(batch, -1, -1)
-        )
+        fuse_device, fuse_dtype = _placement(self.fuse_module.layer_norm.weight, prompt_embeds.device)
+        class_embeds = prompt_embeds[mask].reshape(batch, expected, dim).to(fuse_device, fuse_dtype)
+        flat_ids = id_tokens.reshape(1, expected, dim).to(fuse_device, fuse_dtype).expand(batch, -1, -1)
         fused = self.fuse_module(class_embeds, flat_ids)
         if id_weights is not None:
             weights = torch.as_tensor(id_weights, dtype=fuse_dtype, device=fuse_device)
@@ -337,15 +301,11 @@ class PhotoMakerIDEncoder(nn.Module):
                     f"id_weights needs one weight per ID image ({num_images}); got shape {tuple(weights.shape)}."
                 )
             if not torch.isfinite(weights).all():
-                raise ValueError(
-                    f"id_weights must be finite numbers; got {weights.tolist()}."
-                )
+                raise ValueError(f"id_weights must be finite numbers; got {weights.tolist()}.")
             per_token = weights.repeat_interleave(tokens).view(1, expected, 1)
             fused = torch.lerp(class_embeds, fused, per_token.expand_as(fused))
         out = prompt_embeds.clone()
-        out[mask] = fused.reshape(batch * expected, dim).to(
-            prompt_embeds.device, prompt_embeds.dtype
-        )
+        out[mask] = fused.reshape(batch * expected, dim).to(prompt_embeds.device, prompt_embeds.dtype)
         return out
 
 
@@ -401,9 +361,7 @@ class _PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    _PerceiverAttention(
-                        dim, config.resampler_heads, config.resampler_dim_head
-                    ),
+                    _PerceiverAttention(dim, config.resampler_heads, config.resampler_dim_head),
                     _feed_forward(dim, config.resampler_ff_mult),
                 ]
             )
@@ -412,9 +370,7 @@ class _PerceiverResampler(nn.Module):
         self.proj_out = nn.Linear(dim, dim)
         self.norm_out = nn.LayerNorm(dim)
 
-    def forward(
-        self, latents: torch.Tensor, image_features: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         features = self.proj_in(image_features)
         for attention, feed_forward in self.layers:
             latents = attention(features, latents) + latents
@@ -438,12 +394,8 @@ class _QFormerPerceiver(nn.Module):
         self.token_norm = nn.LayerNorm(dim)
         self.perceiver_resampler = _PerceiverResampler(config)
 
-    def forward(
-        self, face_embeds: torch.Tensor, image_features: torch.Tensor
-    ) -> torch.Tensor:
-        x = self.token_proj(face_embeds).reshape(
-            face_embeds.shape[0], self.num_tokens, -1
-        )
+    def forward(self, face_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        x = self.token_proj(face_embeds).reshape(face_embeds.shape[0], self.num_tokens, -1)
         x = self.token_norm(x)
         return x + self.perceiver_resampler(x, image_features)
 
@@ -465,9 +417,7 @@ class PhotoMakerIDEncoderV2(PhotoMakerIDEncoder):
         """Query tokens per ID photo (2 in the official checkpoint)."""
         return self.config.num_tokens
 
-    def encode_images(
-        self, pixel_values: torch.Tensor, face_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, face_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """ID tokens [N, T, D] from the photos and their face embeddings [N, id_embed_dim] (same order).
 
         ``[1, N, id_embed_dim]`` (the reference pipeline's batched layout) is accepted too.
@@ -480,31 +430,19 @@ class PhotoMakerIDEncoderV2(PhotoMakerIDEncoder):
                 f"tensor [{num_images}, {expected}] (InsightFace buffalo_l ArcFace embeddings, one per photo)."
             )
         face_embeds = torch.as_tensor(face_embeds)
-        face_embeds = (
-            face_embeds.reshape(-1, face_embeds.shape[-1])
-            if face_embeds.ndim == 3
-            else face_embeds
-        )
+        face_embeds = face_embeds.reshape(-1, face_embeds.shape[-1]) if face_embeds.ndim == 3 else face_embeds
         if face_embeds.ndim != 2 or face_embeds.shape != (num_images, expected):
             raise IDImageError(
                 f"PhotoMaker v2 needs one {expected}-value face embedding per ID photo: got face embeddings of "
                 f"shape {tuple(face_embeds.shape)} for {num_images} photo(s). Pass a tensor [{num_images}, "
                 f"{expected}] in the same order as the photos."
             )
-        clip_tokens = self.vision_model(
-            pixel_values=self._vision_inputs(pixel_values)
-        ).last_hidden_state
-        device, dtype = _placement(
-            self.qformer_perceiver.token_norm.weight, clip_tokens.device
-        )
-        return self.qformer_perceiver(
-            face_embeds.to(device, dtype), clip_tokens.to(device, dtype)
-        )
+        clip_tokens = self.vision_model(pixel_values=self._vision_inputs(pixel_values)).last_hidden_state
+        device, dtype = _placement(self.qformer_perceiver.token_norm.weight, clip_tokens.device)
+        return self.qformer_perceiver(face_embeds.to(device, dtype), clip_tokens.to(device, dtype))
 
 
-def create_id_encoder(
-    config: PhotoMakerIDEncoderConfig | None = None, version: int = 1
-) -> PhotoMakerIDEncoder:
+def create_id_encoder(config: PhotoMakerIDEncoderConfig | None = None, version: int = 1) -> PhotoMakerIDEncoder:
     """A randomly initialised encoder of the given version (1 or 2); loading.build_id_encoder loads weights."""
     classes: dict[int, type[PhotoMakerIDEncoder]] = {
         1: PhotoMakerIDEncoder,

@@ -178,9 +178,7 @@ class ModelLifecycle:
             # Each load sets its own event: a retry started while a failed load is still cleaning up must not
             # let that load wake (or strand) the retry's waiters.
             self._done = threading.Event()
-            self._thread = threading.Thread(
-                target=self._load, args=(self._done,), name="photomaker-load", daemon=True
-            )
+            self._thread = threading.Thread(target=self._load, args=(self._done,), name="photomaker-load", daemon=True)
             self._thread.start()
 
     def wait_ready(self, timeout: float | None = None, progress: ProgressCallback | None = None) -> None:

@@ -66,9 +66,7 @@ _MAX_LISTED = 12
 def _listing(names: list[str]) -> str:
     """Comma-separated names, shortened to the first few with a count of the rest."""
     shown = ", ".join(repr(name) for name in names[:_MAX_LISTED])
-    return shown + (
-        f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-    )
+    return shown + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
 def load_checkpoint(
@@ -117,29 +115,19 @@ def _looks_like_local_path(source: str) -> bool:
 def _file_in_folder(folder: Path, weight_name: str | None, subfolder: str) -> Path:
     directory = folder / subfolder if subfolder else folder
     if weight_name is None:
-        candidates = sorted(
-            p.name for p in directory.glob("*") if p.suffix in CHECKPOINT_SUFFIXES
-        )
-        hint = (
-            f" Files there: {_listing(candidates)}."
-            if candidates
-            else " It has no checkpoint files."
-        )
+        candidates = sorted(p.name for p in directory.glob("*") if p.suffix in CHECKPOINT_SUFFIXES)
+        hint = f" Files there: {_listing(candidates)}." if candidates else " It has no checkpoint files."
         raise CheckpointError(
             f"'{folder}' is a folder: pass weight_name to say which file to load, e.g. "
             f"weight_name='photomaker-v1.bin'.{hint}"
         )
     path = directory / weight_name
     if not path.is_file():
-        raise CheckpointError(
-            f"No file '{weight_name}' in '{directory}'. Check weight_name and subfolder."
-        )
+        raise CheckpointError(f"No file '{weight_name}' in '{directory}'. Check weight_name and subfolder.")
     return path
 
 
-def _download(
-    repo_id: str, weight_name: str | None, subfolder: str, hub_kwargs: dict[str, Any]
-) -> Path:
+def _download(repo_id: str, weight_name: str | None, subfolder: str, hub_kwargs: dict[str, Any]) -> Path:
     from huggingface_hub import hf_hub_download
 
     if weight_name is None:
@@ -150,9 +138,7 @@ def _download(
         )
     unknown = sorted(set(hub_kwargs) - HUB_KWARGS - IGNORED_HUB_KWARGS)
     if unknown:
-        raise TypeError(
-            f"Unknown Hub download argument(s) {unknown}; supported: {sorted(HUB_KWARGS)}."
-        )
+        raise TypeError(f"Unknown Hub download argument(s) {unknown}; supported: {sorted(HUB_KWARGS)}.")
     ignored = sorted(set(hub_kwargs) & IGNORED_HUB_KWARGS)
     if ignored:
         logger.warning("Ignoring %s: huggingface_hub no longer supports them", ignored)
@@ -165,13 +151,9 @@ def _download(
     }
     if offline:
         kwargs["local_files_only"] = True
-    where = f"'{weight_name}' from Hub repo '{repo_id}'" + (
-        f" (subfolder '{subfolder}')" if subfolder else ""
-    )
+    where = f"'{weight_name}' from Hub repo '{repo_id}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
     try:
-        return Path(
-            hf_hub_download(repo_id, weight_name, subfolder=subfolder or None, **kwargs)
-        )
+        return Path(hf_hub_download(repo_id, weight_name, subfolder=subfolder or None, **kwargs))
     except Exception as exc:  # huggingface_hub raises many unrelated types; all mean "could not get the file"
         if offline or kwargs.get("local_files_only"):
             fix = (
@@ -183,9 +165,7 @@ def _download(
                 "Check the repo id, weight_name (e.g. 'photomaker-v1.bin'), revision and your network/token, "
                 "or pass a local path to the file."
             )
-        raise CheckpointError(
-            f"Could not get {where}: {type(exc).__name__}: {exc}. {fix}"
-        ) from exc
+        raise CheckpointError(f"Could not get {where}: {type(exc).__name__}: {exc}. {fix}") from exc
 
 
 def _load_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -195,12 +175,8 @@ def _load_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
         try:
             contents: Any = load_file(str(path), device="cpu")
-        except (
-            Exception
-        ) as exc:  # safetensors raises its own SafetensorError and OSError
-            raise CheckpointError(
-                f"'{path}' is not a readable safetensors file ({exc}); re-download it."
-            ) from exc
+        except Exception as exc:  # safetensors raises its own SafetensorError and OSError
+            raise CheckpointError(f"'{path}' is not a readable safetensors file ({exc}); re-download it.") from exc
         return _split_parts(contents, f"'{path}'")
     try:
         try:
@@ -259,29 +235,17 @@ def _split_parts(contents: Any, source: str) -> dict[str, dict[str, torch.Tensor
     for part in PARTS:
         tensors = parts[part]
         if not isinstance(tensors, Mapping):
-            raise CheckpointError(
-                f"{source}: '{part}' is a {type(tensors).__name__}, not a dict of tensors."
-            )
-        bad = [
-            str(name)
-            for name, value in tensors.items()
-            if not isinstance(value, torch.Tensor)
-        ]
+            raise CheckpointError(f"{source}: '{part}' is a {type(tensors).__name__}, not a dict of tensors.")
+        bad = [str(name) for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
         if bad:
-            raise CheckpointError(
-                f"{source}: '{part}' has entries that are not tensors: {_listing(bad)}."
-            )
+            raise CheckpointError(f"{source}: '{part}' has entries that are not tensors: {_listing(bad)}.")
         result[part] = {str(name): value for name, value in tensors.items()}
     return result
 
 
 def detect_version(id_encoder_state_dict: Mapping[str, torch.Tensor]) -> int:
     """2 when the ID encoder has the v2 ``qformer_perceiver.*`` weights, else 1."""
-    return (
-        2
-        if any(key.startswith(PERCEIVER_PREFIX) for key in id_encoder_state_dict)
-        else 1
-    )
+    return 2 if any(key.startswith(PERCEIVER_PREFIX) for key in id_encoder_state_dict) else 1
 
 
 _VERSION_SPELLINGS = {"1": 1, "v1": 1, "2": 2, "v2": 2}
@@ -310,7 +274,8 @@ def parse_pm_version(value: int | str | None) -> int | None:
 
 
 def build_id_encoder(
-    id_encoder_state_dict: Mapping[str, torch.Tensor], version: int | str | None = None,
+    id_encoder_state_dict: Mapping[str, torch.Tensor],
+    version: int | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> PhotoMakerIDEncoder:
     """Build the encoder the weights describe (sizes inferred from shapes) and load them strictly, in eval mode.
@@ -363,9 +328,7 @@ def _no_weight_init() -> Any:
     return no_init_weights()
 
 
-def _check_keys(
-    encoder: nn.Module, state_dict: Mapping[str, torch.Tensor], version: int
-) -> None:
+def _check_keys(encoder: nn.Module, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
     expected = encoder.state_dict()
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -383,9 +346,7 @@ def _check_keys(
         lines.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
     if mismatched:
         lines.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-    lines.append(
-        "Use an official photomaker-v1.bin / photomaker-v2.bin (or a faithful conversion) for this encoder."
-    )
+    lines.append("Use an official photomaker-v1.bin / photomaker-v2.bin (or a faithful conversion) for this encoder.")
     raise CheckpointError("\n".join(lines))
 
 
@@ -409,9 +370,7 @@ def _lora_target(key: str) -> tuple[bool, str, str] | None:
     return match["prefix"] is not None, f"{match['path']}.{projection}", kind
 
 
-def check_lora_applied(
-    unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor], adapter_name: str
-) -> int:
+def check_lora_applied(unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor], adapter_name: str) -> int:
     """Verify that every LoRA tensor landed in the UNet under ``adapter_name``; return how many were checked.
 
     Also reports adapter layers of ``adapter_name`` in the UNet that no tensor of the LoRA filled (peft
@@ -428,53 +387,35 @@ def check_lora_applied(
     for key, tensor in lora_state_dict.items():
         target = _lora_target(key)
         if target is None:
-            problems.append(
-                f"{key}: not a UNet attention LoRA key (expected '...processor.to_q_lora.down.weight')"
-            )
+            problems.append(f"{key}: not a UNet attention LoRA key (expected '...processor.to_q_lora.down.weight')")
             continue
         has_prefix, module_path, kind = target
         if not has_prefix:
-            problems.append(
-                f"{key}: no 'unet.' prefix, so diffusers ignores it; prefix the key with 'unet.'"
-            )
+            problems.append(f"{key}: no 'unet.' prefix, so diffusers ignores it; prefix the key with 'unet.'")
             continue
         covered.add((module_path, kind))
         try:
             module = unet.get_submodule(module_path)
         except AttributeError:
-            problems.append(
-                f"{key}: the UNet has no module '{module_path}' (LoRA made for another architecture?)"
-            )
+            problems.append(f"{key}: the UNet has no module '{module_path}' (LoRA made for another architecture?)")
             continue
         layers = getattr(module, kind, None)
         if not isinstance(layers, nn.ModuleDict) or adapter_name not in layers:
-            problems.append(
-                f"{key}: '{module_path}' has no LoRA adapter '{adapter_name}' (it was not loaded)"
-            )
+            problems.append(f"{key}: '{module_path}' has no LoRA adapter '{adapter_name}' (it was not loaded)")
             continue
         actual = layers[adapter_name].weight
         if actual.device.type == "meta":
-            problems.append(
-                f"{key}: '{module_path}' weights are not materialised (meta device); cannot verify"
-            )
+            problems.append(f"{key}: '{module_path}' weights are not materialised (meta device); cannot verify")
             continue
         expected = tensor.detach().to(device=actual.device, dtype=actual.dtype)
         if actual.shape != expected.shape:
-            problems.append(
-                f"{key}: shape {tuple(expected.shape)} but the UNet holds {tuple(actual.shape)}"
-            )
+            problems.append(f"{key}: shape {tuple(expected.shape)} but the UNet holds {tuple(actual.shape)}")
         elif not torch.equal(actual.detach(), expected):
-            problems.append(
-                f"{key}: values differ from the UNet's {kind}['{adapter_name}'] of '{module_path}'"
-            )
+            problems.append(f"{key}: values differ from the UNet's {kind}['{adapter_name}'] of '{module_path}'")
     for module_path, module in unet.named_modules():
         for kind in ("lora_A", "lora_B"):
             layers = getattr(module, kind, None)
-            if (
-                isinstance(layers, nn.ModuleDict)
-                and adapter_name in layers
-                and (module_path, kind) not in covered
-            ):
+            if isinstance(layers, nn.ModuleDict) and adapter_name in layers and (module_path, kind) not in covered:
                 problems.append(
                     f"'{module_path}' has adapter '{adapter_name}' but the LoRA has no {kind} tensor for it "
                     "(left at its initial value)"
@@ -484,11 +425,7 @@ def check_lora_applied(
             f"The PhotoMaker LoRA did not load cleanly into the UNet ({len(problems)} problem(s), "
             f"{len(lora_state_dict)} tensors):\n"
             + "\n".join(problems[:_MAX_LISTED])
-            + (
-                f"\n... and {len(problems) - _MAX_LISTED} more"
-                if len(problems) > _MAX_LISTED
-                else ""
-            )
+            + (f"\n... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
             + "\nThe LoRA must target this UNet with keys like "
             "'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight'."
         )
@@ -562,8 +499,12 @@ def _fuse_targets(unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor]) 
             problems.append(f"'{module_path}': the LoRA has no {' / '.join(sorted(missing))} tensor for it")
             continue
         down, up = pair["lora_A"], pair["lora_B"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] \
-                or (up.shape[0], down.shape[1]) != tuple(module.weight.shape):
+        if (
+            down.ndim != 2
+            or up.ndim != 2
+            or up.shape[1] != down.shape[0]
+            or (up.shape[0], down.shape[1]) != tuple(module.weight.shape)
+        ):
             problems.append(
                 f"'{module_path}': up {tuple(up.shape)} x down {tuple(down.shape)} does not fit the weight "
                 f"{tuple(module.weight.shape)}"
@@ -573,7 +514,8 @@ def _fuse_targets(unet: nn.Module, lora_state_dict: Mapping[str, torch.Tensor]) 
     if problems:
         raise CheckpointError(
             f"The PhotoMaker LoRA does not fit this UNet ({len(problems)} problem(s), {len(lora_state_dict)} "
-            "tensors):\n" + "\n".join(problems[:_MAX_LISTED])
+            "tensors):\n"
+            + "\n".join(problems[:_MAX_LISTED])
             + (f"\n... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
             + "\nThe LoRA must target this UNet with keys like "
             "'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight'."
@@ -666,8 +608,8 @@ class PreparedAdapterCache:
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is rebuilt, never trusted
             logger.warning("Ignoring the prepared-adapter cache %s (%s)", self.path, exc)
             return None
-        fused = {key[len("unet."):]: value for key, value in tensors.items() if key.startswith("unet.")}
-        encoder = {key[len("id_encoder."):]: value for key, value in tensors.items() if key.startswith("id_encoder.")}
+        fused = {key[len("unet.") :]: value for key, value in tensors.items() if key.startswith("unet.")}
+        encoder = {key[len("id_encoder.") :]: value for key, value in tensors.items() if key.startswith("id_encoder.")}
         for path in modules:
             weight = self._weight(path)
             if path not in fused or fused[path].shape != weight.shape or fused[path].dtype != weight.dtype:
@@ -695,10 +637,17 @@ class PreparedAdapterCache:
         # SafetensorError, ...) only costs the next start its fuse and must never fail the load.
         try:
             tensors = {f"unet.{path}": self._weight(path).detach().to("cpu").contiguous() for path in modules}
-            tensors.update({f"id_encoder.{name}": value.detach().to("cpu").contiguous()
-                            for name, value in id_encoder.state_dict().items()})
-            metadata = {"format": str(PREPARED_CACHE_FORMAT), "modules": json.dumps(modules),
-                        "fingerprint": base_fingerprint}
+            tensors.update(
+                {
+                    f"id_encoder.{name}": value.detach().to("cpu").contiguous()
+                    for name, value in id_encoder.state_dict().items()
+                }
+            )
+            metadata = {
+                "format": str(PREPARED_CACHE_FORMAT),
+                "modules": json.dumps(modules),
+                "fingerprint": base_fingerprint,
+            }
             self.path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(partial), metadata=metadata)
             os.replace(partial, self.path)

@@ -110,7 +110,7 @@ def format_parameters(params: Mapping[str, Any]) -> str:
 
 
 def _control_summary(params: Mapping[str, Any]) -> str | None:
-    """"canny 0.8 (0-1)": the control type, its scale and the fraction of the steps it acted on."""
+    """ "canny 0.8 (0-1)": the control type, its scale and the fraction of the steps it acted on."""
     if not params.get("control_type"):
         return None
     return (

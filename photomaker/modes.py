@@ -109,18 +109,29 @@ def mode_arguments(
     start photo, which validation fitted to the output size)."""
     if plan.pipeline == "controlnet":
         return {
-            "image": control_map, "controlnet_conditioning_scale": plan.control_scale,
-            "control_guidance_start": plan.control_start, "control_guidance_end": plan.control_end,
-            "width": width, "height": height,
+            "image": control_map,
+            "controlnet_conditioning_scale": plan.control_scale,
+            "control_guidance_start": plan.control_start,
+            "control_guidance_end": plan.control_end,
+            "width": width,
+            "height": height,
         }
     if plan.pipeline == "t2i_adapter":
         return {
-            "image": control_map, "adapter_conditioning_scale": plan.control_scale,
-            "adapter_conditioning_factor": plan.control_end, "width": width, "height": height,
+            "image": control_map,
+            "adapter_conditioning_scale": plan.control_scale,
+            "adapter_conditioning_factor": plan.control_end,
+            "width": width,
+            "height": height,
         }
     if plan.pipeline == "img2img":
         return {"image": plan.init_image, "strength": plan.strength}
     if plan.pipeline == "inpaint":
-        return {"image": plan.init_image, "mask_image": mask, "strength": plan.strength, "width": width,
-                "height": height}
+        return {
+            "image": plan.init_image,
+            "mask_image": mask,
+            "strength": plan.strength,
+            "width": width,
+            "height": height,
+        }
     return {"width": width, "height": height}

@@ -114,17 +114,30 @@ class PhotoMakerStableDiffusionXLPipeline(PhotoMakerMixin, StableDiffusionXLPipe
 
         # 1. Check inputs
         self.check_inputs(
-            prompt=prompt, prompt_2=prompt_2, height=height, width=width, callback_steps=None,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, ip_adapter_image=ip_adapter_image,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            height=height,
+            width=width,
+            callback_steps=None,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_photomaker_inputs(
-            input_id_images=input_id_images, id_embeds=id_embeds, id_weights=id_weights,
-            start_merge_step=start_merge_step, prompt=prompt, prompt_embeds=prompt_embeds,
-            class_tokens_mask=class_tokens_mask, prompt_embeds_text_only=prompt_embeds_text_only,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            start_merge_step=start_merge_step,
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
+            prompt_embeds_text_only=prompt_embeds_text_only,
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
             num_inference_steps=num_inference_steps if timesteps is None and sigmas is None else None,
         )
@@ -141,13 +154,23 @@ class PhotoMakerStableDiffusionXLPipeline(PhotoMakerMixin, StableDiffusionXLPipe
 
         # 3-4. ID tokens (reused or encoded once), then the prompt ID-fused and text-only; negatives once
         embeddings = self.encode_photomaker_inputs(
-            prompt=prompt, prompt_2=prompt_2, input_id_images=input_id_images, id_embeds=id_embeds,
-            id_weights=id_weights, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            batch_size=batch_size, device=device, clip_skip=clip_skip, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, class_tokens_mask=class_tokens_mask,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            batch_size=batch_size,
+            device=device,
+            clip_skip=clip_skip,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
             prompt_embeds_text_only=prompt_embeds_text_only,
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         image_embeds = self.style_image_embeds(
             ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt
@@ -161,26 +184,39 @@ class PhotoMakerStableDiffusionXLPipeline(PhotoMakerMixin, StableDiffusionXLPipe
         # 6. Latents
         latent_dtype = embeddings.prompt_embeds.dtype
         latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, latent_dtype,
-            device, generator, latents,
+            batch_size * num_images_per_prompt,
+            self.unet.config.in_channels,
+            height,
+            width,
+            latent_dtype,
+            device,
+            generator,
+            latents,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 7. Micro-conditioning and the two conditionings (text-only first, ID-fused after the merge step)
         add_time_ids = self._get_add_time_ids(
-            original_size, crops_coords_top_left, target_size, dtype=latent_dtype,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            dtype=latent_dtype,
             text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
         )
         negative_add_time_ids = add_time_ids
         if negative_original_size is not None and negative_target_size is not None:
             negative_add_time_ids = self._get_add_time_ids(
-                negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                dtype=latent_dtype, text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
+                negative_original_size,
+                negative_crops_coords_top_left,
+                negative_target_size,
+                dtype=latent_dtype,
+                text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
             )
 
         text_only, with_id = self.photomaker_phases(embeddings, num_images_per_prompt, device, latent_dtype)
-        time_ids = torch.cat([negative_add_time_ids, add_time_ids]) if self.do_classifier_free_guidance \
-            else add_time_ids
+        time_ids = (
+            torch.cat([negative_add_time_ids, add_time_ids]) if self.do_classifier_free_guidance else add_time_ids
+        )
         add_time_ids = time_ids.to(device).repeat(batch_size * num_images_per_prompt, 1)
 
         # 8. Denoising loop
@@ -212,8 +248,12 @@ class PhotoMakerStableDiffusionXLPipeline(PhotoMakerMixin, StableDiffusionXLPipe
                 if image_embeds is not None:
                     added_cond_kwargs["image_embeds"] = image_embeds
                 noise_pred = self.unet(
-                    latent_model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
-                    cross_attention_kwargs=self.cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 if self.do_classifier_free_guidance:

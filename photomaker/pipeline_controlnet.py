@@ -43,8 +43,12 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
     def check_control_inputs(
-        self, *, image: Any, controlnet_conditioning_scale: float | list[float],
-        control_guidance_start: float | list[float], control_guidance_end: float | list[float],
+        self,
+        *,
+        image: Any,
+        controlnet_conditioning_scale: float | list[float],
+        control_guidance_start: float | list[float],
+        control_guidance_end: float | list[float],
     ) -> None:
         """Refuse a missing control image or a guidance window outside [0, 1] before any model runs."""
         num_nets = len(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else 1
@@ -126,25 +130,40 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
 
         # 1. Check inputs (SDXL + ControlNet, PhotoMaker, control image and window)
         self.check_control_inputs(
-            image=image, controlnet_conditioning_scale=controlnet_conditioning_scale,
-            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            image=image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
         )
         control_guidance_start = _per_net(control_guidance_start, num_nets, "control_guidance_start")
         control_guidance_end = _per_net(control_guidance_end, num_nets, "control_guidance_end")
         self.check_inputs(
-            prompt=prompt, prompt_2=prompt_2, image=image, callback_steps=None, negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            image=image,
+            callback_steps=None,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             controlnet_conditioning_scale=controlnet_conditioning_scale,
-            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_photomaker_inputs(
-            input_id_images=input_id_images, id_embeds=id_embeds, id_weights=id_weights,
-            start_merge_step=start_merge_step, prompt=prompt, prompt_embeds=prompt_embeds,
-            class_tokens_mask=class_tokens_mask, prompt_embeds_text_only=prompt_embeds_text_only,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            start_merge_step=start_merge_step,
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
+            prompt_embeds_text_only=prompt_embeds_text_only,
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
             num_inference_steps=num_inference_steps if timesteps is None and sigmas is None else None,
         )
@@ -160,20 +179,31 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
         if num_nets > 1 and isinstance(controlnet_conditioning_scale, float):
             controlnet_conditioning_scale = [controlnet_conditioning_scale] * num_nets
         global_pool_conditions = (
-            controlnet.config.global_pool_conditions if isinstance(controlnet, ControlNetModel)
+            controlnet.config.global_pool_conditions
+            if isinstance(controlnet, ControlNetModel)
             else controlnet.nets[0].config.global_pool_conditions
         )
         guess_mode = guess_mode or global_pool_conditions
 
         # 3. PhotoMaker: ID tokens, the prompt ID-fused and text-only, negatives
         embeddings = self.encode_photomaker_inputs(
-            prompt=prompt, prompt_2=prompt_2, input_id_images=input_id_images, id_embeds=id_embeds,
-            id_weights=id_weights, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            batch_size=batch_size, device=device, clip_skip=clip_skip, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, class_tokens_mask=class_tokens_mask,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            batch_size=batch_size,
+            device=device,
+            clip_skip=clip_skip,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
             prompt_embeds_text_only=prompt_embeds_text_only,
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         image_embeds = self.style_image_embeds(
             ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt
@@ -183,9 +213,15 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
         control_images = [image] if num_nets == 1 else list(image)
         control_images = [
             self.prepare_image(
-                image=control_image, width=width, height=height, batch_size=batch_size * num_images_per_prompt,
-                num_images_per_prompt=num_images_per_prompt, device=device, dtype=controlnet.dtype,
-                do_classifier_free_guidance=self.do_classifier_free_guidance, guess_mode=guess_mode,
+                image=control_image,
+                width=width,
+                height=height,
+                batch_size=batch_size * num_images_per_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                device=device,
+                dtype=controlnet.dtype,
+                do_classifier_free_guidance=self.do_classifier_free_guidance,
+                guess_mode=guess_mode,
             )
             for control_image in control_images
         ]
@@ -201,8 +237,14 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
         # 6. Latents
         latent_dtype = embeddings.prompt_embeds.dtype
         latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, latent_dtype,
-            device, generator, latents,
+            batch_size * num_images_per_prompt,
+            self.unet.config.in_channels,
+            height,
+            width,
+            latent_dtype,
+            device,
+            generator,
+            latents,
         )
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
@@ -224,13 +266,19 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
         target_size = target_size or (height, width)
         projection_dim = self.text_encoder_2.config.projection_dim
         add_time_ids = self._get_add_time_ids(
-            original_size, crops_coords_top_left, target_size, dtype=latent_dtype,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            dtype=latent_dtype,
             text_encoder_projection_dim=projection_dim,
         )
         negative_add_time_ids = add_time_ids
         if negative_original_size is not None and negative_target_size is not None:
             negative_add_time_ids = self._get_add_time_ids(
-                negative_original_size, negative_crops_coords_top_left, negative_target_size, dtype=latent_dtype,
+                negative_original_size,
+                negative_crops_coords_top_left,
+                negative_target_size,
+                dtype=latent_dtype,
                 text_encoder_projection_dim=projection_dim,
             )
         if self.do_classifier_free_guidance:
@@ -258,7 +306,8 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
                     control_model_input = self.scheduler.scale_model_input(latents, t)
                     controlnet_prompt_embeds = text_only.prompt_embeds.chunk(2)[1]
                     controlnet_added_cond_kwargs = {
-                        "text_embeds": phase.add_text_embeds.chunk(2)[1], "time_ids": add_time_ids.chunk(2)[1],
+                        "text_embeds": phase.add_text_embeds.chunk(2)[1],
+                        "time_ids": add_time_ids.chunk(2)[1],
                     }
                 else:
                     control_model_input = latent_model_input
@@ -270,9 +319,14 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
                     scale = controlnet_conditioning_scale
                     cond_scale = (scale[0] if isinstance(scale, list) else scale) * controlnet_keep[i]
                 down_block_res_samples, mid_block_res_sample = self.controlnet(
-                    control_model_input, t, encoder_hidden_states=controlnet_prompt_embeds,
-                    controlnet_cond=control_image, conditioning_scale=cond_scale, guess_mode=guess_mode,
-                    added_cond_kwargs=controlnet_added_cond_kwargs, return_dict=False,
+                    control_model_input,
+                    t,
+                    encoder_hidden_states=controlnet_prompt_embeds,
+                    controlnet_cond=control_image,
+                    conditioning_scale=cond_scale,
+                    guess_mode=guess_mode,
+                    added_cond_kwargs=controlnet_added_cond_kwargs,
+                    return_dict=False,
                 )
                 if guess_mode and self.do_classifier_free_guidance:
                     # Only the conditional half got residuals; the unconditional half gets zeros.
@@ -283,10 +337,14 @@ class PhotoMakerStableDiffusionXLControlNetPipeline(PhotoMakerMixin, StableDiffu
                 if image_embeds is not None:
                     added_cond_kwargs["image_embeds"] = image_embeds
                 noise_pred = self.unet(
-                    latent_model_input, t, encoder_hidden_states=phase.prompt_embeds, timestep_cond=timestep_cond,
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=phase.prompt_embeds,
+                    timestep_cond=timestep_cond,
                     cross_attention_kwargs=self.cross_attention_kwargs,
                     down_block_additional_residuals=down_block_res_samples,
-                    mid_block_additional_residual=mid_block_res_sample, added_cond_kwargs=added_cond_kwargs,
+                    mid_block_additional_residual=mid_block_res_sample,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 if self.do_classifier_free_guidance:

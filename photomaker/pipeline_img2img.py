@@ -90,19 +90,32 @@ class PhotoMakerStableDiffusionXLImg2ImgPipeline(PhotoMakerMixin, StableDiffusio
         # 1. Check inputs (image and strength, SDXL img2img, PhotoMaker)
         if image is None:
             raise InvalidRequestError("image (the start image) is required for img2img: pass the photo to repaint.")
-        self.check_strength(strength, num_inference_steps if timesteps is None and sigmas is None
-                            and denoising_start is None else None)
+        self.check_strength(
+            strength, num_inference_steps if timesteps is None and sigmas is None and denoising_start is None else None
+        )
         self.check_inputs(
-            prompt=prompt, prompt_2=prompt_2, strength=strength, num_inference_steps=num_inference_steps,
-            callback_steps=None, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            callback_steps=None,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_photomaker_inputs(
-            input_id_images=input_id_images, id_embeds=id_embeds, id_weights=id_weights,
-            start_merge_step=start_merge_step, prompt=prompt, prompt_embeds=prompt_embeds,
-            class_tokens_mask=class_tokens_mask, prompt_embeds_text_only=prompt_embeds_text_only,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            start_merge_step=start_merge_step,
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
+            prompt_embeds_text_only=prompt_embeds_text_only,
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
             num_inference_steps=num_inference_steps if timesteps is None and sigmas is None else None,
         )
@@ -120,13 +133,23 @@ class PhotoMakerStableDiffusionXLImg2ImgPipeline(PhotoMakerMixin, StableDiffusio
 
         # 3. PhotoMaker: ID tokens, the prompt ID-fused and text-only, negatives
         embeddings = self.encode_photomaker_inputs(
-            prompt=prompt, prompt_2=prompt_2, input_id_images=input_id_images, id_embeds=id_embeds,
-            id_weights=id_weights, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            batch_size=batch_size, device=device, clip_skip=clip_skip, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, class_tokens_mask=class_tokens_mask,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            batch_size=batch_size,
+            device=device,
+            clip_skip=clip_skip,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
             prompt_embeds_text_only=prompt_embeds_text_only,
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
 
         # 4. Start image, timesteps from strength (or denoising_start), noised start latents
@@ -142,7 +165,13 @@ class PhotoMakerStableDiffusionXLImg2ImgPipeline(PhotoMakerMixin, StableDiffusio
         latent_dtype = embeddings.prompt_embeds.dtype
         if latents is None:
             latents = self.prepare_latents(
-                image, latent_timestep, batch_size, num_images_per_prompt, latent_dtype, device, generator,
+                image,
+                latent_timestep,
+                batch_size,
+                num_images_per_prompt,
+                latent_dtype,
+                device,
+                generator,
                 add_noise=denoising_start is None,
             )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
@@ -152,9 +181,15 @@ class PhotoMakerStableDiffusionXLImg2ImgPipeline(PhotoMakerMixin, StableDiffusio
         original_size = original_size or (height, width)
         target_size = target_size or (height, width)
         add_time_ids, add_neg_time_ids = self._get_add_time_ids(
-            original_size, crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score,
-            negative_original_size or original_size, negative_crops_coords_top_left,
-            negative_target_size or target_size, dtype=latent_dtype,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            aesthetic_score,
+            negative_aesthetic_score,
+            negative_original_size or original_size,
+            negative_crops_coords_top_left,
+            negative_target_size or target_size,
+            dtype=latent_dtype,
             text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
         )
         add_time_ids = add_time_ids.repeat(batch_size * num_images_per_prompt, 1)
@@ -195,8 +230,12 @@ class PhotoMakerStableDiffusionXLImg2ImgPipeline(PhotoMakerMixin, StableDiffusio
                 if image_embeds is not None:
                     added_cond_kwargs["image_embeds"] = image_embeds
                 noise_pred = self.unet(
-                    latent_model_input, t, encoder_hidden_states=phase.prompt_embeds, timestep_cond=timestep_cond,
-                    cross_attention_kwargs=self.cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=phase.prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 if self.do_classifier_free_guidance:

@@ -38,8 +38,10 @@ def _is_empty(mask: Any) -> bool:
     """True when a mask has nothing to repaint (all black)."""
     masks = mask if isinstance(mask, (list, tuple)) else [mask]
     for one in masks:
-        values = np.asarray(one.convert("L")) if isinstance(one, Image.Image) else (
-            one.detach().cpu().numpy() if isinstance(one, torch.Tensor) else np.asarray(one)
+        values = (
+            np.asarray(one.convert("L"))
+            if isinstance(one, Image.Image)
+            else (one.detach().cpu().numpy() if isinstance(one, torch.Tensor) else np.asarray(one))
         )
         if values.max() > 0:
             return False
@@ -60,7 +62,12 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
     def check_inpaint_inputs(
-        self, *, image: Any, mask_image: Any, masked_image_latents: torch.Tensor | None, strength: float,
+        self,
+        *,
+        image: Any,
+        mask_image: Any,
+        masked_image_latents: torch.Tensor | None,
+        strength: float,
         num_inference_steps: int | None,
     ) -> None:
         """Refuse a missing photo or mask, a mask of another size than the photo, an empty mask, or a strength
@@ -151,23 +158,42 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
         # 1. Check inputs (photo, mask, strength; SDXL inpaint; PhotoMaker)
         steps_for_check = num_inference_steps if timesteps is None and sigmas is None else None
         self.check_inpaint_inputs(
-            image=image, mask_image=mask_image, masked_image_latents=masked_image_latents, strength=strength,
+            image=image,
+            mask_image=mask_image,
+            masked_image_latents=masked_image_latents,
+            strength=strength,
             num_inference_steps=steps_for_check if denoising_start is None else None,
         )
         self.check_inputs(
-            prompt=prompt, prompt_2=prompt_2, image=image, mask_image=mask_image, height=height, width=width,
-            strength=strength, callback_steps=None, output_type=output_type, negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, ip_adapter_image=ip_adapter_image,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            image=image,
+            mask_image=mask_image,
+            height=height,
+            width=width,
+            strength=strength,
+            callback_steps=None,
+            output_type=output_type,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             padding_mask_crop=padding_mask_crop,
         )
         self.check_photomaker_inputs(
-            input_id_images=input_id_images, id_embeds=id_embeds, id_weights=id_weights,
-            start_merge_step=start_merge_step, prompt=prompt, prompt_embeds=prompt_embeds,
-            class_tokens_mask=class_tokens_mask, prompt_embeds_text_only=prompt_embeds_text_only,
-            pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only, num_inference_steps=steps_for_check,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            start_merge_step=start_merge_step,
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
+            prompt_embeds_text_only=prompt_embeds_text_only,
+            pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
+            num_inference_steps=steps_for_check,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -183,13 +209,23 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
 
         # 3. PhotoMaker: ID tokens, the prompt ID-fused and text-only, negatives
         embeddings = self.encode_photomaker_inputs(
-            prompt=prompt, prompt_2=prompt_2, input_id_images=input_id_images, id_embeds=id_embeds,
-            id_weights=id_weights, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            batch_size=batch_size, device=device, clip_skip=clip_skip, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, class_tokens_mask=class_tokens_mask,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            input_id_images=input_id_images,
+            id_embeds=id_embeds,
+            id_weights=id_weights,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            batch_size=batch_size,
+            device=device,
+            clip_skip=clip_skip,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            class_tokens_mask=class_tokens_mask,
             prompt_embeds_text_only=prompt_embeds_text_only,
             pooled_prompt_embeds_text_only=pooled_prompt_embeds_text_only,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         image_embeds = self.style_image_embeds(
             ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt
@@ -237,14 +273,32 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
         blends_latents = num_channels_unet == 4
         latent_dtype = embeddings.prompt_embeds.dtype
         latents_outputs = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.vae.config.latent_channels, height, width, latent_dtype, device,
-            generator, latents, image=init_image, timestep=latent_timestep, is_strength_max=strength == 1.0,
-            add_noise=denoising_start is None, return_noise=True, return_image_latents=blends_latents,
+            batch_size * num_images_per_prompt,
+            self.vae.config.latent_channels,
+            height,
+            width,
+            latent_dtype,
+            device,
+            generator,
+            latents,
+            image=init_image,
+            timestep=latent_timestep,
+            is_strength_max=strength == 1.0,
+            add_noise=denoising_start is None,
+            return_noise=True,
+            return_image_latents=blends_latents,
         )
         latents, noise = latents_outputs[:2]
         image_latents = latents_outputs[2] if blends_latents else None
         mask, masked_image_latents = self.prepare_mask_latents(
-            mask, masked_image, batch_size * num_images_per_prompt, height, width, latent_dtype, device, generator,
+            mask,
+            masked_image,
+            batch_size * num_images_per_prompt,
+            height,
+            width,
+            latent_dtype,
+            device,
+            generator,
             self.do_classifier_free_guidance,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
@@ -254,9 +308,15 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
         original_size = original_size or (height, width)
         target_size = target_size or (height, width)
         add_time_ids, add_neg_time_ids = self._get_add_time_ids(
-            original_size, crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score,
-            negative_original_size or original_size, negative_crops_coords_top_left,
-            negative_target_size or target_size, dtype=latent_dtype,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            aesthetic_score,
+            negative_aesthetic_score,
+            negative_original_size or original_size,
+            negative_crops_coords_top_left,
+            negative_target_size or target_size,
+            dtype=latent_dtype,
             text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
         )
         add_time_ids = add_time_ids.repeat(batch_size * num_images_per_prompt, 1)
@@ -297,8 +357,12 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
                 if image_embeds is not None:
                     added_cond_kwargs["image_embeds"] = image_embeds
                 noise_pred = self.unet(
-                    latent_model_input, t, encoder_hidden_states=phase.prompt_embeds, timestep_cond=timestep_cond,
-                    cross_attention_kwargs=self.cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=phase.prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 if self.do_classifier_free_guidance:

@@ -97,7 +97,7 @@ def _labelled(message: str, label: str | None) -> str:
     if label is None:
         return message
     if message.startswith("The prompt "):
-        return f"{label} " + message[len("The prompt "):]
+        return f"{label} " + message[len("The prompt ") :]
     return f"{label}: {message}"
 
 
@@ -240,8 +240,9 @@ class PhotoMakerMixin:
         and the trigger word come along; nothing is read or fused again (loading again would refuse, as the LoRA
         is already in the UNet)."""
         if other.id_encoder is None:
-            raise CheckpointError("The other pipeline has no PhotoMaker adapter loaded: call its "
-                                  "load_photomaker_adapter(...) first.")
+            raise CheckpointError(
+                "The other pipeline has no PhotoMaker adapter loaded: call its load_photomaker_adapter(...) first."
+            )
         pairs = ((other.unet, self.unet), (other.tokenizer, self.tokenizer), (other.tokenizer_2, self.tokenizer_2))
         if not all(theirs is ours for theirs, ours in pairs):
             raise CheckpointError(
@@ -285,7 +286,8 @@ class PhotoMakerMixin:
         ID encoder would get none (model offload) and the LoRA would be fused into placeholder weights
         (sequential offload)."""
         hooked = [
-            name for name, component in self.components.items()
+            name
+            for name, component in self.components.items()
             if isinstance(component, torch.nn.Module) and getattr(component, "_hf_hook", None) is not None
         ]
         if getattr(self, "_all_hooks", None) or (hooked and not self._is_pipeline_device_mapped()):
@@ -352,9 +354,7 @@ class PhotoMakerMixin:
 
     def _require_adapter(self) -> PhotoMakerIDEncoder:
         if self.id_encoder is None:
-            raise CheckpointError(
-                "No PhotoMaker adapter is loaded: call pipe.load_photomaker_adapter(...) first."
-            )
+            raise CheckpointError("No PhotoMaker adapter is loaded: call pipe.load_photomaker_adapter(...) first.")
         return self.id_encoder
 
     @staticmethod
@@ -407,8 +407,11 @@ class PhotoMakerMixin:
                     "PhotoMaker v2 needs one face embedding per ID photo: pass id_embeds (an [N, 512] tensor "
                     "from photomaker.faces, InsightFace backend), in the same order as the photos."
                 )
-            face_embeds = torch.as_tensor(id_embeds if not isinstance(id_embeds, Sequence) else
-                                          torch.stack([torch.as_tensor(e) for e in id_embeds]))
+            face_embeds = torch.as_tensor(
+                id_embeds
+                if not isinstance(id_embeds, Sequence)
+                else torch.stack([torch.as_tensor(e) for e in id_embeds])
+            )
             face_embeds = face_embeds.reshape(-1, face_embeds.shape[-1]).to(device=device, dtype=dtype)
         with self._id_encoder_on_device():
             id_tokens = id_encoder.encode_images(pixel_values, face_embeds)
@@ -431,7 +434,7 @@ class PhotoMakerMixin:
         """What a too-long prompt loses at its end; `ids` is the tokenizer's full, untruncated output."""
         if not dropped:
             return None
-        cut = tokenizer.decode(ids[-1 - dropped:-1])
+        cut = tokenizer.decode(ids[-1 - dropped : -1])
         note = f"The prompt is longer than {tokenizer.model_max_length} tokens; these last words were cut: {cut!r}"
         return _labelled(note, label)
 
@@ -450,8 +453,14 @@ class PhotoMakerMixin:
             for prompt, ids in zip(batch, self._tokenize(tokenizer, batch), strict=True):
                 try:
                     expanded = expand_class_tokens(
-                        ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=eos_id, pad_id=pad_id,
-                        max_length=max_length, trigger_word=self.trigger_word, prompt=prompt,
+                        ids,
+                        trigger_id=trigger_id,
+                        num_id_tokens=num_id_tokens,
+                        eos_id=eos_id,
+                        pad_id=pad_id,
+                        max_length=max_length,
+                        trigger_word=self.trigger_word,
+                        prompt=prompt,
                         decode=tokenizer.decode,
                     )
                 except PromptError as exc:
@@ -491,8 +500,12 @@ class PhotoMakerMixin:
         return hidden, pooled
 
     def check_prompt(
-        self, prompt: str | list[str], prompt_2: PromptInput = None, num_id_images: int = 1,
-        negative_prompt: PromptInput = None, negative_prompt_2: PromptInput = None,
+        self,
+        prompt: str | list[str],
+        prompt_2: PromptInput = None,
+        num_id_images: int = 1,
+        negative_prompt: PromptInput = None,
+        negative_prompt_2: PromptInput = None,
     ) -> list[str]:
         """Raise `PromptError` now, before any model runs, if the prompt cannot be used with these photos.
 
@@ -510,11 +523,15 @@ class PhotoMakerMixin:
     def negative_prompt_notes(self, negative_prompt: PromptInput, negative_prompt_2: PromptInput = None) -> list[str]:
         """What a negative prompt longer than the tokenizers' 77 tokens loses at its end, one note per cut."""
         notes: list[str] = []
-        negatives = [] if negative_prompt is None else (
-            [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = (
+            []
+            if negative_prompt is None
+            else ([negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt))
         )
-        negatives_2 = negatives if negative_prompt_2 is None else (
-            [negative_prompt_2] if isinstance(negative_prompt_2, str) else list(negative_prompt_2)
+        negatives_2 = (
+            negatives
+            if negative_prompt_2 is None
+            else ([negative_prompt_2] if isinstance(negative_prompt_2, str) else list(negative_prompt_2))
         )
         label_2 = "The negative prompt" if negative_prompt_2 is None else "negative_prompt_2"
         for tokenizer, batch, label in zip(
@@ -563,7 +580,8 @@ class PhotoMakerMixin:
         hidden, pooled = self._encode_ids(id_ids, device, clip_skip)
         batch = len(prompts)
         class_rows = torch.cat(
-            [h[m.to(device)].view(batch, id_encoding.num_id_tokens, -1) for h, m in zip(hidden, masks, strict=True)], dim=-1
+            [h[m.to(device)].view(batch, id_encoding.num_id_tokens, -1) for h, m in zip(hidden, masks, strict=True)],
+            dim=-1,
         )
         all_rows = torch.ones(class_rows.shape[:2], dtype=torch.bool, device=device)
         with self._id_encoder_on_device():
@@ -580,8 +598,12 @@ class PhotoMakerMixin:
 
     @torch.no_grad()
     def encode_negative_prompt(
-        self, negative_prompt: PromptInput, negative_prompt_2: PromptInput, batch_size: int,
-        device: torch.device, clip_skip: int | None = None,
+        self,
+        negative_prompt: PromptInput,
+        negative_prompt_2: PromptInput,
+        batch_size: int,
+        device: torch.device,
+        clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Negative embeddings, encoded once for both phases; zeros for an absent negative (SDXL's rule)."""
         if negative_prompt is None and negative_prompt_2 is None and self.config.force_zeros_for_empty_prompt:
@@ -590,8 +612,10 @@ class PhotoMakerMixin:
             logger.warning(note)
         negatives = negative_prompt or ""
         negatives = [negatives] * batch_size if isinstance(negatives, str) else list(negatives)
-        negatives_2 = negatives if negative_prompt_2 is None else (
-            [negative_prompt_2] * batch_size if isinstance(negative_prompt_2, str) else list(negative_prompt_2)
+        negatives_2 = (
+            negatives
+            if negative_prompt_2 is None
+            else ([negative_prompt_2] * batch_size if isinstance(negative_prompt_2, str) else list(negative_prompt_2))
         )
         if len(negatives) != batch_size or len(negatives_2) != batch_size:
             raise ValueError(f"Give one negative prompt or {batch_size} (one per prompt).")
@@ -606,13 +630,20 @@ class PhotoMakerMixin:
             for row in self._tokenize(tokenizer, batch):
                 if trigger_id is not None and trigger_id in row:
                     row, removed = remove_trigger(row, trigger_id), True
-                rows.append(pad_or_truncate(row, eos_id=tokenizer.eos_token_id, pad_id=self._pad_id(tokenizer),
-                                            max_length=tokenizer.model_max_length)[0])
+                rows.append(
+                    pad_or_truncate(
+                        row,
+                        eos_id=tokenizer.eos_token_id,
+                        pad_id=self._pad_id(tokenizer),
+                        max_length=tokenizer.model_max_length,
+                    )[0]
+                )
             ids.append(torch.tensor(rows))
         if removed:
             logger.warning(
                 "The negative prompt contains the trigger word '%s'; it was removed (the trigger only marks the "
-                "subject in the prompt).", self.trigger_word,
+                "subject in the prompt).",
+                self.trigger_word,
             )
         hidden, pooled = self._encode_ids(ids, device, clip_skip)
         return torch.cat(hidden, dim=-1), pooled
@@ -620,8 +651,17 @@ class PhotoMakerMixin:
     # ------------------------------------------------------------------ sampling
 
     def check_photomaker_inputs(
-        self, input_id_images, id_embeds, id_weights, start_merge_step, prompt, prompt_embeds,
-        class_tokens_mask, prompt_embeds_text_only, pooled_prompt_embeds_text_only, num_inference_steps,
+        self,
+        input_id_images,
+        id_embeds,
+        id_weights,
+        start_merge_step,
+        prompt,
+        prompt_embeds,
+        class_tokens_mask,
+        prompt_embeds_text_only,
+        pooled_prompt_embeds_text_only,
+        num_inference_steps,
     ) -> None:
         """PhotoMaker's own argument checks (SDXL's are done by `check_inputs`)."""
         self._require_adapter()
@@ -650,7 +690,6 @@ class PhotoMakerMixin:
             weights = torch.as_tensor(id_weights, dtype=torch.float32)
             if weights.ndim != 1 or not torch.isfinite(weights).all():
                 raise ValueError(f"id_weights must be a list of finite numbers, one per ID photo; got {id_weights}.")
-
 
     def _text_embeds_dtype(self) -> torch.dtype:
         """The dtype of the text encoders' output, which given embeddings are cast to (SDXL's `encode_prompt`)."""
@@ -728,14 +767,15 @@ class PhotoMakerMixin:
             # Given embeddings take the dtype the text encoders would have produced, as SDXL's encode_prompt does.
             embeds_dtype = self._text_embeds_dtype()
             prompt_embeds, pooled_prompt_embeds, text_embeds, text_pooled = (
-                t.to(device=device, dtype=embeds_dtype) for t in (
-                    prompt_embeds, pooled_prompt_embeds, prompt_embeds_text_only, pooled_prompt_embeds_text_only
-                )
+                t.to(device=device, dtype=embeds_dtype)
+                for t in (prompt_embeds, pooled_prompt_embeds, prompt_embeds_text_only, pooled_prompt_embeds_text_only)
             )
             with self._id_encoder_on_device():
                 prompt_embeds = self.id_encoder.fuse(
-                    prompt_embeds, id_encoding.id_tokens.to(device),
-                    class_tokens_mask.to(device=device, dtype=torch.bool), weights,
+                    prompt_embeds,
+                    id_encoding.id_tokens.to(device),
+                    class_tokens_mask.to(device=device, dtype=torch.bool),
+                    weights,
                 )
         if self.do_classifier_free_guidance:
             if negative_prompt_embeds is not None:
@@ -753,8 +793,12 @@ class PhotoMakerMixin:
                 else:
                     negative_prompt_embeds, negative_pooled_prompt_embeds = negatives
         return PhotoMakerEmbeddings(
-            prompt_embeds, pooled_prompt_embeds, text_embeds, text_pooled,
-            negative_prompt_embeds, negative_pooled_prompt_embeds,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            text_embeds,
+            text_pooled,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
         )
 
     def style_image_embeds(
@@ -788,15 +832,23 @@ class PhotoMakerMixin:
         )
 
     def _step_callback(
-        self, callback_on_step_end: Callable[..., dict] | None, tensor_inputs: list[str], i: int, t: torch.Tensor,
-        latents: torch.Tensor, phase: _Conditioning, add_time_ids: torch.Tensor,
+        self,
+        callback_on_step_end: Callable[..., dict] | None,
+        tensor_inputs: list[str],
+        i: int,
+        t: torch.Tensor,
+        latents: torch.Tensor,
+        phase: _Conditioning,
+        add_time_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Diffusers' `callback_on_step_end`: the callback sees the current phase's tensors and may replace them
         (a replaced prompt embedding stays in that phase). Returns `(latents, add_time_ids)`."""
         if callback_on_step_end is None:
             return latents, add_time_ids
         tensors = {
-            "latents": latents, "prompt_embeds": phase.prompt_embeds, "add_text_embeds": phase.add_text_embeds,
+            "latents": latents,
+            "prompt_embeds": phase.prompt_embeds,
+            "add_text_embeds": phase.add_text_embeds,
             "add_time_ids": add_time_ids,
         }
         outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs}) or {}

@@ -21,8 +21,23 @@ MAX_TOKENS = 77
 # Words that name a subject class; used only to give helpful messages and to insert a missing trigger.
 # Any single-token word may be used as a class word in the prompt itself.
 CLASS_WORDS = (
-    "man", "woman", "girl", "boy", "person", "lady", "guy", "gentleman", "child", "kid", "baby",
-    "teenager", "men", "women", "people", "male", "female",
+    "man",
+    "woman",
+    "girl",
+    "boy",
+    "person",
+    "lady",
+    "guy",
+    "gentleman",
+    "child",
+    "kid",
+    "baby",
+    "teenager",
+    "men",
+    "women",
+    "people",
+    "male",
+    "female",
 )
 _CLASS_WORD_PATTERN = re.compile(r"\b(" + "|".join(CLASS_WORDS) + r")\b", re.IGNORECASE)
 
@@ -46,16 +61,19 @@ def _example_fix(prompt: str | None, trigger_word: str) -> str:
     if prompt:
         match = _CLASS_WORD_PATTERN.search(prompt)
         if match:
-            fixed = prompt[: match.end()] + f" {trigger_word}" + prompt[match.end():]
+            fixed = prompt[: match.end()] + f" {trigger_word}" + prompt[match.end() :]
             return f"add '{trigger_word}' right after the class word '{match.group(0)}': \"{fixed}\""
     return (
         f"describe the subject with a class word followed by '{trigger_word}', "
-        f"e.g. \"a photo of a man {trigger_word}\" or \"a woman {trigger_word} in a garden\""
+        f'e.g. "a photo of a man {trigger_word}" or "a woman {trigger_word} in a garden"'
     )
 
 
 def find_trigger(
-    token_ids: Sequence[int], trigger_id: int, *, trigger_word: str = DEFAULT_TRIGGER_WORD,
+    token_ids: Sequence[int],
+    trigger_id: int,
+    *,
+    trigger_word: str = DEFAULT_TRIGGER_WORD,
     prompt: str | None = None,
 ) -> int:
     """Index of the single trigger token; ``PromptError`` if there is none or more than one."""
@@ -63,12 +81,13 @@ def find_trigger(
     if not positions:
         raise PromptError(
             f"The prompt has no trigger word '{trigger_word}', so the ID photos would be ignored: "
-            + _example_fix(prompt, trigger_word) + "."
+            + _example_fix(prompt, trigger_word)
+            + "."
         )
     if len(positions) > 1:
         raise PromptError(
             f"The prompt has the trigger word '{trigger_word}' {len(positions)} times; use it exactly once, "
-            f"right after the class word of the one subject (e.g. \"a man {trigger_word}\")."
+            f'right after the class word of the one subject (e.g. "a man {trigger_word}").'
         )
     return positions[0]
 
@@ -120,10 +139,10 @@ def expand_class_tokens(
     if class_at < 1:  # index 0 is BOS: nothing names the subject
         raise PromptError(
             f"The trigger word '{trigger_word}' must follow a class word that names the subject, "
-            f"e.g. \"a man {trigger_word}\" or \"a woman {trigger_word}\"; here nothing comes before it."
+            f'e.g. "a man {trigger_word}" or "a woman {trigger_word}"; here nothing comes before it.'
         )
     class_token = ids[class_at]
-    expanded = ids[:class_at] + [class_token] * num_id_tokens + ids[trigger_at + 1:]
+    expanded = ids[:class_at] + [class_token] * num_id_tokens + ids[trigger_at + 1 :]
 
     last_copy = class_at + num_id_tokens - 1
     last_allowed = max_length - 2  # the final position is kept for EOS
@@ -163,7 +182,7 @@ def check_prompt_text(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> 
     if not re.search(r"\w", prompt[: occurrences[0].start()]):
         raise PromptError(
             f"The trigger word '{trigger_word}' must follow a class word that names the subject, "
-            f"e.g. \"a man {trigger_word}\" or \"a woman {trigger_word}\"; here nothing comes before it."
+            f'e.g. "a man {trigger_word}" or "a woman {trigger_word}"; here nothing comes before it.'
         )
 
 
@@ -194,9 +213,6 @@ def insert_trigger_word(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -
     match = _CLASS_WORD_PATTERN.search(prompt)
     if match is None:
         return prompt, None
-    new_prompt = prompt[: match.end()] + f" {trigger_word}" + prompt[match.end():]
-    note = (
-        f"Added the trigger word '{trigger_word}' after the class word '{match.group(0)}': "
-        f"\"{new_prompt}\""
-    )
+    new_prompt = prompt[: match.end()] + f" {trigger_word}" + prompt[match.end() :]
+    note = f"Added the trigger word '{trigger_word}' after the class word '{match.group(0)}': \"{new_prompt}\""
     return new_prompt, note

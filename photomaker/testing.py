@@ -71,9 +71,7 @@ TEXT_HIDDEN_1 = 32
 TEXT_HIDDEN_2 = 96
 TEXT_PROJECTION_DIM = 32
 ADDITION_TIME_EMBED_DIM = 8
-CROSS_ATTENTION_DIM = (
-    TEXT_HIDDEN_1 + TEXT_HIDDEN_2
-)  # 128: a multiple of 128 so the v2 resampler has 1 head
+CROSS_ATTENTION_DIM = TEXT_HIDDEN_1 + TEXT_HIDDEN_2  # 128: a multiple of 128 so the v2 resampler has 1 head
 LORA_RANK = 4
 TINY_FORMAT_VERSION = 2  # bump when make_tiny's output changes, so stale folders are rebuilt
 _COMPLETE_MARKER = ".tiny-complete.json"
@@ -108,18 +106,14 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     tokens += ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     if len(tokens) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(
-            f"The bundled CLIP vocabulary has {len(tokens)} entries instead of {CLIP_VOCAB_SIZE}."
-        )
+        raise RuntimeError(f"The bundled CLIP vocabulary has {len(tokens)} entries instead of {CLIP_VOCAB_SIZE}.")
     return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIP tokenizer with the real vocabulary, built offline (SDXL's second tokenizer uses ``pad_token="!"``)."""
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(
-        vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77
-    )
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
 
 
 @contextlib.contextmanager
@@ -148,14 +142,11 @@ def tiny_unet_config() -> dict:
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
         # 6 size/crop values embedded at addition_time_embed_dim each + the pooled text embedding.
-        "projection_class_embeddings_input_dim": 6 * ADDITION_TIME_EMBED_DIM
-        + TEXT_PROJECTION_DIM,
+        "projection_class_embeddings_input_dim": 6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM,
     }
 
 
-def _text_config(
-    hidden_size: int, heads: int, act: str, projection_dim: int
-) -> CLIPTextConfig:
+def _text_config(hidden_size: int, heads: int, act: str, projection_dim: int) -> CLIPTextConfig:
     # bos/eos/pad ids as in SDXL's real text encoder configs: with eos_token_id=2 the pooled token is argmax(ids).
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
@@ -197,12 +188,8 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
             sample_size=64,
             scaling_factor=0.13025,
         )
-        text_encoder = CLIPTextModel(
-            _text_config(TEXT_HIDDEN_1, 4, "quick_gelu", TEXT_HIDDEN_1)
-        )
-        text_encoder_2 = CLIPTextModelWithProjection(
-            _text_config(TEXT_HIDDEN_2, 4, "gelu", TEXT_PROJECTION_DIM)
-        )
+        text_encoder = CLIPTextModel(_text_config(TEXT_HIDDEN_1, 4, "quick_gelu", TEXT_HIDDEN_1))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(TEXT_HIDDEN_2, 4, "gelu", TEXT_PROJECTION_DIM))
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -391,9 +378,7 @@ def tiny_checkpoint(version: int, seed: int = 0) -> dict[str, dict[str, torch.Te
             if isinstance(module, nn.LayerNorm):
                 nn.init.normal_(module.weight, mean=1.0, std=0.1)
                 nn.init.normal_(module.bias, std=0.1)
-    id_encoder = {
-        name: tensor.detach().clone() for name, tensor in encoder.state_dict().items()
-    }
+    id_encoder = {name: tensor.detach().clone() for name, tensor in encoder.state_dict().items()}
     return {"id_encoder": id_encoder, "lora_weights": tiny_lora_state_dict(seed)}
 
 
@@ -424,17 +409,13 @@ def make_tiny(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]
                 logger.info("Tiny models already present in %s", root)
                 return paths
         except (OSError, ValueError):
-            logger.warning(
-                "Ignoring an unreadable %s; rebuilding the tiny models", marker
-            )
+            logger.warning("Ignoring an unreadable %s; rebuilding the tiny models", marker)
     root.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
 
     staging = root / "base.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    pipeline = StableDiffusionXLPipeline(
-        **tiny_sdxl_components(seed), add_watermarker=False
-    )
+    pipeline = StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False)
     pipeline.save_pretrained(staging)
     shutil.rmtree(paths["base"], ignore_errors=True)
     staging.rename(paths["base"])
@@ -465,8 +446,11 @@ def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetMode
     """
     with _seeded(seed + 7):
         controlnet = ControlNetModel.from_unet(unet)
-        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
-                      controlnet.controlnet_mid_block]
+        zero_convs = [
+            controlnet.controlnet_cond_embedding.conv_out,
+            *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block,
+        ]
         for block in zero_convs:
             nn.init.normal_(block.weight, std=0.05)
             nn.init.normal_(block.bias, std=0.05)
@@ -478,8 +462,11 @@ def tiny_t2i_adapter(seed: int = 0) -> T2IAdapter:
     the image size match the outputs of the UNet's two down blocks for a 64 px image."""
     with _seeded(seed + 8):
         adapter = T2IAdapter(
-            in_channels=3, channels=list(tiny_unet_config()["block_out_channels"]), num_res_blocks=1,
-            downscale_factor=16, adapter_type="full_adapter_xl",
+            in_channels=3,
+            channels=list(tiny_unet_config()["block_out_channels"]),
+            num_res_blocks=1,
+            downscale_factor=16,
+            adapter_type="full_adapter_xl",
         )
     return adapter.eval()
 
@@ -490,10 +477,17 @@ IP_ADAPTER_PROJECTION_DIM = 32
 
 
 def _tiny_image_encoder() -> CLIPVisionModelWithProjection:
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
-        image_size=IP_ADAPTER_IMAGE_SIZE, projection_dim=IP_ADAPTER_PROJECTION_DIM,
-    )).eval()
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=8,
+            image_size=IP_ADAPTER_IMAGE_SIZE,
+            projection_dim=IP_ADAPTER_PROJECTION_DIM,
+        )
+    ).eval()
 
 
 def tiny_ip_adapter_state_dict(unet: UNet2DConditionModel, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -506,9 +500,9 @@ def tiny_ip_adapter_state_dict(unet: UNet2DConditionModel, seed: int = 0) -> dic
     cross_attention_dim = unet.config.cross_attention_dim
     state: dict[str, torch.Tensor] = {}
     with _seeded(seed + 9):
-        state["image_proj.proj.weight"] = torch.randn(
-            IP_ADAPTER_TOKENS * cross_attention_dim, IP_ADAPTER_PROJECTION_DIM
-        ) * 0.1
+        state["image_proj.proj.weight"] = (
+            torch.randn(IP_ADAPTER_TOKENS * cross_attention_dim, IP_ADAPTER_PROJECTION_DIM) * 0.1
+        )
         state["image_proj.proj.bias"] = torch.randn(IP_ADAPTER_TOKENS * cross_attention_dim) * 0.1
         state["image_proj.norm.weight"] = 1 + 0.1 * torch.randn(cross_attention_dim)
         state["image_proj.norm.bias"] = 0.1 * torch.randn(cross_attention_dim)

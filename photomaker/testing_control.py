@@ -62,9 +62,7 @@ def save_tiny_pose_model(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def save_tiny_person_detector(
-    folder: str | Path, labels: tuple[str, ...] = ("person", "car"), seed: int = 0
-) -> Path:
+def save_tiny_person_detector(folder: str | Path, labels: tuple[str, ...] = ("person", "car"), seed: int = 0) -> Path:
     """An RT-DETR (ResNet backbone, hybrid encoder, 1 decoder layer, 10 queries) and its processor."""
     folder = Path(folder)
     torch.manual_seed(seed)

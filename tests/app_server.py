@@ -98,7 +98,11 @@ class AppServer:
         log_path = work / "app.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                cmd,
+                cwd=REPO_ROOT,
+                env=full_env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         server = cls(process, f"http://127.0.0.1:{port}/", port, log_path, work)

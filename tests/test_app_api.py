@@ -149,8 +149,17 @@ def test_helper_events_are_hidden_from_the_api(client) -> None:
     assert list(endpoints) == ["/generate"]
     parameters = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
     assert parameters[:11] == [
-        "id_photos", "prompt", "negative_prompt", "style", "aspect_ratio", "num_steps", "style_strength",
-        "num_outputs", "guidance_scale", "seed", "randomize_seed",
+        "id_photos",
+        "prompt",
+        "negative_prompt",
+        "style",
+        "aspect_ratio",
+        "num_steps",
+        "style_strength",
+        "num_outputs",
+        "guidance_scale",
+        "seed",
+        "randomize_seed",
     ]
 
 
@@ -158,8 +167,10 @@ def test_bare_files_and_file_caption_pairs_are_accepted_as_photos(client) -> Non
     """`id_photos=[handle_file(path)]` is the first thing a gradio_client user tries."""
     from gradio_client import handle_file
 
-    for photos in ([handle_file(str(ASTRONAUT)), handle_file(str(HOPPER))],
-                   [[handle_file(str(ASTRONAUT)), "me"], [handle_file(str(HOPPER)), None]]):
+    for photos in (
+        [handle_file(str(ASTRONAUT)), handle_file(str(HOPPER))],
+        [[handle_file(str(ASTRONAUT)), "me"], [handle_file(str(HOPPER)), None]],
+    ):
         images, _, crops, _ = client.predict(**generate_args(id_photos=photos, num_outputs=1), api_name="/generate")
         assert len(images) == 1 and len(crops) == 2
 
@@ -177,8 +188,7 @@ MALFORMED_PAYLOADS = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_PAYLOADS))
-def test_malformed_payloads_get_a_message_showing_the_expected_format(case: str, client, app_server: AppServer
-                                                                     ) -> None:
+def test_malformed_payloads_get_a_message_showing_the_expected_format(case: str, client, app_server: AppServer) -> None:
     overrides, pattern = MALFORMED_PAYLOADS[case]
     with pytest.raises(AppError) as refused:
         client.predict(**generate_args(**overrides), api_name="/generate")

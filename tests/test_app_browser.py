@@ -21,8 +21,13 @@ pytest_plugins = ["app_server"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 ARTIFACTS = REPO_ROOT / "artifacts"
 EXAMPLES = REPO_ROOT / "examples"
@@ -141,9 +146,19 @@ def test_png_download_restores_its_settings(page, app_server: AppServer) -> None
 
     images, _, _, _ = app_server.client().predict(
         id_photos=[{"image": handle_file(str(EXAMPLES / "astronaut.png"))}],
-        prompt="a photo of a woman img on a sailing boat", negative_prompt="rain", style="Cinematic",
-        aspect_ratio="Instagram (1:1)", num_steps=3, style_strength=30, num_outputs=2, guidance_scale=7.5,
-        seed=99, randomize_seed=False, width=64, height=64, api_name="/generate",
+        prompt="a photo of a woman img on a sailing boat",
+        negative_prompt="rain",
+        style="Cinematic",
+        aspect_ratio="Instagram (1:1)",
+        num_steps=3,
+        style_strength=30,
+        num_outputs=2,
+        guidance_scale=7.5,
+        seed=99,
+        randomize_seed=False,
+        width=64,
+        height=64,
+        api_name="/generate",
     )
     second = images[1]["image"]  # a downloaded result; image k of a request was made from seed + k
     stored_seed = read_parameters(second)["seed"]
@@ -173,9 +188,20 @@ def test_fast_mode_png_restores_and_generates(page, app_server: AppServer) -> No
 
     images, _, _, _ = app_server.client().predict(
         id_photos=[{"image": handle_file(str(EXAMPLES / "astronaut.png"))}],
-        prompt="a photo of a woman img in a forest", negative_prompt="", style="Photographic (Default)",
-        aspect_ratio="Instagram (1:1)", num_steps=3, style_strength=20, num_outputs=1, guidance_scale=5,
-        seed=5, randomize_seed=False, fast_mode="lightning-8", width=64, height=64, api_name="/generate",
+        prompt="a photo of a woman img in a forest",
+        negative_prompt="",
+        style="Photographic (Default)",
+        aspect_ratio="Instagram (1:1)",
+        num_steps=3,
+        style_strength=20,
+        num_outputs=1,
+        guidance_scale=5,
+        seed=5,
+        randomize_seed=False,
+        fast_mode="lightning-8",
+        width=64,
+        height=64,
+        api_name="/generate",
     )
     png = images[0]["image"]
     assert read_parameters(png)["guidance_scale"] == 0  # what SDXL-Lightning samples with
@@ -198,11 +224,23 @@ def test_out_of_range_png_values_are_clamped_and_the_user_told(page, tmp_path: P
     from playwright.sync_api import expect
 
     png = tmp_path / "edited.png"
-    save_png(Image.new("RGB", (64, 64)), png, {
-        "prompt": "a photo of a man img", "seed": 11, "num_steps": 500, "guidance_scale": 50, "style_strength": 20,
-        "style": "Photographic (Default)", "aspect_ratio": "Instagram (1:1)", "width": 64, "height": 64,
-        "fast": None, "pm_version": 1,
-    })
+    save_png(
+        Image.new("RGB", (64, 64)),
+        png,
+        {
+            "prompt": "a photo of a man img",
+            "seed": 11,
+            "num_steps": 500,
+            "guidance_scale": 50,
+            "style_strength": 20,
+            "style": "Photographic (Default)",
+            "aspect_ratio": "Instagram (1:1)",
+            "width": 64,
+            "height": 64,
+            "fast": None,
+            "pm_version": 1,
+        },
+    )
     _restore_from_png(page, png)
     expect(page.locator(".toast-body", has_text="guidance scale 50")).to_be_visible()
     expect(page.locator(".toast-body", has_text="number of steps 500")).to_be_visible()

@@ -38,8 +38,14 @@ STEPS = 2
 def generate_args(**overrides) -> dict:
     """A valid, quick `/generate` call (one 64x64 image, 2 steps); keyword overrides replace parameters."""
     args = dict(
-        id_photos=photos_payload([ASTRONAUT]), prompt="a photo of a woman img smiling", num_steps=STEPS,
-        num_outputs=1, seed=42, randomize_seed=False, width=SIZE, height=SIZE,
+        id_photos=photos_payload([ASTRONAUT]),
+        prompt="a photo of a woman img smiling",
+        num_steps=STEPS,
+        num_outputs=1,
+        seed=42,
+        randomize_seed=False,
+        width=SIZE,
+        height=SIZE,
     )
     args.update(overrides)
     return args
@@ -86,10 +92,28 @@ def _strokes_layer() -> Image.Image:
 
 def _skeleton() -> Image.Image:
     """A ready-made OpenPose skeleton of a standing person (COCO keypoints drawn in OpenPose colours)."""
-    keypoints = np.array([
-        (64, 20), (60, 17), (68, 17), (56, 19), (72, 19), (50, 40), (78, 40), (44, 60), (84, 60), (40, 80),
-        (88, 80), (54, 80), (74, 80), (54, 100), (74, 100), (54, 120), (74, 120),
-    ], dtype=np.float32)
+    keypoints = np.array(
+        [
+            (64, 20),
+            (60, 17),
+            (68, 17),
+            (56, 19),
+            (72, 19),
+            (50, 40),
+            (78, 40),
+            (44, 60),
+            (84, 60),
+            (40, 80),
+            (88, 80),
+            (54, 80),
+            (74, 80),
+            (54, 100),
+            (74, 100),
+            (54, 120),
+            (74, 120),
+        ],
+        dtype=np.float32,
+    )
     return draw_openpose((128, 128), [coco_to_openpose(keypoints, np.ones(17, dtype=np.float32))])
 
 
@@ -110,20 +134,42 @@ def test_new_parameters_follow_the_old_ones_in_the_table_order(client) -> None:
     names = [parameter["parameter_name"] for parameter in endpoint["parameters"]]
     assert names[: len(GENERATE_PARAMETERS)] == list(GENERATE_PARAMETERS)  # old positional calls stay valid
     new = [item.api_name for item in REQUEST_FIELDS if item.api_name not in GENERATE_PARAMETERS]
-    assert names[len(GENERATE_PARAMETERS):] == new
-    assert {"control_type", "control_image", "control_scale", "init_image", "strength", "mask_image",
-            "style_image", "style_image_scale", "control_start", "control_end", "mask_face"} <= set(new)
+    assert names[len(GENERATE_PARAMETERS) :] == new
+    assert {
+        "control_type",
+        "control_image",
+        "control_scale",
+        "init_image",
+        "strength",
+        "mask_image",
+        "style_image",
+        "style_image_scale",
+        "control_start",
+        "control_end",
+        "mask_face",
+    } <= set(new)
     optional = {parameter["parameter_name"]: parameter["parameter_has_default"] for parameter in endpoint["parameters"]}
     assert all(optional[name] for name in new), "a new parameter is required: old calls would be refused"
 
 
 def test_old_positional_call_without_the_new_parameters_makes_text_to_image(client) -> None:
     positional = [generate_args().get(name) for name in GENERATE_PARAMETERS]
-    defaults = {"negative_prompt": "", "style": "Photographic (Default)", "aspect_ratio": "Instagram (1:1)",
-                "style_strength": 20, "guidance_scale": 5.0, "crop_faces": True, "mix_photos": [],
-                "mix_strength": 0.5, "fast_mode": "", "best_of": 1}
-    positional = [defaults.get(name, value) if value is None else value
-                  for name, value in zip(GENERATE_PARAMETERS, positional, strict=True)]
+    defaults = {
+        "negative_prompt": "",
+        "style": "Photographic (Default)",
+        "aspect_ratio": "Instagram (1:1)",
+        "style_strength": 20,
+        "guidance_scale": 5.0,
+        "crop_faces": True,
+        "mix_photos": [],
+        "mix_strength": 0.5,
+        "fast_mode": "",
+        "best_of": 1,
+    }
+    positional = [
+        defaults.get(name, value) if value is None else value
+        for name, value in zip(GENERATE_PARAMETERS, positional, strict=True)
+    ]
     images, seed, _, _ = client.predict(*positional, api_name="/generate")
     parameters = read_parameters(images[0]["image"])
     assert seed == 42 and parameters["control_type"] == "" and parameters["init_image"] is None
@@ -141,8 +187,14 @@ def test_old_raw_http_call_with_the_old_parameter_count_still_generates(app_serv
 
 
 def test_canny_control_from_a_photo(client) -> None:
-    parameters, _ = generated(client, control_type="canny", control_image=handle_file(str(ASTRONAUT)),
-                              control_scale=0.8, control_start=0.1, control_end=0.9)
+    parameters, _ = generated(
+        client,
+        control_type="canny",
+        control_image=handle_file(str(ASTRONAUT)),
+        control_scale=0.8,
+        control_start=0.1,
+        control_end=0.9,
+    )
     assert parameters["control_type"] == "canny"
     assert parameters["control_image"] == "astronaut.png"  # a bare file reaches the library by path, named
     assert (parameters["control_scale"], parameters["control_start"], parameters["control_end"]) == (0.8, 0.1, 0.9)
@@ -160,27 +212,45 @@ def test_pose_control_from_a_ready_made_skeleton(client, pictures: dict[str, Pat
 
 
 def test_sketch_from_a_drawing_file(client, pictures: dict[str, Path]) -> None:
-    parameters, _ = generated(client, control_type="sketch", control_image=handle_file(str(pictures["sketch"])),
-                              control_scale=0.7, control_end=0.8)
+    parameters, _ = generated(
+        client,
+        control_type="sketch",
+        control_image=handle_file(str(pictures["sketch"])),
+        control_scale=0.7,
+        control_end=0.8,
+    )
     assert (parameters["control_type"], parameters["control_scale"], parameters["control_end"]) == ("sketch", 0.7, 0.8)
 
 
 def test_sketch_from_an_image_editor_value(client, pictures: dict[str, Path]) -> None:
     """What the page's canvas sends: strokes on a transparent layer, no background."""
     layer = handle_file(str(pictures["strokes layer"]))
-    parameters, _ = generated(client, control_type="sketch", control_scale=0.7, control_end=0.8,
-                              control_image={"background": None, "layers": [layer], "composite": layer})
+    parameters, _ = generated(
+        client,
+        control_type="sketch",
+        control_scale=0.7,
+        control_end=0.8,
+        control_image={"background": None, "layers": [layer], "composite": layer},
+    )
     assert parameters["control_type"] == "sketch"
 
 
 def test_null_strengths_take_the_defaults_of_the_mode(client, pictures: dict[str, Path]) -> None:
     """The sliders' API defaults are concrete numbers; null asks for the mode's own default, as the CLI does."""
-    parameters, _ = generated(client, control_type="sketch", control_image=handle_file(str(pictures["sketch"])),
-                              control_scale=None, control_end=None)
-    assert (parameters["control_scale"], parameters["control_end"]) == (presets.SKETCH_SCALE_DEFAULT,
-                                                                        presets.SKETCH_END_DEFAULT)
-    parameters, _ = generated(client, init_image=handle_file(str(ASTRONAUT)),
-                              mask_image=handle_file(str(pictures["mask"])), strength=None)
+    parameters, _ = generated(
+        client,
+        control_type="sketch",
+        control_image=handle_file(str(pictures["sketch"])),
+        control_scale=None,
+        control_end=None,
+    )
+    assert (parameters["control_scale"], parameters["control_end"]) == (
+        presets.SKETCH_SCALE_DEFAULT,
+        presets.SKETCH_END_DEFAULT,
+    )
+    parameters, _ = generated(
+        client, init_image=handle_file(str(ASTRONAUT)), mask_image=handle_file(str(pictures["mask"])), strength=None
+    )
     assert parameters["strength"] == presets.INPAINT_STRENGTH_DEFAULT
 
 
@@ -191,8 +261,9 @@ def test_img2img_from_a_start_photo(client) -> None:
 
 
 def test_inpaint_with_a_mask_file(client, pictures: dict[str, Path]) -> None:
-    parameters, _ = generated(client, init_image=handle_file(str(ASTRONAUT)),
-                              mask_image=handle_file(str(pictures["mask"])), strength=0.9)
+    parameters, _ = generated(
+        client, init_image=handle_file(str(ASTRONAUT)), mask_image=handle_file(str(pictures["mask"])), strength=0.9
+    )
     assert parameters["mask_image"] == "mask.png" and parameters["strength"] == 0.9
 
 
@@ -220,14 +291,18 @@ BAD_INPUTS = {
     "empty mask": (dict(init_image="astronaut", mask_image="black mask"), r"mask is empty"),
     "all-white mask": (dict(init_image="astronaut", mask_image="white mask"), r"all white"),
     "no face with mask the face": (dict(init_image="no face", mask_face=True), r"no face was found"),
-    "control with a start photo": (dict(control_type="canny", control_image="astronaut", init_image="astronaut"),
-                                   r"Control \(canny\) together with a start photo is not supported"),
+    "control with a start photo": (
+        dict(control_type="canny", control_image="astronaut", init_image="astronaut"),
+        r"Control \(canny\) together with a start photo is not supported",
+    ),
     "mask and mask the face": (dict(init_image="astronaut", mask_image="mask", mask_face=True), r"not both"),
     "mask without a start photo": (dict(mask_image="mask"), r"needs a start photo"),
     "no person in the pose photo": (dict(control_type="pose", control_image="no face"), r"no person's pose"),
     "empty sketch": (dict(control_type="sketch", control_image="white mask"), r"sketch is empty"),
-    "sketch with a start above 0": (dict(control_type="sketch", control_image="sketch", control_start=0.2),
-                                    r"control_start must be 0"),
+    "sketch with a start above 0": (
+        dict(control_type="sketch", control_image="sketch", control_start=0.2),
+        r"control_start must be 0",
+    ),
 }
 
 
@@ -237,8 +312,9 @@ def test_bad_input_gets_its_message_and_the_server_keeps_serving(
 ) -> None:
     overrides, pattern = BAD_INPUTS[case]
     files = {**pictures, "astronaut": ASTRONAUT}
-    overrides = {name: handle_file(str(files[value])) if name.endswith("_image") else value
-                 for name, value in overrides.items()}
+    overrides = {
+        name: handle_file(str(files[value])) if name.endswith("_image") else value for name, value in overrides.items()
+    }
     with pytest.raises(AppError) as refused:
         client.predict(**generate_args(**overrides), api_name="/generate")
     assert re.search(pattern, str(refused.value)), f"{case}: unhelpful message {refused.value}"
@@ -246,11 +322,15 @@ def test_bad_input_gets_its_message_and_the_server_keeps_serving(
 
 
 MALFORMED_PAYLOADS = {
-    "control image as a path string": (dict(control_type="canny", control_image=str(ASTRONAUT)),
-                                       r"control_image takes one image file: handle_file\("),
+    "control image as a path string": (
+        dict(control_type="canny", control_image=str(ASTRONAUT)),
+        r"control_image takes one image file: handle_file\(",
+    ),
     "start photo as a number": (dict(init_image=42), r"init_image takes one image file.*got 42"),
-    "mask as a dict without a file": (dict(init_image=None, mask_image={"name": "mask"}),
-                                      r"mask_image takes one image file"),
+    "mask as a dict without a file": (
+        dict(init_image=None, mask_image={"name": "mask"}),
+        r"mask_image takes one image file",
+    ),
     "style image as a list": (dict(style_image=["a.png"]), r"style_image takes one image file"),
     "unknown control type": (dict(control_type="scribble"), r"Control type: .*'scribble'"),
     "control strength as text": (dict(control_scale="strong"), r"Control strength: expected a number from 0 to 2"),
@@ -306,12 +386,15 @@ def test_an_unpainted_mask_canvas_is_an_empty_mask_but_an_uploaded_mask_is_kept(
 
 def test_sliders_restored_from_a_png_show_the_defaults_a_missing_value_stands_for() -> None:
     assert app.mode_defaults("sketch", inpaint=False) == {
-        "control_scale": presets.SKETCH_SCALE_DEFAULT, "control_end": presets.SKETCH_END_DEFAULT,
+        "control_scale": presets.SKETCH_SCALE_DEFAULT,
+        "control_end": presets.SKETCH_END_DEFAULT,
         "strength": presets.IMG2IMG_STRENGTH_DEFAULT,
     }
     defaults = app.mode_defaults("pose", inpaint=True)
-    assert (defaults["control_scale"], defaults["strength"]) == (presets.CONTROL_SCALE_DEFAULT,
-                                                                 presets.INPAINT_STRENGTH_DEFAULT)
+    assert (defaults["control_scale"], defaults["strength"]) == (
+        presets.CONTROL_SCALE_DEFAULT,
+        presets.INPAINT_STRENGTH_DEFAULT,
+    )
 
 
 def test_output_size_follows_width_and_height_else_the_aspect_ratio() -> None:

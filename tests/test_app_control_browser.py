@@ -62,10 +62,18 @@ def draw_doodle(page) -> None:
             page.mouse.move(*point, steps=2)
         page.mouse.up()
 
-    stroke([(centre_x + radius * math.cos(a / 12 * math.pi), centre_y + radius * math.sin(a / 12 * math.pi))
-            for a in range(25)])
-    stroke([(centre_x + 0.5 * radius * math.cos(a / 12 * math.pi), centre_y + 0.5 * radius * math.sin(a / 12 * math.pi))
-            for a in range(2, 11)])
+    stroke(
+        [
+            (centre_x + radius * math.cos(a / 12 * math.pi), centre_y + radius * math.sin(a / 12 * math.pi))
+            for a in range(25)
+        ]
+    )
+    stroke(
+        [
+            (centre_x + 0.5 * radius * math.cos(a / 12 * math.pi), centre_y + 0.5 * radius * math.sin(a / 12 * math.pi))
+            for a in range(2, 11)
+        ]
+    )
 
 
 def test_draw_a_sketch_generate_and_see_results(page) -> None:
@@ -130,10 +138,21 @@ def test_png_restores_the_control_settings(page, app_server) -> None:
     from photomaker.metadata import read_parameters
 
     images, _, _, _ = app_server.client().predict(
-        id_photos=[handle_file(str(EXAMPLES / "astronaut.png"))], prompt="a photo of a woman img dancing",
-        num_steps=2, num_outputs=1, seed=3, randomize_seed=False, width=64, height=64, control_type="canny",
-        control_image=handle_file(str(EXAMPLES / "grace_hopper.jpg")), control_scale=0.5, control_start=0.1,
-        control_end=0.9, style_image_scale=0.4, api_name="/generate",
+        id_photos=[handle_file(str(EXAMPLES / "astronaut.png"))],
+        prompt="a photo of a woman img dancing",
+        num_steps=2,
+        num_outputs=1,
+        seed=3,
+        randomize_seed=False,
+        width=64,
+        height=64,
+        control_type="canny",
+        control_image=handle_file(str(EXAMPLES / "grace_hopper.jpg")),
+        control_scale=0.5,
+        control_start=0.1,
+        control_end=0.9,
+        style_image_scale=0.4,
+        api_name="/generate",
     )
     png = images[0]["image"]
     assert read_parameters(png)["control_type"] == "canny"

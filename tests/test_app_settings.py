@@ -13,8 +13,13 @@ from photomaker import presets
 from photomaker.service import ENV_VARIABLES, GenerationRequest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-SERVER_VARIABLES = ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PHOTOMAKER_SHARE", "PHOTOMAKER_MAX_QUEUE",
-                    "PHOTOMAKER_CONCURRENCY")
+SERVER_VARIABLES = (
+    "GRADIO_SERVER_NAME",
+    "GRADIO_SERVER_PORT",
+    "PHOTOMAKER_SHARE",
+    "PHOTOMAKER_MAX_QUEUE",
+    "PHOTOMAKER_CONCURRENCY",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -25,8 +30,14 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("GRADIO_SERVER_PORT", "80a"), ("GRADIO_SERVER_PORT", "70000"), ("PHOTOMAKER_MAX_QUEUE", "twenty"),
-     ("PHOTOMAKER_MAX_QUEUE", "0"), ("PHOTOMAKER_CONCURRENCY", "1.5"), ("PHOTOMAKER_SHARE", "maybe")],
+    [
+        ("GRADIO_SERVER_PORT", "80a"),
+        ("GRADIO_SERVER_PORT", "70000"),
+        ("PHOTOMAKER_MAX_QUEUE", "twenty"),
+        ("PHOTOMAKER_MAX_QUEUE", "0"),
+        ("PHOTOMAKER_CONCURRENCY", "1.5"),
+        ("PHOTOMAKER_SHARE", "maybe"),
+    ],
 )
 def test_bad_server_variable_stops_with_a_message_naming_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
@@ -78,8 +89,9 @@ def test_gpu_seconds_grows_with_steps_images_and_pixels() -> None:
     assert base == int(presets.GPU_BASE_SECONDS + presets.GPU_SECONDS_PER_STEP_MEGAPIXEL * 50 * 1024 * 1024 / 1e6)
     # Before validation: odd values are bounded, never raise.
     for odd in ((None, "x", None, 1024), (float("nan"), -3, 10**9, 10**9), (10**6, 10**6, 1, 1)):
-        assert presets.GPU_BASE_SECONDS <= presets.gpu_seconds(*odd) <= presets.gpu_seconds(100, 4, 2048, 2048,
-                                                                                              best_of=4)
+        assert (
+            presets.GPU_BASE_SECONDS <= presets.gpu_seconds(*odd) <= presets.gpu_seconds(100, 4, 2048, 2048, best_of=4)
+        )
 
 
 @pytest.mark.parametrize("preset", list(presets.FAST_PRESETS))
@@ -94,11 +106,18 @@ def test_gpu_seconds_in_fast_mode_counts_the_preset_steps(preset: str) -> None:
 
 def test_zerogpu_reservation_of_a_fast_request_is_for_the_preset_steps() -> None:
     """The app's slider still says 50 steps when fast mode is chosen; the reservation must be for 8."""
-    request = GenerationRequest(id_images=[], prompt="a man img", num_steps=50, num_outputs=2,
-                                aspect_ratio="Instagram (1:1)", fast="lightning-8")
+    request = GenerationRequest(
+        id_images=[],
+        prompt="a man img",
+        num_steps=50,
+        num_outputs=2,
+        aspect_ratio="Instagram (1:1)",
+        fast="lightning-8",
+    )
     assert app.gpu_duration(request) == presets.gpu_seconds(8, 2, 1024, 1024)
-    standard = GenerationRequest(id_images=[], prompt="a man img", num_steps=50, num_outputs=2, best_of=2,
-                                 width=512, height=768)
+    standard = GenerationRequest(
+        id_images=[], prompt="a man img", num_steps=50, num_outputs=2, best_of=2, width=512, height=768
+    )
     assert app.gpu_duration(standard) == presets.gpu_seconds(50, 2, 512, 768, best_of=2)
 
 
@@ -115,4 +134,3 @@ def test_app_and_cli_offer_the_same_model_flags(capsys: pytest.CaptureFixture[st
         app.parse_args(["--help"])
     text = capsys.readouterr().out
     assert [item.flag for item in MODEL_FLAGS if item.flag not in text] == []
-

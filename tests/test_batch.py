@@ -65,15 +65,18 @@ def photo(tmp_path: Path) -> Path:
 
 
 def test_jobs_resolve_relative_photos_and_bad_lines_say_what_is_wrong(tmp_path: Path, photo: Path) -> None:
-    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 5},
-        "",
-        "{not json",
-        {"id_images": ["photos/missing.png"], "prompt": "a woman img"},
-        {"id_images": "photos/me.png", "prompt": "a woman img", "steps": 30},
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "num_outputs": 9},
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "num_steps": "30"},
-    ])
+    jobs_file = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 5},
+            "",
+            "{not json",
+            {"id_images": ["photos/missing.png"], "prompt": "a woman img"},
+            {"id_images": "photos/me.png", "prompt": "a woman img", "steps": 30},
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "num_outputs": 9},
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "num_steps": "30"},
+        ],
+    )
     jobs = batch.parse_jobs(jobs_file)
 
     assert [job.line for job in jobs] == [1, 3, 4, 5, 6, 7]  # blank line skipped, numbering kept
@@ -88,12 +91,15 @@ def test_jobs_resolve_relative_photos_and_bad_lines_say_what_is_wrong(tmp_path: 
 
 
 def test_seed_comes_from_the_job_content_never_at_random(tmp_path: Path, photo: Path) -> None:
-    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "num_steps": 30},
-        '{"num_steps": 30,   "prompt": "a woman img", "id_images": ["photos/me.png"]}',
-        {"id_images": ["photos/me.png"], "prompt": "a woman img at sea", "num_steps": 30},
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 1234},
-    ])
+    jobs_file = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "num_steps": 30},
+            '{"num_steps": 30,   "prompt": "a woman img", "id_images": ["photos/me.png"]}',
+            {"id_images": ["photos/me.png"], "prompt": "a woman img at sea", "num_steps": 30},
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 1234},
+        ],
+    )
     first, reordered, other, explicit = batch.parse_jobs(jobs_file)
     again = batch.parse_jobs(jobs_file)[0]
 
@@ -105,12 +111,15 @@ def test_seed_comes_from_the_job_content_never_at_random(tmp_path: Path, photo: 
 def test_outputs_use_seed_plus_k_are_named_by_job_and_a_bad_job_does_not_stop_the_rest(
     tmp_path: Path, photo: Path
 ) -> None:
-    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 10, "num_outputs": 2},
-        {"id_images": ["photos/me.png"], "prompt": "fail img", "seed": 3, "num_outputs": 2},
-        {"id_images": ["photos/me.png"], "prompt": "a man img", "seed": 20, "num_outputs": 1},
-        {"id_images": ["photos/me.png"], "prompt": "a man img", "seed": 30, "num_outputs": 2, "best_of": 3},
-    ])
+    jobs_file = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "seed": 10, "num_outputs": 2},
+            {"id_images": ["photos/me.png"], "prompt": "fail img", "seed": 3, "num_outputs": 2},
+            {"id_images": ["photos/me.png"], "prompt": "a man img", "seed": 20, "num_outputs": 1},
+            {"id_images": ["photos/me.png"], "prompt": "a man img", "seed": 30, "num_outputs": 2, "best_of": 3},
+        ],
+    )
     out = tmp_path / "out"
     out.mkdir()
     calls: list[GenerationRequest] = []
@@ -162,11 +171,14 @@ def batch_case(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """Three jobs (the last has a missing photo) run once by `python -m photomaker batch` in this process."""
     root = tmp_path_factory.mktemp("batch")
     shutil.copy(EXAMPLES / "astronaut.png", root / "me.png")
-    jobs_file = write_jobs(root / "jobs.jsonl", [
-        {**TINY_JOB, "id_images": ["me.png"], "seed": 1, "num_outputs": 2},
-        {**TINY_JOB, "id_images": ["me.png"], "num_outputs": 1, "guidance_scale": 3.0},
-        {**TINY_JOB, "id_images": ["nobody.png"], "seed": 2},
-    ])
+    jobs_file = write_jobs(
+        root / "jobs.jsonl",
+        [
+            {**TINY_JOB, "id_images": ["me.png"], "seed": 1, "num_outputs": 2},
+            {**TINY_JOB, "id_images": ["me.png"], "num_outputs": 1, "guidance_scale": 3.0},
+            {**TINY_JOB, "id_images": ["nobody.png"], "seed": 2},
+        ],
+    )
     out = root / "out"
     # One thread, like each process of the 2-process run below: CPU float sums (hence, rarely, a pixel's
     # last bit) depend on how many threads split them.
@@ -175,8 +187,9 @@ def batch_case(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            status = main(["batch", str(jobs_file), "--out", str(out), "--tiny", str(tiny_models_dir),
-                           "--face-backend", "none"])
+            status = main(
+                ["batch", str(jobs_file), "--out", str(out), "--tiny", str(tiny_models_dir), "--face-backend", "none"]
+            )
     finally:
         torch.set_num_threads(threads)
     return {"jobs": jobs_file, "out": out, "status": status, "tiny": tiny_models_dir}
@@ -226,8 +239,18 @@ def test_rerun_skips_finished_outputs_without_loading_the_model(
     monkeypatch.setattr(photomaker.service.PhotoMakerService, "wait_ready", no_model)
     monkeypatch.setattr(photomaker.service.PhotoMakerService, "generate", no_model)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    status = main(["batch", str(batch_case["jobs"]), "--out", str(out), "--tiny", str(batch_case["tiny"]),
-                   "--face-backend", "none"])
+    status = main(
+        [
+            "batch",
+            str(batch_case["jobs"]),
+            "--out",
+            str(out),
+            "--tiny",
+            str(batch_case["tiny"]),
+            "--face-backend",
+            "none",
+        ]
+    )
 
     assert status == 1  # the bad job is still bad
     assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")} == before
@@ -241,11 +264,32 @@ def test_two_accelerate_processes_write_the_same_pixels_once_each(batch_case: di
     shutil.copy(batch_case["out"] / partial.name, partial)
     # Without a GPU, `--multi_gpu` is what makes accelerate start N processes (`--cpu` starts one); the CLI
     # then joins them in a CPU (gloo) process group.
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()),
-              "-m", "photomaker", "--verbose", "batch", str(batch_case["jobs"]), "--out", str(out),
-              "--tiny", str(batch_case["tiny"]), "--face-backend", "none"]
+    launch = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "photomaker",
+        "--verbose",
+        "batch",
+        str(batch_case["jobs"]),
+        "--out",
+        str(out),
+        "--tiny",
+        str(batch_case["tiny"]),
+        "--face-backend",
+        "none",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(launch, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -263,16 +307,31 @@ def test_two_accelerate_processes_write_the_same_pixels_once_each(batch_case: di
 
 def test_control_start_photo_and_style_images_resolve_relative_to_the_jobs_file(tmp_path: Path, photo: Path) -> None:
     shutil.copy(EXAMPLES / "grace_hopper.jpg", photo.parent / "pose.jpg")
-    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "control_type": "pose",
-         "control_image": "photos/pose.jpg", "control_scale": 0.8, "control_end": 0.5, "style_image": "photos/me.png",
-         "style_image_scale": 0.3},
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "init_image": "photos/pose.jpg", "strength": 0.5,
-         "mask_face": True},
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "init_image": "photos/gone.jpg"},
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "mask_image": ["photos/pose.jpg"]},
-        {"id_images": ["photos/me.png"], "prompt": "a woman img", "mask_face": "yes"},
-    ])
+    jobs_file = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {
+                "id_images": ["photos/me.png"],
+                "prompt": "a woman img",
+                "control_type": "pose",
+                "control_image": "photos/pose.jpg",
+                "control_scale": 0.8,
+                "control_end": 0.5,
+                "style_image": "photos/me.png",
+                "style_image_scale": 0.3,
+            },
+            {
+                "id_images": ["photos/me.png"],
+                "prompt": "a woman img",
+                "init_image": "photos/pose.jpg",
+                "strength": 0.5,
+                "mask_face": True,
+            },
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "init_image": "photos/gone.jpg"},
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "mask_image": ["photos/pose.jpg"]},
+            {"id_images": ["photos/me.png"], "prompt": "a woman img", "mask_face": "yes"},
+        ],
+    )
     jobs = batch.parse_jobs(jobs_file)
 
     control = jobs[0].request
@@ -281,7 +340,10 @@ def test_control_start_photo_and_style_images_resolve_relative_to_the_jobs_file(
     assert (control.style_image, control.style_image_scale) == (str(photo), 0.3)
     start = jobs[1].request
     assert (start.init_image, start.strength, start.mask_face, start.mask_image) == (
-        str(photo.parent / "pose.jpg"), 0.5, True, None
+        str(photo.parent / "pose.jpg"),
+        0.5,
+        True,
+        None,
     )
     assert "image 'photos/gone.jpg' in 'init_image' not found" in jobs[2].error
     assert "'mask_image' must be an image path or null" in jobs[3].error
@@ -291,13 +353,32 @@ def test_control_start_photo_and_style_images_resolve_relative_to_the_jobs_file(
 def test_a_batch_job_runs_a_control_mode_on_the_tiny_models(tiny_models_dir: Path, tmp_path: Path) -> None:
     shutil.copy(EXAMPLES / "astronaut.png", tmp_path / "me.png")
     shutil.copy(EXAMPLES / "grace_hopper.jpg", tmp_path / "edges.jpg")
-    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
-        {**TINY_JOB, "id_images": ["me.png"], "num_outputs": 1, "seed": 4, "control_type": "canny",
-         "control_image": "edges.jpg"},
-        {**TINY_JOB, "id_images": ["me.png"], "num_outputs": 1, "seed": 4, "control_type": "canny"},
-    ])
-    status = main(["batch", str(jobs_file), "--out", str(tmp_path / "out"), "--tiny", str(tiny_models_dir),
-                   "--face-backend", "none"])
+    jobs_file = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {
+                **TINY_JOB,
+                "id_images": ["me.png"],
+                "num_outputs": 1,
+                "seed": 4,
+                "control_type": "canny",
+                "control_image": "edges.jpg",
+            },
+            {**TINY_JOB, "id_images": ["me.png"], "num_outputs": 1, "seed": 4, "control_type": "canny"},
+        ],
+    )
+    status = main(
+        [
+            "batch",
+            str(jobs_file),
+            "--out",
+            str(tmp_path / "out"),
+            "--tiny",
+            str(tiny_models_dir),
+            "--face-backend",
+            "none",
+        ]
+    )
     assert status == 1
     params = read_parameters(tmp_path / "out" / "job-0001-0.png")
     assert (params["control_type"], params["control_image"], params["control_scale"]) == ("canny", "edges.jpg", 1.0)

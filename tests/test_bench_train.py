@@ -12,8 +12,9 @@ from bench import bench_train
 def test_bench_train_reports_time_and_memory_ratios_of_photomaker_against_plain_lora(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
-        result = bench_train.main(["--warmup", "0", "--repeats", "1", "--threads", "1",
-                                   "--json", str(tmp_path / "train.json")])
+        result = bench_train.main(
+            ["--warmup", "0", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "train.json")]
+        )
     finally:
         torch.set_num_threads(threads)
         torch.set_grad_enabled(True)

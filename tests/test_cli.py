@@ -22,8 +22,11 @@ GRACE_HOPPER = ROOT / "examples" / "grace_hopper.jpg"
 @pytest.fixture(autouse=True)
 def quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI sets these only when unset; setting them here keeps its choice from leaking into other tests."""
-    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("DIFFUSERS_VERBOSITY", "error")):
+    for name, value in (
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+    ):
         monkeypatch.setenv(name, value)
 
 
@@ -31,10 +34,33 @@ def test_generate_writes_pngs_that_carry_their_parameters(
     tiny_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    status = main(["generate", "--tiny", str(tiny_models_dir), "--face-backend", "none",
-                   "--id-image", str(ASTRONAUT), "--prompt", "a photo of a woman", "--style", "(No style)",
-                   "--width", "64", "--height", "64", "--steps", "2", "--seed", "7", "--num-outputs", "2",
-                   "--out", str(out)])
+    status = main(
+        [
+            "generate",
+            "--tiny",
+            str(tiny_models_dir),
+            "--face-backend",
+            "none",
+            "--id-image",
+            str(ASTRONAUT),
+            "--prompt",
+            "a photo of a woman",
+            "--style",
+            "(No style)",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--num-outputs",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
 
     assert status == 0, captured.err
@@ -54,9 +80,30 @@ def test_fast_mode_runs_offline_on_the_tiny_models(
     tiny_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    status = main(["generate", "--tiny", str(tiny_models_dir), "--face-backend", "none", "--fast",
-                   "--id-image", str(ASTRONAUT), "--prompt", "a photo of a woman img", "--negative-prompt", "blurry",
-                   "--width", "64", "--height", "64", "--seed", "3", "--out", str(out)])
+    status = main(
+        [
+            "generate",
+            "--tiny",
+            str(tiny_models_dir),
+            "--face-backend",
+            "none",
+            "--fast",
+            "--id-image",
+            str(ASTRONAUT),
+            "--prompt",
+            "a photo of a woman img",
+            "--negative-prompt",
+            "blurry",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
 
     assert status == 0, captured.err
@@ -68,9 +115,27 @@ def test_fast_mode_runs_offline_on_the_tiny_models(
 
 def test_a_user_mistake_exits_2_with_the_message_and_no_traceback(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "photomaker", "generate", "--id-image", str(ASTRONAUT), "--prompt", "a man img",
-         "--style", "Nope", "--out", str(tmp_path / "out"), "--tiny", str(tmp_path / "tiny")],
-        check=False, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "photomaker",
+            "generate",
+            "--id-image",
+            str(ASTRONAUT),
+            "--prompt",
+            "a man img",
+            "--style",
+            "Nope",
+            "--out",
+            str(tmp_path / "out"),
+            "--tiny",
+            str(tmp_path / "tiny"),
+        ],
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert run.returncode == 2
@@ -80,8 +145,9 @@ def test_a_user_mistake_exits_2_with_the_message_and_no_traceback(tmp_path: Path
 
 
 def test_a_missing_photo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    status = main(["generate", "--id-image", str(tmp_path / "me.jpg"), "--prompt", "a man img",
-                   "--out", str(tmp_path / "out")])
+    status = main(
+        ["generate", "--id-image", str(tmp_path / "me.jpg"), "--prompt", "a man img", "--out", str(tmp_path / "out")]
+    )
     assert status == 2
     assert capsys.readouterr().err == f"error: photo '{tmp_path / 'me.jpg'}' not found.\n"
 
@@ -147,18 +213,55 @@ def test_control_flags_generate_with_the_control_map_and_record_it(
     tiny_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    status = main(["generate", "--tiny", str(tiny_models_dir), "--face-backend", "none",
-                   "--id-image", str(ASTRONAUT), "--prompt", "a photo of a woman img", "--style", "(No style)",
-                   "--width", "64", "--height", "64", "--steps", "2", "--seed", "5", "--num-outputs", "1",
-                   "--control", "canny", "--control-image", str(GRACE_HOPPER), "--control-scale", "0.8",
-                   "--control-start", "0.1", "--control-end", "0.9", "--style-image", str(GRACE_HOPPER),
-                   "--style-image-scale", "0.5", "--out", str(out)])
+    status = main(
+        [
+            "generate",
+            "--tiny",
+            str(tiny_models_dir),
+            "--face-backend",
+            "none",
+            "--id-image",
+            str(ASTRONAUT),
+            "--prompt",
+            "a photo of a woman img",
+            "--style",
+            "(No style)",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--num-outputs",
+            "1",
+            "--control",
+            "canny",
+            "--control-image",
+            str(GRACE_HOPPER),
+            "--control-scale",
+            "0.8",
+            "--control-start",
+            "0.1",
+            "--control-end",
+            "0.9",
+            "--style-image",
+            str(GRACE_HOPPER),
+            "--style-image-scale",
+            "0.5",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
 
     assert status == 0, captured.err
     params = read_parameters(out / "seed-5.png")
     assert (params["control_type"], params["control_image"], params["control_scale"]) == (
-        "canny", "grace_hopper.jpg", 0.8
+        "canny",
+        "grace_hopper.jpg",
+        0.8,
     )
     assert (params["control_start"], params["control_end"], params["style_image_scale"]) == (0.1, 0.9, 0.5)
     assert "warning: The control image (512x600) has another aspect ratio" in captured.err
@@ -172,14 +275,18 @@ MASK = ROOT / "tests" / "data" / "mask_face_box.png"
     [
         (["--control", "pose"], "Control type 'pose' needs a control image (--control-image)"),
         (["--control-image", str(GRACE_HOPPER)], "no control type: choose pose, canny, depth or sketch"),
-        (["--control", "canny", "--control-image", str(GRACE_HOPPER), "--init-image", str(ASTRONAUT)],
-         "Control (canny) together with a start photo is not supported"),
+        (
+            ["--control", "canny", "--control-image", str(GRACE_HOPPER), "--init-image", str(ASTRONAUT)],
+            "Control (canny) together with a start photo is not supported",
+        ),
         (["--mask", str(MASK)], "A mask needs a start photo (init_image, --init-image)"),
         (["--init-image", str(ASTRONAUT), "--mask", str(MASK), "--mask-face"], "Give either a mask or mask_face"),
         (["--init-image", str(ASTRONAUT), "--mask", "WHITE"], "the mask is all white"),
         (["--init-image", str(ASTRONAUT), "--strength", "1.5"], "strength must be between 0 and 1, got 1.5"),
-        (["--control", "canny", "--control-image", str(GRACE_HOPPER), "--control-scale", "3"],
-         "control_scale must be between 0 and 2, got 3"),
+        (
+            ["--control", "canny", "--control-image", str(GRACE_HOPPER), "--control-scale", "3"],
+            "control_scale must be between 0 and 2, got 3",
+        ),
         (["--style-image", "nowhere.png"], "style image 'nowhere.png' (--style-image) not found"),
     ],
 )
@@ -189,8 +296,20 @@ def test_bad_control_input_exits_2_with_the_message(
     """Refused before the model is loaded (offline, the default model's load fails in the background)."""
     Image.new("L", (32, 32), 255).save(tmp_path / "white.png")
     flags = [str(tmp_path / "white.png") if flag == "WHITE" else flag for flag in flags]
-    status = main(["generate", "--face-backend", "none", "--id-image", str(ASTRONAUT), "--prompt", "a man img",
-                   "--out", str(tmp_path / "out"), *flags])
+    status = main(
+        [
+            "generate",
+            "--face-backend",
+            "none",
+            "--id-image",
+            str(ASTRONAUT),
+            "--prompt",
+            "a man img",
+            "--out",
+            str(tmp_path / "out"),
+            *flags,
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2, err
     assert err.startswith("error: ") and message in err

@@ -51,8 +51,15 @@ def scorer_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ],
 )
 def test_each_command_shows_its_help_through_python_m_photomaker(command: str, own_flags: tuple[str, ...]) -> None:
-    run = subprocess.run([sys.executable, "-m", "photomaker", command, "--help"], check=False, cwd=ROOT,
-                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "photomaker", command, "--help"],
+        check=False,
+        cwd=ROOT,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith(f"usage: python -m photomaker {command}")
     for flag in own_flags:
@@ -76,8 +83,9 @@ def test_train_reads_generate_s_model_flags_and_their_environment_variables(monk
     assert (plain.base_model, plain.tiny_dir, plain.pm_version) == (DEFAULT_BASE_MODEL, None, 1)
     assert plain.vision_model == "openai/clip-vit-large-patch14"
 
-    given = config_from_args(parser.parse_args([*base, "--pm-version", "v2", "--base-model", "me/sdxl",
-                                                "--face-model-dir", "faces"]))
+    given = config_from_args(
+        parser.parse_args([*base, "--pm-version", "v2", "--base-model", "me/sdxl", "--face-model-dir", "faces"])
+    )
     assert (given.base_model, given.pm_version, given.face_model_dir) == ("me/sdxl", 2, "faces")
 
     monkeypatch.setenv("PHOTOMAKER_BASE_MODEL", "env/sdxl")
@@ -131,16 +139,23 @@ def test_prepare_data_keeps_the_example_portraits_and_drops_a_photo_without_a_fa
     Image.new("RGB", (256, 256), (128, 128, 128)).save(src / "grace" / "blank.png")
     (src / "grace" / "class.txt").write_text("woman")
 
-    code = main(["prepare-data", str(src), "--out", str(data), "--resolution", "256", "--min-face-size", "64",
-                 "--no-progress"])
+    code = main(
+        ["prepare-data", str(src), "--out", str(data), "--resolution", "256", "--min-face-size", "64", "--no-progress"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "5 seen" in out and "4 kept" in out and "1 dropped" in out
     lines = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
     assert sorted((line["identity"], Path(line["source"]).name) for line in lines) == [
-        ("eileen", "a.png"), ("eileen", "b.png"), ("grace", "a.png"), ("grace", "b.png")]
+        ("eileen", "a.png"),
+        ("eileen", "b.png"),
+        ("grace", "a.png"),
+        ("grace", "b.png"),
+    ]
     assert {line["identity"]: line["caption"] for line in lines} == {
-        "eileen": "a photo of a person img", "grace": "a photo of a woman img"}
+        "eileen": "a photo of a person img",
+        "grace": "a photo of a woman img",
+    }
     for line in lines:
         assert (data / line["image"]).is_file() and (data / line["mask"]).is_file()
         assert max(Image.open(data / line["image"]).size) <= 512
@@ -156,10 +171,38 @@ def test_eval_runs_on_the_tiny_models_and_prints_the_summary(
     (tmp_path / "prompts.txt").write_text("a photo of a {class} img in a garden\n")
     out = tmp_path / "out"
 
-    code = main(["eval", "--ids", str(tmp_path / "ids"), "--prompts", str(tmp_path / "prompts.txt"), "--out",
-                 str(out), "--tiny", str(tiny_models_dir), "--face-backend", "none", "--metric-face-backend", "none",
-                 "--images-per-prompt", "1", "--num-references", "1", "--steps", "2", "--width", "64", "--height",
-                 "64", "--clip-model", str(scorer_dirs["clip"]), "--dino-model", str(scorer_dirs["dino"]), "--json"])
+    code = main(
+        [
+            "eval",
+            "--ids",
+            str(tmp_path / "ids"),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--out",
+            str(out),
+            "--tiny",
+            str(tiny_models_dir),
+            "--face-backend",
+            "none",
+            "--metric-face-backend",
+            "none",
+            "--images-per-prompt",
+            "1",
+            "--num-references",
+            "1",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--clip-model",
+            str(scorer_dirs["clip"]),
+            "--dino-model",
+            str(scorer_dirs["dino"]),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)
@@ -171,7 +214,8 @@ def test_eval_runs_on_the_tiny_models_and_prints_the_summary(
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and Image.open(out / rows[0]["path"]).size == (64, 64)
     assert json.loads((out / "summary.json").read_text())[setting]["clip_t"] == pytest.approx(
-        summary[setting]["clip_t"])
+        summary[setting]["clip_t"]
+    )
 
 
 def _scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
@@ -195,9 +239,33 @@ def test_train_runs_two_steps_validates_with_evaluation_s_scores_and_writes_tens
 
     data = write_dataset(tmp_path / "data", {"alice": 3, "carol": 2})
     out = tmp_path / "out"
-    code = main(["train", "--data", str(data), "--out", str(out), "--tiny", str(tiny_models_dir), "--device", "cpu",
-                 "--lora-rank", "4", "--max-steps", "2", "--lr-warmup-steps", "0", "--checkpoint-every", "100",
-                 "--validate-every", "2", "--val-identities", "carol", "--val-steps", "1"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--tiny",
+            str(tiny_models_dir),
+            "--device",
+            "cpu",
+            "--lora-rank",
+            "4",
+            "--max-steps",
+            "2",
+            "--lr-warmup-steps",
+            "0",
+            "--checkpoint-every",
+            "100",
+            "--validate-every",
+            "2",
+            "--val-identities",
+            "carol",
+            "--val-steps",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out.strip() == str(out / "photomaker.bin")
@@ -212,8 +280,12 @@ def test_train_runs_two_steps_validates_with_evaluation_s_scores_and_writes_tens
     assert validation["scores"] == {"carol": None}
 
     # The numbers are evaluation's: the same scorers on the saved image and carol's photos give them again.
-    scorers = Scorers.load(str(tiny_models_dir / TINY_SCORERS_DIR / "clip"),
-                           str(tiny_models_dir / TINY_SCORERS_DIR / "dino"), face_backend=None, device="cpu")
+    scorers = Scorers.load(
+        str(tiny_models_dir / TINY_SCORERS_DIR / "clip"),
+        str(tiny_models_dir / TINY_SCORERS_DIR / "dino"),
+        face_backend=None,
+        device="cpu",
+    )
     grid = Image.open(out / validation["grid"]).convert("RGB")
     generated = grid.crop((64, 0, 128, 64))
     references = [Image.open(data / "images" / "carol" / name).convert("RGB") for name in ("000.png", "001.png")]
@@ -232,12 +304,39 @@ def test_train_runs_two_steps_validates_with_evaluation_s_scores_and_writes_tens
 def test_accelerate_launch_runs_train_through_python_m_photomaker(tmp_path: Path, tiny_models_dir: Path) -> None:
     data = write_dataset(tmp_path / "data", {"alice": 2, "bob": 2})
     out = tmp_path / "out"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "photomaker", "train", "--data", str(data),
-              "--out", str(out), "--tiny", str(tiny_models_dir), "--device", "cpu", "--lora-rank", "4",
-              "--max-steps", "1", "--lr-warmup-steps", "0", "--report-to", "none"]
-    run = subprocess.run(launch, check=False, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
-                         timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "photomaker",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--tiny",
+        str(tiny_models_dir),
+        "--device",
+        "cpu",
+        "--lora-rank",
+        "4",
+        "--max-steps",
+        "1",
+        "--lr-warmup-steps",
+        "0",
+        "--report-to",
+        "none",
+    ]
+    run = subprocess.run(launch, check=False, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == str(out / "photomaker.bin")
     assert set(torch.load(out / "photomaker.bin", weights_only=True)) == {"id_encoder", "lora_weights"}
@@ -250,13 +349,23 @@ def test_validation_scorers_without_clip_or_dino_give_face_scores_only() -> None
     from photomaker.evaluation import score_images, summarise
     from photomaker.train.validation import load_validation_scorers
 
-    config = SimpleNamespace(val_clip_model=None, val_dino_model=None, tiny_dir=None, val_face_backend="dlib",
-                             face_model_dir=None, trigger_word="img")
+    config = SimpleNamespace(
+        val_clip_model=None,
+        val_dino_model=None,
+        tiny_dir=None,
+        val_face_backend="dlib",
+        face_model_dir=None,
+        trigger_word="img",
+    )
     scorers = load_validation_scorers(config, "cpu")
     assert scorers.clip_model is None and scorers.dino_model is None
     astronaut = Image.open(ASTRONAUT).convert("RGB")
-    rows = score_images([ImageOps.mirror(astronaut), Image.open(GRACE_HOPPER).convert("RGB")],
-                        ["a photo of a woman img"] * 2, [astronaut], scorers)
+    rows = score_images(
+        [ImageOps.mirror(astronaut), Image.open(GRACE_HOPPER).convert("RGB")],
+        ["a photo of a woman img"] * 2,
+        [astronaut],
+        scorers,
+    )
     assert [(row["clip_t"], row["clip_i"], row["dino"]) for row in rows] == [(None, None, None)] * 2
     assert rows[0]["face_sim"] > rows[1]["face_sim"]  # the same person scores higher than another one
     summary = summarise(rows)

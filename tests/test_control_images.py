@@ -430,9 +430,7 @@ def test_control_images_from_files_get_the_upload_limits_and_keep_a_canvas_s_alp
 
 
 @pytest.mark.parametrize("depth_estimation_type", ["relative", "metric"])
-def test_depth_map_is_near_bright_whether_the_model_predicts_inverse_depth_or_distance(
-    depth_estimation_type, tmp_path
-):
+def test_depth_map_is_near_bright_whether_the_model_predicts_inverse_depth_or_distance(depth_estimation_type, tmp_path):
     import torch
 
     from photomaker.control_models import ControlModelRegistry

@@ -213,9 +213,7 @@ def test_ip_adapter_loads_into_a_pipeline_once_and_takes_its_scale(tmp_path):
     assert all(p.scale == [0.3] for p in ip_processors)
 
 
-def test_a_model_loading_holds_up_neither_loaded_models_nor_to_and_loads_once(
-    controlnet_dir, adapter_dir, monkeypatch
-):
+def test_a_model_loading_holds_up_neither_loaded_models_nor_to_and_loads_once(controlnet_dir, adapter_dir, monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 

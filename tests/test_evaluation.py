@@ -54,8 +54,14 @@ def face_scorers(scorers: Scorers) -> Scorers:
     """The same models plus the dlib face backend (references must then show a face)."""
     from photomaker.faces import get_face_analyzer
 
-    return Scorers(scorers.clip_model, scorers.clip_processor, scorers.dino_model, scorers.dino_processor,
-                   get_face_analyzer("dlib"), device="cpu")
+    return Scorers(
+        scorers.clip_model,
+        scorers.clip_processor,
+        scorers.dino_model,
+        scorers.dino_processor,
+        get_face_analyzer("dlib"),
+        device="cpu",
+    )
 
 
 def noise(seed: int, size: int = 40) -> Image.Image:
@@ -102,6 +108,7 @@ def test_clip_i_and_dino_average_the_cosine_to_each_reference(scorers: Scorers, 
     row = score_images([image], ["a man img"], references, scorers)[0]
 
     with torch.no_grad():
+
         def clip_embed(pictures: list[Image.Image]) -> torch.Tensor:
             pixels = clip_processor(images=pictures, return_tensors="pt")["pixel_values"]
             return clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
@@ -163,20 +170,33 @@ def test_face_div_spans_every_prompt_of_an_identity(face_scorers: Scorers, tmp_p
     expected = 1 - analyzer.similarity(*faces)
     assert rows[0]["face_div"] == rows[1]["face_div"] == pytest.approx(expected, abs=1e-5)
     # The eval run scores one identity's images under one setting together, across its prompts.
-    plan = EvalPlan([Identity("ann", (ASTRONAUT,)), Identity("bob", (GRACE_HOPPER,))], ["a {class} img",
-                    "a {class} img on a beach"], build_settings(["style_strength=20,30"]), 2, 1)
+    plan = EvalPlan(
+        [Identity("ann", (ASTRONAUT,)), Identity("bob", (GRACE_HOPPER,))],
+        ["a {class} img", "a {class} img on a beach"],
+        build_settings(["style_strength=20,30"]),
+        2,
+        1,
+    )
     groups = {item.group for item in plan_items(plan, tmp_path)}
-    assert groups == {(setting, name) for setting in ("style_strength=20", "style_strength=30")
-                      for name in ("ann", "bob")}
+    assert groups == {
+        (setting, name) for setting in ("style_strength=20", "style_strength=30") for name in ("ann", "bob")
+    }
 
 
 def test_summarise_counts_each_face_div_group_once_and_the_images_without_a_face() -> None:
     def row(group: str, face_sim: float | None, face_div: float | None, seconds: float) -> dict:
-        return {"group": group, "face_sim": face_sim, "face_found": face_sim is not None, "face_div": face_div,
-                "clip_t": 20.0, "clip_i": 0.5, "dino": 0.25, "seconds": seconds}
+        return {
+            "group": group,
+            "face_sim": face_sim,
+            "face_found": face_sim is not None,
+            "face_div": face_div,
+            "clip_t": 20.0,
+            "clip_i": 0.5,
+            "dino": 0.25,
+            "seconds": seconds,
+        }
 
-    rows = [row("a", 0.6, 0.3, 1.0), row("a", 0.4, 0.3, 2.0), row("a", None, 0.3, 3.0),
-            row("b", 0.8, 0.9, 6.0)]
+    rows = [row("a", 0.6, 0.3, 1.0), row("a", 0.4, 0.3, 2.0), row("a", None, 0.3, 3.0), row("b", 0.8, 0.9, 6.0)]
     summary = summarise(rows)
     assert summary["face_sim"] == pytest.approx(0.6)  # (0.6 + 0.4 + 0.8) / 3 images with a face
     assert summary["face_div"] == pytest.approx(0.6)  # (0.3 + 0.9) / 2 groups, not weighted by images
@@ -192,10 +212,13 @@ def test_fid_matches_the_frechet_distance_of_the_clip_embeddings(
 
     model = CLIPModel.from_pretrained(scorer_dirs["clip"]).eval()
     processor = AutoProcessor.from_pretrained(scorer_dirs["clip"]).image_processor
-    wide = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 96, 3), dtype=np.uint8))
-            for seed in range(23, 27)]  # each image is embedded as it is, not squeezed to the first one's size
+    wide = [
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 96, 3), dtype=np.uint8))
+        for seed in range(23, 27)
+    ]  # each image is embedded as it is, not squeezed to the first one's size
     generated, real = [noise(seed) for seed in range(10, 16)], [noise(seed) for seed in range(20, 23)] + wide
     with torch.no_grad():
+
         def features(images: list[Image.Image]) -> torch.Tensor:
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
             return model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).double()
@@ -245,7 +268,9 @@ def test_identities_read_their_photos_and_class_word(tmp_path: Path, caplog: pyt
         identities = load_identities(tmp_path)
     assert "bob: c.heic not used" in caplog.text  # said, not skipped silently
     assert [(i.name, [p.name for p in i.photos], i.class_word) for i in identities] == [
-        ("ann", ["1.webp"], "person"), ("bob", ["a.png", "b.jpg"], "man")]
+        ("ann", ["1.webp"], "person"),
+        ("bob", ["a.png", "b.jpg"], "man"),
+    ]
     (tmp_path / "empty").mkdir()
     with pytest.raises(IDImageError, match="empty' has no photos"):
         load_identities(tmp_path)
@@ -254,10 +279,16 @@ def test_identities_read_their_photos_and_class_word(tmp_path: Path, caplog: pyt
 def test_sweeps_make_a_grid_of_settings_and_unknown_keys_get_a_suggestion() -> None:
     settings = build_settings(["style_strength=20,30", "num_references=1,4", "adapter=a.bin"])
     assert [setting.label for setting in settings] == [
-        "style_strength=20, num_references=1, adapter=a.bin", "style_strength=20, num_references=4, adapter=a.bin",
-        "style_strength=30, num_references=1, adapter=a.bin", "style_strength=30, num_references=4, adapter=a.bin"]
+        "style_strength=20, num_references=1, adapter=a.bin",
+        "style_strength=20, num_references=4, adapter=a.bin",
+        "style_strength=30, num_references=1, adapter=a.bin",
+        "style_strength=30, num_references=4, adapter=a.bin",
+    ]
     assert (settings[3].request, settings[3].num_references, settings[3].service) == (
-        {"style_strength": 30.0}, 4, {"adapter": "a.bin"})
+        {"style_strength": 30.0},
+        4,
+        {"adapter": "a.bin"},
+    )
     assert parse_sweep("fast=none,lcm") == ("fast", [("none", None), ("lcm", "lcm")])
     with pytest.raises(InvalidRequestError, match="Did you mean 'style_strength'"):
         parse_sweep("style_strenght=20")
@@ -266,8 +297,12 @@ def test_sweeps_make_a_grid_of_settings_and_unknown_keys_get_a_suggestion() -> N
 
 
 def test_the_seed_depends_on_identity_prompt_and_image_only() -> None:
-    seeds = {image_seed(0, identity, prompt, image)
-             for identity in ("ann", "bob") for prompt in range(3) for image in range(4)}
+    seeds = {
+        image_seed(0, identity, prompt, image)
+        for identity in ("ann", "bob")
+        for prompt in range(3)
+        for image in range(4)
+    }
     assert len(seeds) == 24
     assert image_seed(0, "ann", 2, 3) == image_seed(0, "ann", 2, 3) != image_seed(1, "ann", 2, 3)
 
@@ -293,14 +328,21 @@ def test_an_image_made_with_other_settings_is_made_again(tmp_path: Path) -> None
         return GenerationResult([GeneratedImage(noise(request.seed % 100, 8), {"seed": request.seed})], request.seed)
 
     identity = Identity("ann", (ASTRONAUT, GRACE_HOPPER), "woman")
-    plan = EvalPlan([identity], ["a {class} img"], build_settings([]), images_per_prompt=2, num_references=1,
-                    request={"num_steps": 30})
+    plan = EvalPlan(
+        [identity],
+        ["a {class} img"],
+        build_settings([]),
+        images_per_prompt=2,
+        num_references=1,
+        request={"num_steps": 30},
+    )
     items = plan_items(plan, tmp_path)
     assert generate_items(items, plan, lambda setting: fake_generate) == 2
     assert made == [("a woman img", items[0].seed, 30), ("a woman img", items[1].seed, 30)]
     assert all(recorded_parameters(item) is not None for item in items)
-    changed = plan_items(EvalPlan([identity], ["a {class} img"], build_settings([]), 2, 1, request={"num_steps": 40}),
-                         tmp_path)
+    changed = plan_items(
+        EvalPlan([identity], ["a {class} img"], build_settings([]), 2, 1, request={"num_steps": 40}), tmp_path
+    )
     assert [item.path for item in changed] == [item.path for item in items]
     assert all(recorded_parameters(item) is None for item in changed)  # same files, other settings: made again
     with pytest.raises(IDImageError, match="'ann' has 2 photos but 3 references are asked"):
@@ -315,11 +357,35 @@ def test_an_image_made_with_other_settings_is_made_again(tmp_path: Path) -> None
 def eval_args(root: Path, tiny: Path, scorer_dirs: dict[str, Path], *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
-    return parser.parse_args([
-        "--ids", str(root / "ids"), "--prompts", str(root / "prompts.txt"), "--out", str(root / "out"),
-        "--tiny", str(tiny), "--face-backend", "none", "--images-per-prompt", "2", "--num-references", "1",
-        "--steps", "2", "--width", "64", "--height", "64",
-        "--clip-model", str(scorer_dirs["clip"]), "--dino-model", str(scorer_dirs["dino"]), *extra])
+    return parser.parse_args(
+        [
+            "--ids",
+            str(root / "ids"),
+            "--prompts",
+            str(root / "prompts.txt"),
+            "--out",
+            str(root / "out"),
+            "--tiny",
+            str(tiny),
+            "--face-backend",
+            "none",
+            "--images-per-prompt",
+            "2",
+            "--num-references",
+            "1",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--clip-model",
+            str(scorer_dirs["clip"]),
+            "--dino-model",
+            str(scorer_dirs["dino"]),
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +401,11 @@ def eval_run(tiny_models_dir: Path, scorer_dirs: dict[str, Path], tmp_path_facto
         (root / "real" / photo.name).write_bytes(photo.read_bytes())
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = run_eval_command(eval_args(root, tiny_models_dir, scorer_dirs, "--sweep", "style_strength=20,40",
-                                            "--fid-real", str(root / "real")))
+        status = run_eval_command(
+            eval_args(
+                root, tiny_models_dir, scorer_dirs, "--sweep", "style_strength=20,40", "--fid-real", str(root / "real")
+            )
+        )
     return {"root": root, "status": status, "stdout": stdout.getvalue(), "tiny": tiny_models_dir}
 
 
@@ -354,8 +423,20 @@ def test_tiny_run_writes_every_column_and_noise_has_no_faces(eval_run: dict) -> 
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     for row in rows:
-        assert {"setting", "identity", "prompt_index", "image_index", "seed", "path", "face_sim", "face_div",
-                "clip_t", "clip_i", "dino", "seconds"} <= set(row)
+        assert {
+            "setting",
+            "identity",
+            "prompt_index",
+            "image_index",
+            "seed",
+            "path",
+            "face_sim",
+            "face_div",
+            "clip_t",
+            "clip_i",
+            "dino",
+            "seconds",
+        } <= set(row)
         assert row["prompt"] == "a photo of a woman img on a beach"
         assert Image.open(out / row["path"]).size == (64, 64)
     assert "| style_strength=20 |" in eval_run["stdout"]
@@ -367,8 +448,10 @@ def test_tiny_run_writes_every_column_and_noise_has_no_faces(eval_run: dict) -> 
 def test_both_settings_use_the_same_seeds(eval_run: dict) -> None:
     out = eval_run["root"] / "out"
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    by_setting = {setting: [(row["image_index"], row["seed"]) for row in rows if row["setting"] == setting]
-                  for setting in ("style_strength=20", "style_strength=40")}
+    by_setting = {
+        setting: [(row["image_index"], row["seed"]) for row in rows if row["setting"] == setting]
+        for setting in ("style_strength=20", "style_strength=40")
+    }
     assert by_setting["style_strength=20"] == by_setting["style_strength=40"]
     assert len({seed for _, seed in by_setting["style_strength=20"]}) == 2
     for row in rows:  # the PNG was generated with the seed and setting the row says
@@ -391,9 +474,18 @@ def test_a_rerun_makes_and_scores_nothing_again_and_prints_json(
 
     monkeypatch.setattr(photomaker.service.PhotoMakerService, "generate", forbidden)
     monkeypatch.setattr(photomaker.evaluation.metrics.Scorers, "load", forbidden)
-    status = run_eval_command(eval_args(eval_run["root"], eval_run["tiny"], scorer_dirs,
-                                        "--sweep", "style_strength=20,40", "--json",
-                                        "--compare", str(out / "summary.json")))
+    status = run_eval_command(
+        eval_args(
+            eval_run["root"],
+            eval_run["tiny"],
+            scorer_dirs,
+            "--sweep",
+            "style_strength=20,40",
+            "--json",
+            "--compare",
+            str(out / "summary.json"),
+        )
+    )
     captured = capsys.readouterr()
     assert status == 0
     assert {path: path.stat().st_mtime_ns for path in before} == before
@@ -410,16 +502,18 @@ def test_markdown_table_shows_cosines_times_100() -> None:
 def test_the_plot_has_one_point_per_setting_with_face_sim(tmp_path: Path) -> None:
     from photomaker.evaluation.report import plot_tradeoff
 
-    summary = {"low": {"clip_t": 27.0, "face_sim": 0.5}, "high": {"clip_t": 24.0, "face_sim": 0.7},
-               "faceless": {"clip_t": 25.0, "face_sim": None}}
+    summary = {
+        "low": {"clip_t": 27.0, "face_sim": 0.5},
+        "high": {"clip_t": 24.0, "face_sim": 0.7},
+        "faceless": {"clip_t": 25.0, "face_sim": None},
+    }
     pixels = np.asarray(Image.open(plot_tradeoff(summary, tmp_path / "plot.png")).convert("RGB")).reshape(-1, 3)
     colours = {tuple(pixel) for pixel in pixels}
     assert (0x1F, 0x77, 0xB4) in colours and (0xD6, 0x27, 0x28) in colours  # the two placed settings
     assert (0x2C, 0xA0, 0x2C) not in colours  # the third colour is unused: "faceless" is listed, not placed
 
 
-def test_earlier_scores_are_kept_only_for_the_same_references_and_group(tmp_path: Path,
-                                                                        scorers: Scorers) -> None:
+def test_earlier_scores_are_kept_only_for_the_same_references_and_group(tmp_path: Path, scorers: Scorers) -> None:
     from photomaker.evaluation.inputs import Identity
     from photomaker.evaluation.runner import RESULTS_FILE, EvalPlan, generate_items, plan_items, score_groups
     from photomaker.service import GeneratedImage, GenerationResult
@@ -496,16 +590,20 @@ def test_scoring_models_that_cannot_load_name_the_flag_and_the_offline_fix(
 ) -> None:
     from photomaker.errors import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match=r"(?s)CLIP model \(CLIP-T, CLIP-I\) 'nobody/no-such-clip'.*--clip-model.*"
-                                             r"hf download nobody/no-such-clip"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"(?s)CLIP model \(CLIP-T, CLIP-I\) 'nobody/no-such-clip'.*--clip-model.*"
+        r"hf download nobody/no-such-clip",
+    ):
         Scorers.load("nobody/no-such-clip", str(scorer_dirs["dino"]), face_backend=None, device="cpu")
     with pytest.raises(ModelLoadError, match=r"(?s)DINO model '.*empty'.*--dino-model"):
         Scorers.load(str(scorer_dirs["clip"]), str(tmp_path / "empty"), face_backend=None, device="cpu")
 
 
 def test_a_custom_trigger_word_is_taken_out_for_clip_t(scorer_dirs: dict[str, Path]) -> None:
-    custom = Scorers.load(str(scorer_dirs["clip"]), str(scorer_dirs["dino"]), face_backend=None, device="cpu",
-                          trigger_word="ohwx")
+    custom = Scorers.load(
+        str(scorer_dirs["clip"]), str(scorer_dirs["dino"]), face_backend=None, device="cpu", trigger_word="ohwx"
+    )
     assert custom.prompt_text("a photo of a man ohwx on a beach") == "a photo of a man on a beach"
 
 
@@ -532,13 +630,49 @@ def test_two_accelerate_processes_share_the_groups_and_give_the_single_process_r
     script.write_text(EVAL_SCRIPT)
     root = eval_run["root"]
     args = vars(eval_args(root, eval_run["tiny"], scorer_dirs))
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(script),
-              "--ids", str(root / "ids"), "--prompts", str(root / "prompts.txt"), "--out", str(tmp_path / "out"),
-              "--tiny", args["tiny"], "--face-backend", "none", "--images-per-prompt", "2", "--num-references", "1",
-              "--steps", "2", "--width", "64", "--height", "64", "--clip-model", args["clip_model"],
-              "--dino-model", args["dino_model"], "--sweep", "style_strength=20,40", "--json"]
+    launch = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        "--ids",
+        str(root / "ids"),
+        "--prompts",
+        str(root / "prompts.txt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--tiny",
+        args["tiny"],
+        "--face-backend",
+        "none",
+        "--images-per-prompt",
+        "2",
+        "--num-references",
+        "1",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--clip-model",
+        args["clip_model"],
+        "--dino-model",
+        args["dino_model"],
+        "--sweep",
+        "style_strength=20,40",
+        "--json",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(launch, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -548,7 +682,8 @@ def test_two_accelerate_processes_share_the_groups_and_give_the_single_process_r
     single = [json.loads(line) for line in (root / "out" / "results.jsonl").read_text().splitlines()]
     double = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [(r["setting"], r["image_index"], r["seed"], r["path"]) for r in double] == [
-        (r["setting"], r["image_index"], r["seed"], r["path"]) for r in single]
+        (r["setting"], r["image_index"], r["seed"], r["path"]) for r in single
+    ]
     for one, two in zip(single, double, strict=True):
         # Same seed and setting; thread counts differ (OMP_NUM_THREADS=1), so allow float noise of a pixel level.
         first = np.asarray(Image.open(root / "out" / one["path"])).astype(int)

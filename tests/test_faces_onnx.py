@@ -174,8 +174,11 @@ def test_the_largest_confident_face_comes_first_and_weak_detections_are_dropped(
     small = Face((10.0, 10.0, 30.0, 30.0), 0.99, keypoints)
     large = Face((100.0, 100.0, 180.0, 180.0), 0.60, keypoints)  # under 0.7 x 0.99: dropped, although largest
     twin = Face((200.0, 100.0, 280.0, 180.0), 0.70, keypoints)
-    decoded = (np.array([s.bbox for s in (small, large, twin)], np.float32), np.array([0.99, 0.6, 0.7], np.float32),
-               np.zeros((3, 5, 2), np.float32))
+    decoded = (
+        np.array([s.bbox for s in (small, large, twin)], np.float32),
+        np.array([0.99, 0.6, 0.7], np.float32),
+        np.zeros((3, 5, 2), np.float32),
+    )
     monkeypatch.setattr(backend, "decode_scrfd", lambda *args, **kwargs: decoded)
     image = red_marker_image(320, 240, (100, 100, 108, 108))
     assert [face.score for face in analyzer.detect(image)] == pytest.approx([0.70, 0.99])

@@ -20,8 +20,9 @@ def service(tiny_models_dir: Path) -> PhotoMakerService:
 
 
 def _request(**fields) -> GenerationRequest:
-    return GenerationRequest(prompt="a photo of a woman img", width=64, height=64, num_steps=1, num_outputs=1, seed=3,
-                             **fields)
+    return GenerationRequest(
+        prompt="a photo of a woman img", width=64, height=64, num_steps=1, num_outputs=1, seed=3, **fields
+    )
 
 
 def _mismatch_warnings(warnings: list[str]) -> list[str]:

@@ -88,8 +88,9 @@ def test_names_flags_and_png_keys_are_unique() -> None:
         assert len(values) == len(set(values)), attribute
 
 
-def cli_arguments(values: dict[str, Any], items: tuple[RequestField, ...] | list[RequestField] = REQUEST_FIELDS
-                  ) -> list[str]:
+def cli_arguments(
+    values: dict[str, Any], items: tuple[RequestField, ...] | list[RequestField] = REQUEST_FIELDS
+) -> list[str]:
     """The `generate` command line for `values` of the fields `items`, built from the table."""
     argv: list[str] = []
     for item in items:

@@ -66,9 +66,7 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 def _ln(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd[
-        f"{name}.bias"
-    ]
+    return (x - mean) / torch.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
 
 
 def _linear(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -76,13 +74,9 @@ def _linear(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str) -> torch.Te
     return out + sd[f"{name}.bias"] if f"{name}.bias" in sd else out
 
 
-def _direct_fuse(
-    c: torch.Tensor, e: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str = ""
-) -> torch.Tensor:
+def _direct_fuse(c: torch.Tensor, e: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     def mlp(x: torch.Tensor, name: str) -> torch.Tensor:
-        h = _gelu(
-            _linear(_ln(x, sd, f"{prefix}{name}.layernorm"), sd, f"{prefix}{name}.fc1")
-        )
+        h = _gelu(_linear(_ln(x, sd, f"{prefix}{name}.layernorm"), sd, f"{prefix}{name}.fc1"))
         return _linear(h, sd, f"{prefix}{name}.fc2")
 
     h = mlp(torch.cat([c, e], dim=-1), "mlp1") + c
@@ -145,9 +139,7 @@ def test_fuse_refuses_a_mask_with_the_wrong_count() -> None:
     encoder = _encoder(2)
     id_tokens = torch.randn(2, 2, encoder.embed_dim)
     prompt, mask = _prompt(2, encoder.embed_dim, [[1, 2, 3, 4], [1, 2, 3]])
-    with pytest.raises(
-        ValueError, match=r"exactly 4 class-token positions.*rows \[1\]"
-    ):
+    with pytest.raises(ValueError, match=r"exactly 4 class-token positions.*rows \[1\]"):
         encoder.fuse(prompt, id_tokens, mask)
 
 
@@ -165,9 +157,7 @@ def test_identity_weights_blend_between_class_word_and_fused() -> None:
     assert torch.equal(zeros, prompt)
     assert not torch.allclose(reference, prompt)
     torch.testing.assert_close(half, (reference + prompt) / 2, rtol=1e-5, atol=1e-6)
-    assert torch.equal(mixed[0, 3], reference[0, 3]) and torch.equal(
-        mixed[0, 4], prompt[0, 4]
-    )
+    assert torch.equal(mixed[0, 3], reference[0, 3]) and torch.equal(mixed[0, 4], prompt[0, 4])
     with pytest.raises(ValueError, match="one weight per ID image"):
         encoder.fuse(prompt, id_tokens, mask, [1.0])
 
@@ -181,20 +171,13 @@ def test_v1_token_is_the_two_projections_of_the_pooled_clip_output() -> None:
         first = pooled @ encoder.visual_projection.weight.T
         second = pooled @ encoder.visual_projection_2.weight.T
     assert tokens.shape == (3, 1, SMALL.embed_dim)
-    torch.testing.assert_close(
-        tokens[:, 0, : SMALL.projection_dim_1], first, rtol=1e-5, atol=1e-5
-    )
-    torch.testing.assert_close(
-        tokens[:, 0, SMALL.projection_dim_1 :], second, rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(tokens[:, 0, : SMALL.projection_dim_1], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 0, SMALL.projection_dim_1 :], second, rtol=1e-5, atol=1e-5)
 
 
 def test_v2_tokens_match_the_reference_resampler_computation() -> None:
     encoder = _encoder(2, seed=5)
-    assert (
-        isinstance(encoder, PhotoMakerIDEncoderV2)
-        and encoder.config.resampler_heads == 2
-    )
+    assert isinstance(encoder, PhotoMakerIDEncoderV2) and encoder.config.resampler_heads == 2
     pixels = torch.randn(2, 3, SMALL.image_size, SMALL.image_size)
     face = torch.randn(2, SMALL.id_embed_dim)
     sd = encoder.state_dict()
@@ -204,12 +187,8 @@ def test_v2_tokens_match_the_reference_resampler_computation() -> None:
 
     with torch.no_grad():
         tokens = encoder.encode_images(pixels, face)
-        clip = encoder.vision_model(
-            pixel_values=pixels
-        ).last_hidden_state  # no post_layernorm
-        x = _linear(
-            _gelu(_linear(face, sd, p + "token_proj.0")), sd, p + "token_proj.2"
-        )
+        clip = encoder.vision_model(pixel_values=pixels).last_hidden_state  # no post_layernorm
+        x = _linear(_gelu(_linear(face, sd, p + "token_proj.0")), sd, p + "token_proj.2")
         x = _ln(x.reshape(2, 2, SMALL.embed_dim), sd, p + "token_norm")
         features = _linear(clip, sd, r + "proj_in")
         latents = x
@@ -218,30 +197,17 @@ def test_v2_tokens_match_the_reference_resampler_computation() -> None:
             f = _ln(features, sd, a + "norm1")
             lat = _ln(latents, sd, a + "norm2")
             q = lat @ sd[a + "to_q.weight"].T
-            k, v = (torch.cat([f, lat], dim=1) @ sd[a + "to_kv.weight"].T).chunk(
-                2, dim=-1
-            )
+            k, v = (torch.cat([f, lat], dim=1) @ sd[a + "to_kv.weight"].T).chunk(2, dim=-1)
 
             def heads_of(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(t.shape[0], t.shape[1], heads, dim_head).permute(
-                    0, 2, 1, 3
-                )
+                return t.reshape(t.shape[0], t.shape[1], heads, dim_head).permute(0, 2, 1, 3)
 
             scale = dim_head**-0.25
-            weights = torch.softmax(
-                (heads_of(q) * scale) @ (heads_of(k) * scale).transpose(-1, -2), dim=-1
-            )
-            attended = (
-                (weights @ heads_of(v))
-                .permute(0, 2, 1, 3)
-                .reshape(2, 2, heads * dim_head)
-            )
+            weights = torch.softmax((heads_of(q) * scale) @ (heads_of(k) * scale).transpose(-1, -2), dim=-1)
+            attended = (weights @ heads_of(v)).permute(0, 2, 1, 3).reshape(2, 2, heads * dim_head)
             latents = attended @ sd[a + "to_out.weight"].T + latents
             ff = f"{r}layers.{i}.1."
-            h = (
-                _gelu(_ln(latents, sd, ff + "0") @ sd[ff + "1.weight"].T)
-                @ sd[ff + "3.weight"].T
-            )
+            h = _gelu(_ln(latents, sd, ff + "0") @ sd[ff + "1.weight"].T) @ sd[ff + "3.weight"].T
             latents = h + latents
         expected = x + _ln(_linear(latents, sd, r + "proj_out"), sd, r + "norm_out")
 
@@ -283,9 +249,7 @@ def test_state_dict_has_the_official_key_names() -> None:
     assert "visual_projection.bias" not in keys
 
 
-@pytest.mark.parametrize(
-    "config", [PhotoMakerIDEncoderConfig(), SMALL, tiny_id_encoder_config()]
-)
+@pytest.mark.parametrize("config", [PhotoMakerIDEncoderConfig(), SMALL, tiny_id_encoder_config()])
 def test_config_is_inferred_back_from_shapes(config: PhotoMakerIDEncoderConfig) -> None:
     with torch.device("meta"):
         v2_sd = create_id_encoder(config, 2).state_dict()
@@ -301,9 +265,7 @@ def test_config_is_inferred_back_from_shapes(config: PhotoMakerIDEncoderConfig) 
         "token_proj_ratio",
     }
     inferred = PhotoMakerIDEncoderConfig.from_state_dict(v1_sd)
-    assert {f: getattr(inferred, f) for f in v1_fields} == {
-        f: getattr(config, f) for f in v1_fields
-    }
+    assert {f: getattr(inferred, f) for f in v1_fields} == {f: getattr(config, f) for f in v1_fields}
     assert PhotoMakerIDEncoderConfig().embed_dim == 2048
 
 

@@ -43,11 +43,7 @@ def test_official_pickle_round_trip(tmp_path: Path, checkpoints) -> None:
 
 
 def test_flat_safetensors_round_trip(tmp_path: Path, checkpoints) -> None:
-    flat = {
-        f"{part}.{name}": t
-        for part, tensors in checkpoints[1].items()
-        for name, t in tensors.items()
-    }
+    flat = {f"{part}.{name}": t for part, tensors in checkpoints[1].items() for name, t in tensors.items()}
     path = tmp_path / "photomaker.safetensors"
     save_file(flat, str(path))
     _assert_same(load_checkpoint(path), checkpoints[1])
@@ -58,20 +54,12 @@ def test_nested_and_flat_dicts_are_accepted_without_aliasing(checkpoints) -> Non
     loaded = load_checkpoint(nested)
     _assert_same(loaded, checkpoints[1])
     loaded["id_encoder"].clear()
-    assert nested["id_encoder"], (
-        "the caller's dict must not be emptied through the result"
-    )
-    flat = {
-        f"{part}.{name}": t
-        for part, tensors in checkpoints[1].items()
-        for name, t in tensors.items()
-    }
+    assert nested["id_encoder"], "the caller's dict must not be emptied through the result"
+    flat = {f"{part}.{name}": t for part, tensors in checkpoints[1].items() for name, t in tensors.items()}
     _assert_same(load_checkpoint(flat), checkpoints[1])
 
 
-def test_folder_needs_weight_name_and_honours_subfolder(
-    tmp_path: Path, checkpoints
-) -> None:
+def test_folder_needs_weight_name_and_honours_subfolder(tmp_path: Path, checkpoints) -> None:
     (tmp_path / "weights").mkdir()
     torch.save(checkpoints[1], tmp_path / "weights" / "photomaker-v1.bin")
     _assert_same(
@@ -94,23 +82,15 @@ def test_missing_file_and_unreachable_hub_say_what_to_do(tmp_path: Path) -> None
         CheckpointError,
         match=r"'photomaker-v1.bin' from Hub repo 'TencentARC/PhotoMaker'.*[Oo]ffline",
     ):
-        load_checkpoint(
-            "TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", cache_dir=tmp_path
-        )
+        load_checkpoint("TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", cache_dir=tmp_path)
     with pytest.raises(TypeError, match="bogus"):
-        load_checkpoint(
-            "TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", bogus=1
-        )
+        load_checkpoint("TencentARC/PhotoMaker", weight_name="photomaker-v1.bin", bogus=1)
 
 
-def test_wrong_layout_names_missing_and_unexpected_parts(
-    tmp_path: Path, checkpoints
-) -> None:
+def test_wrong_layout_names_missing_and_unexpected_parts(tmp_path: Path, checkpoints) -> None:
     path = tmp_path / "wrong.bin"
     torch.save({"id_encoder": checkpoints[1]["id_encoder"], "lora": {}}, path)
-    with pytest.raises(
-        CheckpointError, match=r"missing 'lora_weights'; unexpected 'lora'"
-    ):
+    with pytest.raises(CheckpointError, match=r"missing 'lora_weights'; unexpected 'lora'"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"unexpected 'unet.x'"):
         load_checkpoint({"id_encoder.a": torch.zeros(1), "unet.x": torch.zeros(1)})
@@ -128,13 +108,9 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_pickle_with_code_execution_is_refused_and_never_runs(
-    tmp_path: Path, checkpoints
-) -> None:
+def test_pickle_with_code_execution_is_refused_and_never_runs(tmp_path: Path, checkpoints) -> None:
     proof = tmp_path / "proof"
-    pickle.loads(
-        pickle.dumps(_Payload(proof))
-    ).close()  # an unsafe loader really would run it
+    pickle.loads(pickle.dumps(_Payload(proof))).close()  # an unsafe loader really would run it
     assert proof.exists()
 
     marker = tmp_path / "pwned"
@@ -173,9 +149,7 @@ def test_version_detection_and_strict_build(checkpoints) -> None:
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.isfinite(
-            build_id_encoder(checkpoints[2]["id_encoder"]).encode_images(
-                pixels, torch.randn(1, 512)
-            )
+            build_id_encoder(checkpoints[2]["id_encoder"]).encode_images(pixels, torch.randn(1, 512))
         ).all()
 
 
@@ -196,10 +170,7 @@ def test_wrong_keys_are_listed_by_name(checkpoints) -> None:
     message = str(info.value)
     assert "missing keys (1): 'fuse_module.mlp2.fc1.bias'" in message
     assert "unexpected keys (1): 'fuse_module.extra.weight'" in message
-    assert (
-        "shape mismatches (1): 'fuse_module.mlp1.fc2.weight (5, 5) (expected (128, 128))'"
-        in message
-    )
+    assert "shape mismatches (1): 'fuse_module.mlp1.fc2.weight (5, 5) (expected (128, 128))'" in message
 
 
 def test_unrelated_state_dict_is_compared_with_the_official_layout() -> None:
@@ -240,10 +211,7 @@ def test_lora_check_reports_keys_that_did_not_land(pipe, checkpoints) -> None:
     assert f"{renamed}: the UNet has no module" in message
     assert f"{unprefixed}: no 'unet.' prefix" in message
     # The layers those keys were meant for were created by peft but never filled.
-    assert (
-        "attn1.to_q' has adapter 'photomaker' but the LoRA has no lora_A tensor"
-        in message
-    )
+    assert "attn1.to_q' has adapter 'photomaker' but the LoRA has no lora_A tensor" in message
 
 
 def test_lora_check_reports_a_tensor_that_differs(pipe, checkpoints) -> None:
@@ -284,6 +252,7 @@ def test_a_failing_cache_save_never_fails_the_load(
     if failure == "partial_is_a_folder":  # safetensors raises its own SafetensorError, not an OSError
         (path.parent / f"{path.name}.{os.getpid()}.partial").mkdir(parents=True)
     else:
+
         def refuse(*args, **kwargs):
             raise RuntimeError("no space for you")
 
@@ -296,8 +265,12 @@ def test_a_failing_cache_save_never_fails_the_load(
     expected = reference.unet.state_dict()
     assert all(torch.equal(value, expected[name]) for name, value in pipe.unet.state_dict().items())  # fused once
     image = pipe(
-        "a photo of a man img", input_id_images=[torch.rand(3, 64, 64)], num_inference_steps=2, height=64,
-        width=64, output_type="np",
+        "a photo of a man img",
+        input_id_images=[torch.rand(3, 64, 64)],
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
     ).images
     assert image.shape == (1, 64, 64, 3)
 

@@ -159,8 +159,17 @@ def test_fast_mode_png_restores_the_preset_not_its_steps_and_guidance(preset: st
 
 def test_out_of_range_values_are_clamped_and_reported() -> None:
     """A --tiny PNG (2 steps) loaded into a standard app, and values no control accepts."""
-    stored = {**PARAMS, "fast": None, "num_steps": 2, "guidance_scale": 0.0, "style_strength": 80,
-              "mix_strength": 1.5, "width": 4096, "height": 768, "seed": 2**31}
+    stored = {
+        **PARAMS,
+        "fast": None,
+        "num_steps": 2,
+        "guidance_scale": 0.0,
+        "style_strength": 80,
+        "mix_strength": 1.5,
+        "width": 4096,
+        "height": 768,
+        "seed": 2**31,
+    }
     restored = metadata.restore_settings(stored, steps_min=presets.STEPS_MIN)
     request = restored.request
     assert request.num_steps == presets.STEPS_MIN
@@ -171,8 +180,15 @@ def test_out_of_range_values_are_clamped_and_reported() -> None:
     assert request.seed == presets.SEED_MAX
     assert len(restored.changes) == 6
     text = " ".join(restored.changes)
-    for said in ("number of steps 2", "set to 20", "guidance scale 0", "style strength 80", "mix strength 1.5",
-                 "width 4096", "seed 2147483648"):
+    for said in (
+        "number of steps 2",
+        "set to 20",
+        "guidance scale 0",
+        "style strength 80",
+        "mix strength 1.5",
+        "width 4096",
+        "seed 2147483648",
+    ):
         assert said in text
 
     # In --tiny mode the service accepts steps from 1: the same PNG keeps its 2 steps.
@@ -183,8 +199,14 @@ def test_out_of_range_values_are_clamped_and_reported() -> None:
 
 
 def test_unknown_names_and_bad_values_fall_back_to_defaults_and_are_reported() -> None:
-    stored = {**PARAMS, "fast": "turbo-1", "style": "Baroque Nightmare", "aspect_ratio": "Square (1:1)",
-              "num_steps": "many", "guidance_scale": float("nan")}
+    stored = {
+        **PARAMS,
+        "fast": "turbo-1",
+        "style": "Baroque Nightmare",
+        "aspect_ratio": "Square (1:1)",
+        "num_steps": "many",
+        "guidance_scale": float("nan"),
+    }
     restored = metadata.restore_settings(stored)
     request = restored.request
     assert request.fast is None and request.style == GenerationRequest.style
@@ -249,14 +271,27 @@ def test_decompression_bomb_is_refused_clearly(tmp_path: Path) -> None:
 
 def test_control_settings_are_restored_and_the_images_asked_for_again() -> None:
     params = {
-        **PARAMS, "fast": None, "control_type": "depth", "control_image": "room.jpg", "control_scale": 0.6,
-        "control_start": 0.1, "control_end": 0.9, "init_image": None, "strength": None, "mask_image": None,
-        "mask_face": False, "style_image": metadata.UNNAMED_IMAGE, "style_image_scale": 0.4,
+        **PARAMS,
+        "fast": None,
+        "control_type": "depth",
+        "control_image": "room.jpg",
+        "control_scale": 0.6,
+        "control_start": 0.1,
+        "control_end": 0.9,
+        "init_image": None,
+        "strength": None,
+        "mask_image": None,
+        "mask_face": False,
+        "style_image": metadata.UNNAMED_IMAGE,
+        "style_image_scale": 0.4,
     }
     restored = metadata.restore_settings(params, id_images=["me.jpg"])
     request = restored.request
     assert (request.control_type, request.control_scale, request.control_start, request.control_end) == (
-        "depth", 0.6, 0.1, 0.9
+        "depth",
+        0.6,
+        0.1,
+        0.9,
     )
     assert (request.style_image_scale, request.strength, request.mask_face) == (0.4, None, False)
     assert (request.control_image, request.style_image, request.init_image) == (None, None, None)
@@ -272,10 +307,17 @@ def test_control_settings_are_restored_and_the_images_asked_for_again() -> None:
 
 
 def test_the_summary_names_control_start_photo_and_style_image_when_used() -> None:
-    used = metadata.format_parameters({
-        **PARAMS, "control_type": "pose", "control_scale": 0.8, "control_start": 0.0, "control_end": 0.5,
-        "style_image": "art.png", "style_image_scale": 0.7,
-    })
+    used = metadata.format_parameters(
+        {
+            **PARAMS,
+            "control_type": "pose",
+            "control_scale": 0.8,
+            "control_start": 0.0,
+            "control_end": 0.5,
+            "style_image": "art.png",
+            "style_image_scale": 0.7,
+        }
+    )
     assert "Control: pose 0.8 (0.0-0.5)" in used and "Style image: scale 0.7" in used and "Mask" not in used
     start = metadata.format_parameters({**PARAMS, "init_image": "beach.png", "strength": 0.9, "mask_face": True})
     assert "Start photo: strength 0.9" in start and "Mask: the face" in start and "Control" not in start

@@ -77,8 +77,9 @@ class UNetSpy:
 # ----------------------------------------------------------------------------- the independent reference
 
 
-def reference_conditioning(pipe, checkpoint, prompt, images, negative_prompt=None, start_merge_step=1, steps=STEPS,
-                           id_tokens=None):
+def reference_conditioning(
+    pipe, checkpoint, prompt, images, negative_prompt=None, start_merge_step=1, steps=STEPS, id_tokens=None
+):
     """The reference prompt surgery and two-phase conditioning from scratch: returns, per step,
     (encoder_hidden_states, text_embeds) for the CFG batch."""
     sd = checkpoint["id_encoder"]
@@ -86,18 +87,27 @@ def reference_conditioning(pipe, checkpoint, prompt, images, negative_prompt=Non
 
     if id_tokens is None:  # v1: CLIP pooled output -> two projections, concatenated
         cfg = tiny_id_encoder_config()
-        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=cfg.vision_hidden_size, intermediate_size=cfg.vision_intermediate_size,
-            num_hidden_layers=cfg.vision_num_layers, num_attention_heads=cfg.vision_num_heads,
-            patch_size=cfg.patch_size, image_size=cfg.image_size, projection_dim=cfg.projection_dim_1,
-            hidden_act="quick_gelu", layer_norm_eps=1e-5,
-        )).eval()
+        vision = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=cfg.vision_hidden_size,
+                intermediate_size=cfg.vision_intermediate_size,
+                num_hidden_layers=cfg.vision_num_layers,
+                num_attention_heads=cfg.vision_num_heads,
+                patch_size=cfg.patch_size,
+                image_size=cfg.image_size,
+                projection_dim=cfg.projection_dim_1,
+                hidden_act="quick_gelu",
+                layer_norm_eps=1e-5,
+            )
+        ).eval()
         vision_sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
         missing, unexpected = vision.load_state_dict(vision_sd, strict=False)
         assert not unexpected and all("position_ids" in k for k in missing)
         pixels = pipe.id_image_processor(images, return_tensors="pt").pixel_values
         pooled = vision.vision_model(pixel_values=pixels).pooler_output
-        id_tokens = torch.cat([pooled @ sd["visual_projection.weight"].T, pooled @ sd["visual_projection_2.weight"].T], -1)
+        id_tokens = torch.cat(
+            [pooled @ sd["visual_projection.weight"].T, pooled @ sd["visual_projection_2.weight"].T], -1
+        )
         id_tokens = id_tokens[:, None, :]
     flat_tokens = id_tokens.reshape(-1, id_tokens.shape[-1])
     k = flat_tokens.shape[0]
@@ -110,7 +120,9 @@ def reference_conditioning(pipe, checkpoint, prompt, images, negative_prompt=Non
     def fuse(c, e):
         h = mlp(torch.cat([c, e], -1), "fuse_module.mlp1") + c
         h = mlp(h, "fuse_module.mlp2") + h
-        return F.layer_norm(h, h.shape[-1:], sd["fuse_module.layer_norm.weight"], sd["fuse_module.layer_norm.bias"], 1e-5)
+        return F.layer_norm(
+            h, h.shape[-1:], sd["fuse_module.layer_norm.weight"], sd["fuse_module.layer_norm.bias"], 1e-5
+        )
 
     def encode(ids1, ids2):
         out1 = pipe.text_encoder(torch.tensor([ids1]), output_hidden_states=True)
@@ -123,7 +135,7 @@ def reference_conditioning(pipe, checkpoint, prompt, images, negative_prompt=Non
 
     ids = pipe.tokenizer(prompt).input_ids  # identical for both tokenizers before padding
     t = ids.index(trigger)
-    expanded = ids[: t - 1] + [ids[t - 1]] * k + ids[t + 1:]
+    expanded = ids[: t - 1] + [ids[t - 1]] * k + ids[t + 1 :]
     text_only = [i for i in ids if i != trigger]
     id_embeds, id_pooled = encode(fit(expanded, 49407), fit(expanded, 0))
     rows = list(range(t - 1, t - 1 + k))
@@ -170,8 +182,9 @@ def test_v2_fuses_two_tokens_per_photo_like_the_reference(pipe_v2):
         run(pipe_v2, input_id_images=images, id_embeds=embeds, start_merge_step=0)
     finally:
         spy.remove()
-    expected = reference_conditioning(pipe_v2, tiny_checkpoint(2), "a photo of a man img", images,
-                                      start_merge_step=0, id_tokens=encoding.id_tokens)
+    expected = reference_conditioning(
+        pipe_v2, tiny_checkpoint(2), "a photo of a man img", images, start_merge_step=0, id_tokens=encoding.id_tokens
+    )
     for (embeds_seen, pooled_seen), (ref_embeds, ref_pooled) in zip(spy.calls, expected, strict=True):
         torch.testing.assert_close(embeds_seen, ref_embeds, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(pooled_seen, ref_pooled, atol=1e-5, rtol=1e-4)
@@ -196,7 +209,7 @@ def test_fused_lora_changes_each_targeted_weight_by_up_times_down():
     targets = {}
     for key in lora:
         if key.endswith("down.weight"):
-            path, proj = key[len("unet."):].split(".processor.")
+            path, proj = key[len("unet.") :].split(".processor.")
             proj = proj.split("_lora")[0]
             module = f"{path}.{proj}.0" if proj == "to_out" else f"{path}.{proj}"
             up = lora[key.removesuffix("down.weight") + "up.weight"]
@@ -253,25 +266,41 @@ def test_same_seed_same_image_other_photos_other_image(pipe_v1):
 
 
 def test_num_images_per_prompt_and_list_prompts(pipe_v1):
-    images = run(pipe_v1, prompt=["a man img", "a woman img smiling"], input_id_images=[photo(1), photo(2)],
-                 num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in range(4)])
+    images = run(
+        pipe_v1,
+        prompt=["a man img", "a woman img smiling"],
+        input_id_images=[photo(1), photo(2)],
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(s) for s in range(4)],
+    )
     assert images.shape == (4, SIZE, SIZE, 3)
-    single = run(pipe_v1, prompt="a woman img smiling", input_id_images=[photo(1), photo(2)],
-                 generator=torch.Generator().manual_seed(2))
+    single = run(
+        pipe_v1,
+        prompt="a woman img smiling",
+        input_id_images=[photo(1), photo(2)],
+        generator=torch.Generator().manual_seed(2),
+    )
     np.testing.assert_allclose(images[2], single[0], atol=1e-5)
 
 
 def test_prompt_2_with_class_word_elsewhere_is_masked_on_its_own(pipe_v1):
     spy = UNetSpy(pipe_v1)
     try:
-        run(pipe_v1, prompt="a man img", prompt_2="portrait photo of a smiling man img", input_id_images=[photo(1)],
-            start_merge_step=0)
+        run(
+            pipe_v1,
+            prompt="a man img",
+            prompt_2="portrait photo of a smiling man img",
+            input_id_images=[photo(1)],
+            start_merge_step=0,
+        )
     finally:
         spy.remove()
     embeds = spy.calls[-1][0][1]  # cond half, ID phase
     width_1 = pipe_v1.text_encoder.config.hidden_size
-    plain = pipe_v1.text_encoder_2(torch.tensor([pipe_v1.tokenizer_2("portrait photo of a smiling man").input_ids
-                                                 + [0] * 69]), output_hidden_states=True).hidden_states[-2][0]
+    plain = pipe_v1.text_encoder_2(
+        torch.tensor([pipe_v1.tokenizer_2("portrait photo of a smiling man").input_ids + [0] * 69]),
+        output_hidden_states=True,
+    ).hidden_states[-2][0]
     assert not torch.allclose(embeds[6, width_1:], plain[6])  # 'man' of prompt_2 (position 6) was fused
     torch.testing.assert_close(embeds[3, width_1:], plain[3])  # other words untouched
 
@@ -287,10 +316,17 @@ def test_weights_of_one_equal_the_reference_and_zero_removes_identity(pipe_v1):
     finally:
         spy.remove()
     ids = pipe_v1.tokenizer("a photo of a man man").input_ids
-    plain = torch.cat([
-        pipe_v1.text_encoder(torch.tensor([ids + [49407] * (77 - len(ids))]), output_hidden_states=True).hidden_states[-2],
-        pipe_v1.text_encoder_2(torch.tensor([ids + [0] * (77 - len(ids))]), output_hidden_states=True).hidden_states[-2],
-    ], -1)[0]
+    plain = torch.cat(
+        [
+            pipe_v1.text_encoder(
+                torch.tensor([ids + [49407] * (77 - len(ids))]), output_hidden_states=True
+            ).hidden_states[-2],
+            pipe_v1.text_encoder_2(
+                torch.tensor([ids + [0] * (77 - len(ids))]), output_hidden_states=True
+            ).hidden_states[-2],
+        ],
+        -1,
+    )[0]
     torch.testing.assert_close(spy.calls[-1][0][0], plain, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="id_weights has 3 values but there are 2 ID photos"):
         run(pipe_v1, input_id_images=images, id_weights=[1, 1, 1])
@@ -318,8 +354,9 @@ def test_id_images_as_paths_arrays_and_tensors(pipe_v1, tmp_path, kind):
     image.save(tmp_path / "me.png")
     array = np.asarray(image)
     tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
-    given = {"path": [str(tmp_path / "me.png")], "numpy": [array], "tensor": [tensor],
-             "batch_tensor": tensor[None]}[kind]
+    given = {"path": [str(tmp_path / "me.png")], "numpy": [array], "tensor": [tensor], "batch_tensor": tensor[None]}[
+        kind
+    ]
     expected = pipe_v1.encode_id_images([image]).id_tokens
     # Every form becomes the same 8-bit RGB photo (k / 255 round-trips exactly): the same tokens, bit for bit.
     assert torch.equal(pipe_v1.encode_id_images(given).id_tokens, expected)
@@ -354,13 +391,23 @@ def test_latent_output_callbacks_and_interrupt(pipe_v1):
 def test_given_prompt_embeds_with_mask_are_fused(pipe_v1):
     images = [photo(1)]
     encoding = pipe_v1.encode_id_images(images)
-    fused, pooled, text, text_pooled = pipe_v1.encode_photomaker_prompt("a man img", None, encoding, torch.device("cpu"))
+    fused, pooled, text, text_pooled = pipe_v1.encode_photomaker_prompt(
+        "a man img", None, encoding, torch.device("cpu")
+    )
     spy = UNetSpy(pipe_v1)
     try:
-        run(pipe_v1, prompt=None, prompt_embeds=fused * 0 + text, pooled_prompt_embeds=pooled,
-            class_tokens_mask=torch.tensor([[i == 2 for i in range(77)]]), input_id_images=encoding,
-            prompt_embeds_text_only=text, pooled_prompt_embeds_text_only=text_pooled, start_merge_step=0,
-            guidance_scale=1.0)
+        run(
+            pipe_v1,
+            prompt=None,
+            prompt_embeds=fused * 0 + text,
+            pooled_prompt_embeds=pooled,
+            class_tokens_mask=torch.tensor([[i == 2 for i in range(77)]]),
+            input_id_images=encoding,
+            prompt_embeds_text_only=text,
+            pooled_prompt_embeds_text_only=text_pooled,
+            start_merge_step=0,
+            guidance_scale=1.0,
+        )
     finally:
         spy.remove()
     seen = spy.calls[-1][0][0]
@@ -384,7 +431,9 @@ def test_sequential_cpu_offload_covers_the_id_encoder():
     pipe = make_pipe(1)
     pipe.enable_sequential_cpu_offload(device="cpu")
     unet_hook = pipe.unet.conv_in._hf_hook
-    encoder_hooks = [m._hf_hook for m in pipe.id_encoder.modules() if getattr(m, "_hf_hook", None) and m._hf_hook.offload]
+    encoder_hooks = [
+        m._hf_hook for m in pipe.id_encoder.modules() if getattr(m, "_hf_hook", None) and m._hf_hook.offload
+    ]
     assert encoder_hooks and all(h.execution_device == unet_hook.execution_device for h in encoder_hooks)
     assert {p.device.type for p in pipe.id_encoder.parameters()} == {"meta"}  # weights wait on the CPU
     pipe.remove_all_hooks()
@@ -473,9 +522,14 @@ def test_given_embeddings_in_another_dtype_are_cast_like_sdxl(pipe_v1):
     cpu = torch.device("cpu")
     _, pooled, text, text_pooled = pipe_v1.encode_photomaker_prompt("a man img", None, encoding, cpu)
     negative, negative_pooled = pipe_v1.encode_negative_prompt("blurry", None, 1, cpu)
-    given = {"prompt_embeds": text, "pooled_prompt_embeds": pooled, "prompt_embeds_text_only": text,
-             "pooled_prompt_embeds_text_only": text_pooled, "negative_prompt_embeds": negative,
-             "negative_pooled_prompt_embeds": negative_pooled}
+    given = {
+        "prompt_embeds": text,
+        "pooled_prompt_embeds": pooled,
+        "prompt_embeds_text_only": text,
+        "pooled_prompt_embeds_text_only": text_pooled,
+        "negative_prompt_embeds": negative,
+        "negative_pooled_prompt_embeds": negative_pooled,
+    }
     mask = torch.tensor([[i == 2 for i in range(77)]])
     expected = run(pipe_v1, prompt=None, class_tokens_mask=mask, input_id_images=encoding, **given)
     as_fp64 = {name: value.double() for name, value in given.items()}
@@ -487,8 +541,14 @@ def test_prompt_embeds_without_text_only_embeds_are_refused(pipe_v1):
     encoding = pipe_v1.encode_id_images([photo(1)])
     _, pooled, text, _ = pipe_v1.encode_photomaker_prompt("a man img", None, encoding, torch.device("cpu"))
     with pytest.raises(ValueError, match="pass prompt_embeds_text_only as well"):
-        run(pipe_v1, prompt=None, prompt_embeds=text, pooled_prompt_embeds=pooled, input_id_images=encoding,
-            class_tokens_mask=torch.tensor([[i == 2 for i in range(77)]]))
+        run(
+            pipe_v1,
+            prompt=None,
+            prompt_embeds=text,
+            pooled_prompt_embeds=pooled,
+            input_id_images=encoding,
+            class_tokens_mask=torch.tensor([[i == 2 for i in range(77)]]),
+        )
 
 
 def test_failed_upcast_decode_puts_the_vae_back_in_fp16(monkeypatch):

@@ -111,13 +111,22 @@ def test_controlnet_gets_text_only_prompt_and_the_phase_conditioning_unet_switch
     pipe = controlnet_pipe()
     images = [photo(1), photo(2)]
     unet, controlnet = ForwardRecorder(pipe.unet), ForwardRecorder(pipe.controlnet)
-    call(pipe, input_id_images=images, image=synthetic_control_image(SIZE), start_merge_step=1,
-         negative_prompt="blurry", control_guidance_start=0.25, control_guidance_end=0.75,
-         controlnet_conditioning_scale=0.8)
+    call(
+        pipe,
+        input_id_images=images,
+        image=synthetic_control_image(SIZE),
+        start_merge_step=1,
+        negative_prompt="blurry",
+        control_guidance_start=0.25,
+        control_guidance_end=0.75,
+        controlnet_conditioning_scale=0.8,
+    )
     expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, images, "blurry", start_merge_step=1)
     text_only_embeds = expected[0][0]
     assert len(unet.calls) == len(controlnet.calls) == STEPS
-    for step, (unet_kwargs, cn_kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, controlnet.calls, expected, strict=True)):
+    for step, (unet_kwargs, cn_kwargs, (embeds, pooled)) in enumerate(
+        zip(unet.calls, controlnet.calls, expected, strict=True)
+    ):
         assert_close(unet_kwargs["encoder_hidden_states"], embeds, step)
         assert_close(unet_kwargs["added_cond_kwargs"]["text_embeds"], pooled, step)
         assert_close(cn_kwargs["encoder_hidden_states"], text_only_embeds, step)
@@ -130,8 +139,11 @@ def test_controlnet_gets_text_only_prompt_and_the_phase_conditioning_unet_switch
     # rule: step i acts when i/steps >= start and (i+1)/steps <= end), i.e. steps 1 and 2 of 4.
     assert [c["conditioning_scale"] for c in controlnet.calls] == [0.0, 0.8, 0.8, 0.0]
     for step, (unet_kwargs, (down, mid)) in enumerate(zip(unet.calls, controlnet.outputs, strict=True)):
-        for got, made in zip([*unet_kwargs["down_block_additional_residuals"],
-                              unet_kwargs["mid_block_additional_residual"]], [*down, mid], strict=True):
+        for got, made in zip(
+            [*unet_kwargs["down_block_additional_residuals"], unet_kwargs["mid_block_additional_residual"]],
+            [*down, mid],
+            strict=True,
+        ):
             assert_close(got, made, step)
         active = any(d.abs().max() > 0 for d in down)
         assert active == (step in (1, 2)), step
@@ -140,20 +152,38 @@ def test_controlnet_gets_text_only_prompt_and_the_phase_conditioning_unet_switch
 @pytest.mark.parametrize("guess_mode", [False, True])
 def test_controlnet_with_merge_step_past_the_end_equals_diffusers(cn_pipe, guess_mode):
     control = synthetic_control_image(SIZE, kind="pose")
-    ours = call(cn_pipe, input_id_images=[photo(1)], image=control, start_merge_step=STEPS,
-                controlnet_conditioning_scale=0.7, guess_mode=guess_mode, control_guidance_end=0.8)
+    ours = call(
+        cn_pipe,
+        input_id_images=[photo(1)],
+        image=control,
+        start_merge_step=STEPS,
+        controlnet_conditioning_scale=0.7,
+        guess_mode=guess_mode,
+        control_guidance_end=0.8,
+    )
     plain = StableDiffusionXLControlNetPipeline(**cn_pipe.components)
     plain.set_progress_bar_config(disable=True)
-    theirs = call(plain, prompt=TEXT_ONLY_PROMPT, image=control, controlnet_conditioning_scale=0.7,
-                  guess_mode=guess_mode, control_guidance_end=0.8)
+    theirs = call(
+        plain,
+        prompt=TEXT_ONLY_PROMPT,
+        image=control,
+        controlnet_conditioning_scale=0.7,
+        guess_mode=guess_mode,
+        control_guidance_end=0.8,
+    )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 def test_guess_mode_runs_the_controlnet_on_the_conditional_half_with_the_text_only_prompt(cn_pipe):
     controlnet = ForwardRecorder(cn_pipe.controlnet)
     try:
-        call(cn_pipe, input_id_images=[photo(1)], image=synthetic_control_image(SIZE), guess_mode=True,
-             start_merge_step=0)
+        call(
+            cn_pipe,
+            input_id_images=[photo(1)],
+            image=synthetic_control_image(SIZE),
+            guess_mode=True,
+            start_merge_step=0,
+        )
     finally:
         controlnet.remove()
     text_only = reference_conditioning(cn_pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=0)[0][0]
@@ -167,8 +197,14 @@ def test_multi_controlnet_equals_diffusers_and_each_net_sees_the_text_only_promp
     assert isinstance(pipe.controlnet, MultiControlNetModel)
     controls = [synthetic_control_image(SIZE, kind="pose", seed=1), synthetic_control_image(SIZE, seed=2)]
     recorders = [ForwardRecorder(net) for net in pipe.controlnet.nets]
-    ours = call(pipe, input_id_images=[photo(1)], image=controls, start_merge_step=STEPS,
-                controlnet_conditioning_scale=[0.5, 1.0], control_guidance_start=[0.0, 0.5])
+    ours = call(
+        pipe,
+        input_id_images=[photo(1)],
+        image=controls,
+        start_merge_step=STEPS,
+        controlnet_conditioning_scale=[0.5, 1.0],
+        control_guidance_start=[0.0, 0.5],
+    )
     for recorder in recorders:
         recorder.remove()
     assert [c["conditioning_scale"] for c in recorders[0].calls] == [0.5] * STEPS
@@ -180,26 +216,33 @@ def test_multi_controlnet_equals_diffusers_and_each_net_sees_the_text_only_promp
 
     plain = StableDiffusionXLControlNetPipeline(**pipe.components)
     plain.set_progress_bar_config(disable=True)
-    theirs = call(plain, prompt=TEXT_ONLY_PROMPT, image=controls, controlnet_conditioning_scale=[0.5, 1.0],
-                  control_guidance_start=[0.0, 0.5])
+    theirs = call(
+        plain,
+        prompt=TEXT_ONLY_PROMPT,
+        image=controls,
+        controlnet_conditioning_scale=[0.5, 1.0],
+        control_guidance_start=[0.0, 0.5],
+    )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 def test_controlnet_makes_images_and_control_changes_them(cn_pipe):
-    images = call(cn_pipe, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, seed=1),
-                  output_type="np")
+    images = call(cn_pipe, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, seed=1), output_type="np")
     assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
     first = call(cn_pipe, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, seed=1))
     second = call(cn_pipe, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, seed=2))
     assert not torch.allclose(first, second, atol=1e-4)
 
 
-@pytest.mark.parametrize(("kwargs", "named"), [
-    ({"image": None}, "image (the control image) is required"),
-    ({"control_guidance_start": 0.8, "control_guidance_end": 0.5}, "control_guidance_start (0.8)"),
-    ({"controlnet_conditioning_scale": [0.5, 0.5]}, "controlnet_conditioning_scale has 2 values"),
-    ({"start_merge_step": -1}, "start_merge_step"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"image": None}, "image (the control image) is required"),
+        ({"control_guidance_start": 0.8, "control_guidance_end": 0.5}, "control_guidance_start (0.8)"),
+        ({"controlnet_conditioning_scale": [0.5, 0.5]}, "controlnet_conditioning_scale has 2 values"),
+        ({"start_merge_step": -1}, "start_merge_step"),
+    ],
+)
 def test_controlnet_bad_inputs_are_refused_naming_the_argument(cn_pipe, kwargs, named):
     kwargs = {"image": synthetic_control_image(SIZE), **kwargs}
     with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
@@ -225,8 +268,14 @@ def test_adapter_residuals_while_step_below_factor_times_steps_scaled_and_unet_s
     sketch = synthetic_control_image(SIZE, kind="sketch")
     unet = ForwardRecorder(t2i_pipe.unet)
     try:
-        call(t2i_pipe, input_id_images=[photo(1)], image=sketch, start_merge_step=1,
-             adapter_conditioning_scale=0.7, adapter_conditioning_factor=factor)
+        call(
+            t2i_pipe,
+            input_id_images=[photo(1)],
+            image=sketch,
+            start_merge_step=1,
+            adapter_conditioning_scale=0.7,
+            adapter_conditioning_factor=factor,
+        )
     finally:
         unet.remove()
     expected = reference_conditioning(t2i_pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=1)
@@ -246,26 +295,41 @@ def test_adapter_residuals_while_step_below_factor_times_steps_scaled_and_unet_s
 
 def test_adapter_with_merge_step_past_the_end_equals_diffusers(t2i_pipe):
     sketch = synthetic_control_image(SIZE, kind="sketch")
-    ours = call(t2i_pipe, input_id_images=[photo(1)], image=sketch, start_merge_step=STEPS,
-                adapter_conditioning_scale=0.7, adapter_conditioning_factor=0.8)
+    ours = call(
+        t2i_pipe,
+        input_id_images=[photo(1)],
+        image=sketch,
+        start_merge_step=STEPS,
+        adapter_conditioning_scale=0.7,
+        adapter_conditioning_factor=0.8,
+    )
     plain = StableDiffusionXLAdapterPipeline(**t2i_pipe.components)
     plain.set_progress_bar_config(disable=True)
-    theirs = call(plain, prompt=TEXT_ONLY_PROMPT, image=sketch, adapter_conditioning_scale=0.7,
-                  adapter_conditioning_factor=0.8)
+    theirs = call(
+        plain, prompt=TEXT_ONLY_PROMPT, image=sketch, adapter_conditioning_scale=0.7, adapter_conditioning_factor=0.8
+    )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 def test_adapter_makes_images(t2i_pipe):
-    images = call(t2i_pipe, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, kind="sketch"),
-                  output_type="np", num_images_per_prompt=2)
+    images = call(
+        t2i_pipe,
+        input_id_images=[photo(1)],
+        image=synthetic_control_image(SIZE, kind="sketch"),
+        output_type="np",
+        num_images_per_prompt=2,
+    )
     assert images.shape == (2, SIZE, SIZE, 3) and np.isfinite(images).all()
 
 
-@pytest.mark.parametrize(("kwargs", "named"), [
-    ({"image": None}, "image .the adapter's control image"),
-    ({"adapter_conditioning_factor": 1.5}, "adapter_conditioning_factor must be between 0 and 1"),
-    ({"adapter_conditioning_scale": [0.5, 0.5]}, "adapter_conditioning_scale must be one number"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"image": None}, "image .the adapter's control image"),
+        ({"adapter_conditioning_factor": 1.5}, "adapter_conditioning_factor must be between 0 and 1"),
+        ({"adapter_conditioning_scale": [0.5, 0.5]}, "adapter_conditioning_scale must be one number"),
+    ],
+)
 def test_adapter_bad_inputs_are_refused_naming_the_argument(t2i_pipe, kwargs, named):
     kwargs = {"image": synthetic_control_image(SIZE, kind="sketch"), **kwargs}
     with pytest.raises(InvalidRequestError, match=named):
@@ -280,8 +344,9 @@ def test_a_pipeline_sharing_the_unet_takes_the_loaded_adapter_instead_of_fusing_
         other.load_photomaker_adapter(tiny_checkpoint(1), pm_version=1)
     other.use_photomaker_adapter_of(cn_pipe)
     assert other.id_encoder is cn_pipe.id_encoder and other.trigger_word == "img"
-    images = call(other, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, kind="sketch"),
-                  output_type="np")
+    images = call(
+        other, input_id_images=[photo(1)], image=synthetic_control_image(SIZE, kind="sketch"), output_type="np"
+    )
     assert images.shape == (1, SIZE, SIZE, 3)
     stranger = PhotoMakerStableDiffusionXLAdapterPipeline(**tiny_sdxl_components(), adapter=tiny_t2i_adapter())
     with pytest.raises(CheckpointError, match="shares this one's UNet"):

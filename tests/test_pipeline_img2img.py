@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from diffusers import StableDiffusionXLImg2ImgPipeline
+from PIL import Image
 from test_pipeline import SIZE, photo, reference_conditioning
 from test_pipeline_control import PROMPT, TEXT_ONLY_PROMPT, ForwardRecorder, assert_close
 
@@ -50,8 +50,7 @@ def test_steps_that_run_follow_strength_and_merge_step_counts_them(pipe, strengt
     pipe.scheduler.set_timesteps(STEPS)
     all_timesteps = pipe.scheduler.timesteps
     assert len(unet.calls) == steps_run
-    expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=1,
-                                      steps=steps_run)
+    expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=1, steps=steps_run)
     for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected, strict=True)):
         assert kwargs["args"][1] == all_timesteps[STEPS - steps_run + step]
         assert_close(kwargs["encoder_hidden_states"], embeds, step)
@@ -76,12 +75,15 @@ def test_lower_strength_stays_closer_to_the_start_image(pipe):
     assert distances[0] < distances[1]
 
 
-@pytest.mark.parametrize(("kwargs", "named"), [
-    ({"image": None}, "image .the start image. is required"),
-    ({"strength": 0.0}, "strength must be in"),
-    ({"strength": 1.5}, "strength must be in"),
-    ({"strength": 0.1}, "leaves no denoising step"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"image": None}, "image .the start image. is required"),
+        ({"strength": 0.0}, "strength must be in"),
+        ({"strength": 1.5}, "strength must be in"),
+        ({"strength": 0.1}, "leaves no denoising step"),
+    ],
+)
 def test_bad_inputs_are_refused_naming_the_argument(pipe, kwargs, named):
     with pytest.raises(InvalidRequestError, match=named):
         call(pipe, input_id_images=[photo(1)], **kwargs)

@@ -77,8 +77,7 @@ def test_unet_gets_text_only_then_the_id_over_the_steps_that_run(pipe):
     finally:
         unet.remove()
     steps_run = int(STEPS * 0.75)
-    expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=0,
-                                      steps=steps_run)
+    expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=0, steps=steps_run)
     assert len(unet.calls) == steps_run
     for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected, strict=True)):
         assert kwargs["args"][0].shape[1] == 4
@@ -108,14 +107,17 @@ def test_nine_channel_unet_sees_mask_and_masked_photo():
     assert images.shape == (1, SIZE, SIZE, 3)
 
 
-@pytest.mark.parametrize(("kwargs", "named"), [
-    ({"image": None}, "image .the photo to put the person into. is required"),
-    ({"mask_image": None}, "mask_image is required"),
-    ({"mask_image": synthetic_mask(32)}, "mask_image is 32x32 but image is 64x64"),
-    ({"mask_image": Image.new("L", (SIZE, SIZE), 0)}, "mask_image is all black"),
-    ({"strength": 1.2}, "strength must be in"),
-    ({"strength": -0.1}, "strength must be in"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"image": None}, "image .the photo to put the person into. is required"),
+        ({"mask_image": None}, "mask_image is required"),
+        ({"mask_image": synthetic_mask(32)}, "mask_image is 32x32 but image is 64x64"),
+        ({"mask_image": Image.new("L", (SIZE, SIZE), 0)}, "mask_image is all black"),
+        ({"strength": 1.2}, "strength must be in"),
+        ({"strength": -0.1}, "strength must be in"),
+    ],
+)
 def test_bad_inputs_are_refused_naming_the_argument(pipe, kwargs, named):
     with pytest.raises(InvalidRequestError, match=named):
         call(pipe, input_id_images=[photo(1)], **kwargs)

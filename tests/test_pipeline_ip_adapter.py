@@ -47,8 +47,13 @@ def build(kind: str):
     if kind == "img2img":
         return PhotoMakerStableDiffusionXLImg2ImgPipeline(**components), {"image": photo(5, SIZE), "strength": 1.0}
     pipe = PhotoMakerStableDiffusionXLInpaintPipeline(**components)
-    return pipe, {"image": photo(5, SIZE), "mask_image": synthetic_mask(SIZE), "strength": 1.0, "height": SIZE,
-                  "width": SIZE}
+    return pipe, {
+        "image": photo(5, SIZE),
+        "mask_image": synthetic_mask(SIZE),
+        "strength": 1.0,
+        "height": SIZE,
+        "width": SIZE,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +78,18 @@ def test_style_image_rides_image_embeds_every_step_and_the_id_still_reaches_the_
     load(pipe, ip_adapter_dir, ip_adapter_first=True)
     style = photo(9, 48)
     unet = ForwardRecorder(pipe.unet)
-    styled = pipe(PROMPT, input_id_images=[photo(1)], ip_adapter_image=style, start_merge_step=0,
-                  num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent",
-                  **extra).images
+    styled = pipe(
+        PROMPT,
+        input_id_images=[photo(1)],
+        ip_adapter_image=style,
+        start_merge_step=0,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **extra,
+    ).images
     unet.remove()
-    expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=0,
-                                      steps=STEPS)
+    expected = reference_conditioning(pipe, tiny_checkpoint(1), PROMPT, [photo(1)], start_merge_step=0, steps=STEPS)
     assert len(unet.calls) == STEPS
     for step, (kwargs, (embeds, pooled)) in enumerate(zip(unet.calls, expected, strict=True)):
         assert_close(kwargs["encoder_hidden_states"], embeds, step)
@@ -86,9 +97,16 @@ def test_style_image_rides_image_embeds_every_step_and_the_id_still_reaches_the_
         image_embeds = kwargs["added_cond_kwargs"]["image_embeds"]
         assert len(image_embeds) == 1 and image_embeds[0].shape[:2] == (2, 1)  # CFG: [negative image, style]
         assert_close(image_embeds[0], unet.calls[0]["added_cond_kwargs"]["image_embeds"][0], step)
-    other_style = pipe(PROMPT, input_id_images=[photo(1)], start_merge_step=0, num_inference_steps=STEPS,
-                 ip_adapter_image=photo(10, 48), generator=torch.Generator().manual_seed(0), output_type="latent",
-                 **extra).images
+    other_style = pipe(
+        PROMPT,
+        input_id_images=[photo(1)],
+        start_merge_step=0,
+        num_inference_steps=STEPS,
+        ip_adapter_image=photo(10, 48),
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **extra,
+    ).images
     assert not torch.allclose(styled, other_style, atol=1e-4)  # the style image shapes the picture
 
 
@@ -97,9 +115,18 @@ def test_either_loading_order_gives_the_same_picture(ip_adapter_dir):
     for ip_adapter_first in (True, False):
         pipe, extra = build("text2img")
         load(pipe, ip_adapter_dir, ip_adapter_first)
-        results.append(pipe(PROMPT, input_id_images=[photo(1)], ip_adapter_image=photo(9, 48), start_merge_step=0,
-                            num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                            output_type="latent", **extra).images)
+        results.append(
+            pipe(
+                PROMPT,
+                input_id_images=[photo(1)],
+                ip_adapter_image=photo(9, 48),
+                start_merge_step=0,
+                num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+                **extra,
+            ).images
+        )
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
 
 

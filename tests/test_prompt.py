@@ -35,8 +35,13 @@ def ids_of(tokenizer, prompt):
 
 def expand(tokenizer, prompt, num_id_tokens, pad_id=EOS):
     return expand_class_tokens(
-        ids_of(tokenizer, prompt), trigger_id=TRIGGER, num_id_tokens=num_id_tokens, eos_id=EOS,
-        pad_id=pad_id, prompt=prompt, decode=tokenizer.decode,
+        ids_of(tokenizer, prompt),
+        trigger_id=TRIGGER,
+        num_id_tokens=num_id_tokens,
+        eos_id=EOS,
+        pad_id=pad_id,
+        prompt=prompt,
+        decode=tokenizer.decode,
     )
 
 

@@ -34,7 +34,7 @@ from photomaker.faces.insightface_backend import InsightFaceAnalyzer
 
 pytestmark = pytest.mark.slow  # whole pipelines, and the v2 script's default 50 steps
 
-V1_README_SNIPPET = '''
+V1_README_SNIPPET = """
 import torch
 import os
 from diffusers.utils import load_image
@@ -88,9 +88,9 @@ images = pipe(
     generator=generator,
 ).images[0]
 images.save('out_photomaker.png')
-'''
+"""
 
-V2_SNIPPET = '''
+V2_SNIPPET = """
 import os
 import sys
 
@@ -160,7 +160,7 @@ images = pipe(
 
 for idx, img in enumerate(images): 
     img.save(os.path.join(output_dir, f"output_pmv2_{idx}.jpg"))
-'''
+"""
 
 
 class FuseLoraSpy:

@@ -32,8 +32,14 @@ NO_FACES = ServiceConfig(face_backend="none", device="cpu", tiny_dir="unused")
 
 def request(**overrides) -> GenerationRequest:
     fields = {
-        "id_images": [str(ASTRONAUT)], "prompt": "a photo of a woman img", "width": 64, "height": 64,
-        "num_steps": 3, "num_outputs": 1, "seed": 11, "style": "(No style)",
+        "id_images": [str(ASTRONAUT)],
+        "prompt": "a photo of a woman img",
+        "width": 64,
+        "height": 64,
+        "num_steps": 3,
+        "num_outputs": 1,
+        "seed": 11,
+        "style": "(No style)",
     }
     fields.update(overrides)
     return GenerationRequest(**fields)
@@ -72,32 +78,59 @@ CANNY = {"control_type": "canny", "control_image": str(HOPPER)}
     [
         ({"control_type": "pose"}, ControlImageError, "Control type 'pose' needs a control image"),
         ({"control_image": str(HOPPER)}, ControlImageError, "no control type: choose pose, canny, depth or sketch"),
-        ({"control_type": "edges", "control_image": str(HOPPER)}, InvalidRequestError,
-         "control_type must be one of '', 'pose', 'canny', 'depth', 'sketch'"),
+        (
+            {"control_type": "edges", "control_image": str(HOPPER)},
+            InvalidRequestError,
+            "control_type must be one of '', 'pose', 'canny', 'depth', 'sketch'",
+        ),
         ({"mask_image": synthetic_mask()}, InvalidRequestError, "A mask needs a start photo (init_image"),
         ({"mask_face": True}, InvalidRequestError, "mask_face needs a start photo"),
-        ({"init_image": str(HOPPER), "mask_image": synthetic_mask(), "mask_face": True}, InvalidRequestError,
-         "Give either a mask or mask_face"),
+        (
+            {"init_image": str(HOPPER), "mask_image": synthetic_mask(), "mask_face": True},
+            InvalidRequestError,
+            "Give either a mask or mask_face",
+        ),
         ({"init_image": str(HOPPER), "mask_image": BLACK}, MaskError, "the mask is empty"),
         ({"init_image": str(HOPPER), "mask_image": WHITE}, MaskError, "the mask is all white"),
-        ({**CANNY, "init_image": str(HOPPER)}, InvalidRequestError,
-         "Control (canny) together with a start photo is not supported"),
+        (
+            {**CANNY, "init_image": str(HOPPER)},
+            InvalidRequestError,
+            "Control (canny) together with a start photo is not supported",
+        ),
         ({**CANNY, "control_scale": 2.5}, InvalidRequestError, "control_scale must be between 0 and 2, got 2.5"),
         ({**CANNY, "control_end": 1.2}, InvalidRequestError, "control_end must be between 0 and 1"),
-        ({**CANNY, "control_start": 0.6, "control_end": 0.5}, InvalidRequestError,
-         "control_start (0.6) must be below control_end (0.5)"),
-        ({"control_type": "sketch", "control_image": synthetic_control_image(64, "sketch"), "control_start": 0.2},
-         InvalidRequestError, "The sketch adapter always applies from the first step, so control_start must be 0"),
-        ({"control_type": "sketch", "control_image": Image.new("RGB", (64, 64), "white")}, ControlImageError,
-         "the sketch is empty"),
+        (
+            {**CANNY, "control_start": 0.6, "control_end": 0.5},
+            InvalidRequestError,
+            "control_start (0.6) must be below control_end (0.5)",
+        ),
+        (
+            {"control_type": "sketch", "control_image": synthetic_control_image(64, "sketch"), "control_start": 0.2},
+            InvalidRequestError,
+            "The sketch adapter always applies from the first step, so control_start must be 0",
+        ),
+        (
+            {"control_type": "sketch", "control_image": Image.new("RGB", (64, 64), "white")},
+            ControlImageError,
+            "the sketch is empty",
+        ),
         ({**CANNY, "control_image": b"not an image"}, ControlImageError, "control image"),
         ({"init_image": str(HOPPER), "strength": 1.5}, InvalidRequestError, "strength must be between 0 and 1"),
-        ({"init_image": str(HOPPER), "strength": 0.2}, InvalidRequestError,
-         "strength 0.2 with 3 steps leaves no step to run"),
-        ({"style_image": str(HOPPER), "style_image_scale": -0.1}, InvalidRequestError,
-         "style_image_scale must be between 0 and 1"),
-        ({"init_image": str(HOPPER), "mask_face": True}, InvalidRequestError,
-         "mask_face needs face detection, and this service runs without face analysis"),
+        (
+            {"init_image": str(HOPPER), "strength": 0.2},
+            InvalidRequestError,
+            "strength 0.2 with 3 steps leaves no step to run",
+        ),
+        (
+            {"style_image": str(HOPPER), "style_image_scale": -0.1},
+            InvalidRequestError,
+            "style_image_scale must be between 0 and 1",
+        ),
+        (
+            {"init_image": str(HOPPER), "mask_face": True},
+            InvalidRequestError,
+            "mask_face needs face detection, and this service runs without face analysis",
+        ),
     ],
     ids=lambda value: value.__name__ if isinstance(value, type) else None,
 )
@@ -168,7 +201,9 @@ def test_canny_control_reaches_the_controlnet_and_the_png_records_it(service: Ph
     assert torch.allclose(seen[0][0].float(), expected, atol=1e-6)
     stored = metadata.read_parameters(result.images[0].image)
     assert (stored["control_type"], stored["control_image"], stored["control_scale"]) == (
-        "canny", "grace_hopper.jpg", 0.5
+        "canny",
+        "grace_hopper.jpg",
+        0.5,
     )
     assert (stored["control_start"], stored["control_end"], stored["init_image"]) == (0.0, 1.0, None)
     plain = service.generate(request())

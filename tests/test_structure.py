@@ -13,20 +13,47 @@ PACKAGE = Path(__file__).resolve().parent.parent / "photomaker"
 
 # Every public name `photomaker.service` offered before it was split (user code imports them from there).
 SERVICE_NAMES_BEFORE_THE_SPLIT = (
-    "DEFAULT_ADAPTER_FILE", "DEFAULT_ADAPTER_REPO", "DEFAULT_BASE_MODEL", "ENV_VARIABLES", "MAX_BATCH",
-    "MAX_PROMPT_CHARS", "SINGLE_FILE_SUFFIXES", "GeneratedImage", "GenerationPlan", "GenerationRequest",
-    "GenerationResult", "PhotoMakerService", "ProgressCallback", "ServiceConfig", "ServiceStatus",
-    "default_fused_cache_dir", "explain_load_error", "parse_switch", "resolve_device_and_dtype",
+    "DEFAULT_ADAPTER_FILE",
+    "DEFAULT_ADAPTER_REPO",
+    "DEFAULT_BASE_MODEL",
+    "ENV_VARIABLES",
+    "MAX_BATCH",
+    "MAX_PROMPT_CHARS",
+    "SINGLE_FILE_SUFFIXES",
+    "GeneratedImage",
+    "GenerationPlan",
+    "GenerationRequest",
+    "GenerationResult",
+    "PhotoMakerService",
+    "ProgressCallback",
+    "ServiceConfig",
+    "ServiceStatus",
+    "default_fused_cache_dir",
+    "explain_load_error",
+    "parse_switch",
+    "resolve_device_and_dtype",
 )
 PIPELINE_LAYER = (
-    "photomaker.pipeline", "photomaker.pipeline_mixin", "photomaker.pipeline_controlnet",
-    "photomaker.pipeline_t2i_adapter", "photomaker.pipeline_img2img", "photomaker.pipeline_inpaint",
-    "photomaker.id_encoder", "photomaker.loading",
+    "photomaker.pipeline",
+    "photomaker.pipeline_mixin",
+    "photomaker.pipeline_controlnet",
+    "photomaker.pipeline_t2i_adapter",
+    "photomaker.pipeline_img2img",
+    "photomaker.pipeline_inpaint",
+    "photomaker.id_encoder",
+    "photomaker.loading",
 )
 SERVICE_LAYER = (
-    "photomaker.service", "photomaker.config", "photomaker.requests", "photomaker.validation",
-    "photomaker.lifecycle", "photomaker.generation", "photomaker.fields", "photomaker.metadata",
-    "photomaker.batch", "photomaker.cli",
+    "photomaker.service",
+    "photomaker.config",
+    "photomaker.requests",
+    "photomaker.validation",
+    "photomaker.lifecycle",
+    "photomaker.generation",
+    "photomaker.fields",
+    "photomaker.metadata",
+    "photomaker.batch",
+    "photomaker.cli",
 )
 
 
@@ -62,8 +89,9 @@ def imported_modules(module: str) -> set[str]:
                 continue
             found.add(source)
             # `from photomaker import faces` imports the module photomaker.faces
-            found.update(f"{source}.{alias.name}" for alias in node.names
-                         if module_path(f"{source}.{alias.name}") is not None)
+            found.update(
+                f"{source}.{alias.name}" for alias in node.names if module_path(f"{source}.{alias.name}") is not None
+            )
     return found
 
 
@@ -111,7 +139,8 @@ def test_the_package_never_imports_the_top_level_template_modules() -> None:
     offenders = [
         str(path.relative_to(PACKAGE.parent))
         for path in PACKAGE.rglob("*.py")
-        if {"style_template", "aspect_ratio_template"} & imported_modules(
+        if {"style_template", "aspect_ratio_template"}
+        & imported_modules(
             "photomaker." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
         )
     ]
@@ -139,7 +168,8 @@ def _package_modules() -> list[str]:
 def test_only_app_support_imports_gradio() -> None:
     """Gradio is the `app` extra: the library, the CLI and batch must import without it."""
     importers = [
-        module for module in _package_modules()
+        module
+        for module in _package_modules()
         if any(name == "gradio" or name.startswith("gradio.") for name in imported_modules(module))
     ]
     assert importers == ["photomaker.app_support"]

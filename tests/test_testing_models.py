@@ -34,9 +34,7 @@ def test_tokenizer_has_the_real_clip_ids(clip_tokenizer) -> None:
     assert clip_tokenizer.model_max_length == 77
 
 
-def test_second_tokenizer_pads_with_exclamation_mark(
-    clip_tokenizer, clip_tokenizer_2
-) -> None:
+def test_second_tokenizer_pads_with_exclamation_mark(clip_tokenizer, clip_tokenizer_2) -> None:
     first = clip_tokenizer("a man", padding="max_length", max_length=77).input_ids
     second = clip_tokenizer_2("a man", padding="max_length", max_length=77).input_ids
     assert first[:4] == second[:4] == [49406, 320, 786, 49407]
@@ -53,9 +51,7 @@ def test_components_are_sdxl_shaped_with_distinct_encoder_widths() -> None:
     )
     assert te1.config.hidden_size != te2.config.hidden_size
     width = te1.config.hidden_size + te2.config.hidden_size
-    assert (
-        width == unet.config.cross_attention_dim == tiny_id_encoder_config().embed_dim
-    )
+    assert width == unet.config.cross_attention_dim == tiny_id_encoder_config().embed_dim
     assert width % 128 == 0
     assert te1.config.eos_token_id == te2.config.eos_token_id == 2
     assert unet.config.addition_embed_type == "text_time"
@@ -64,15 +60,11 @@ def test_components_are_sdxl_shaped_with_distinct_encoder_widths() -> None:
     again = tiny_sdxl_components()["unet"].state_dict()
     other = tiny_sdxl_components(seed=1)["unet"].state_dict()
     key = "conv_in.weight"
-    assert torch.equal(unet.state_dict()[key], again[key]) and not torch.equal(
-        unet.state_dict()[key], other[key]
-    )
+    assert torch.equal(unet.state_dict()[key], again[key]) and not torch.equal(unet.state_dict()[key], other[key])
 
 
 def test_checkpoint_has_the_official_layout_and_loads() -> None:
-    legacy = re.compile(
-        r"^unet\..+\.attn[12]\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight$"
-    )
+    legacy = re.compile(r"^unet\..+\.attn[12]\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
     for version in (1, 2):
         checkpoint = tiny_checkpoint(version)
         assert list(checkpoint) == ["id_encoder", "lora_weights"]
@@ -105,9 +97,7 @@ def test_tiny_lora_visibly_changes_the_unet() -> None:
     }
     with torch.no_grad():
         before = pipe.unet(sample, 10, text, added_cond_kwargs=added).sample
-        pipe.load_lora_weights(
-            dict(tiny_checkpoint(1)["lora_weights"]), adapter_name="photomaker"
-        )
+        pipe.load_lora_weights(dict(tiny_checkpoint(1)["lora_weights"]), adapter_name="photomaker")
         after = pipe.unet(sample, 10, text, added_cond_kwargs=added).sample
     assert (after - before).abs().mean() > 0.01 * before.abs().mean()
 
@@ -133,14 +123,10 @@ def test_make_tiny_writes_a_loadable_pipeline_and_official_files(
     assert paths["v1"].stat().st_mtime_ns == stamp
 
     for version in (1, 2):
-        contents = torch.load(
-            paths[f"v{version}"], map_location="cpu", weights_only=True
-        )
+        contents = torch.load(paths[f"v{version}"], map_location="cpu", weights_only=True)
         assert list(contents) == ["id_encoder", "lora_weights"]
         expected = tiny_checkpoint(version)["id_encoder"]
-        assert all(
-            torch.equal(contents["id_encoder"][key], expected[key]) for key in expected
-        )
+        assert all(torch.equal(contents["id_encoder"][key], expected[key]) for key in expected)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(paths["base"])
     assert pipe.tokenizer_2.pad_token_id == 0 and pipe.tokenizer.pad_token_id == 49407
@@ -153,9 +139,7 @@ def test_make_tiny_writes_a_loadable_pipeline_and_official_files(
         output_type="np",
         generator=torch.Generator().manual_seed(0),
     ).images
-    assert images.shape == (1, 64, 64, 3) and bool(
-        torch.isfinite(torch.from_numpy(images)).all()
-    )
+    assert images.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(images)).all())
 
 
 def test_make_tiny_rebuilds_an_incomplete_folder(tmp_path: Path) -> None:
@@ -187,13 +171,25 @@ def test_tiny_controlnet_residuals_fit_the_unet_and_follow_the_control_image() -
 
     def residuals(seed: int):
         pixels = torch.from_numpy(np.array(synthetic_control_image(64, seed=seed), dtype=np.float32))
-        return controlnet(sample, 10, encoder_hidden_states=hidden, added_cond_kwargs=cond,
-                          controlnet_cond=pixels.permute(2, 0, 1)[None] / 255, return_dict=False)
+        return controlnet(
+            sample,
+            10,
+            encoder_hidden_states=hidden,
+            added_cond_kwargs=cond,
+            controlnet_cond=pixels.permute(2, 0, 1)[None] / 255,
+            return_dict=False,
+        )
 
     down, mid = residuals(1)
     other_down, _ = residuals(2)
-    unet(sample, 10, encoder_hidden_states=hidden, added_cond_kwargs=cond,
-         down_block_additional_residuals=down, mid_block_additional_residual=mid)  # shapes fit
+    unet(
+        sample,
+        10,
+        encoder_hidden_states=hidden,
+        added_cond_kwargs=cond,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    )  # shapes fit
     assert all(d.abs().max() > 0 for d in down)
     assert not torch.allclose(down[0], other_down[0])
 
@@ -213,14 +209,20 @@ def test_tiny_ip_adapter_has_the_official_keys_and_loads_through_diffusers(tmp_p
 
     components = tiny_sdxl_components()
     state = tiny_ip_adapter_state_dict(components["unet"])
-    projection_keys = {"image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight", "image_proj.norm.bias"}
+    projection_keys = {
+        "image_proj.proj.weight",
+        "image_proj.proj.bias",
+        "image_proj.norm.weight",
+        "image_proj.norm.bias",
+    }
     assert projection_keys < set(state)
     ip_keys = sorted(k for k in state if k.startswith("ip_adapter."))
     assert all(re.fullmatch(r"ip_adapter\.\d+\.to_[kv]_ip\.weight", k) for k in ip_keys)
     assert {int(k.split(".")[1]) for k in ip_keys} == {1, 3, 5, 7, 9, 11, 13, 15}  # 8 cross-attention layers
     pipe = StableDiffusionXLPipeline(**components)
-    pipe.load_ip_adapter(str(write_tiny_ip_adapter(tmp_path, components["unet"])), subfolder="",
-                         weight_name="ip-adapter.safetensors")
+    pipe.load_ip_adapter(
+        str(write_tiny_ip_adapter(tmp_path, components["unet"])), subfolder="", weight_name="ip-adapter.safetensors"
+    )
     assert pipe.image_encoder is not None and pipe.feature_extractor is not None
     processors = [p for n, p in pipe.unet.attn_processors.items() if n.endswith("attn2.processor")]
     assert processors and all(isinstance(p, IPAdapterAttnProcessor2_0) for p in processors)

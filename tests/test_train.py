@@ -40,8 +40,18 @@ def tiny_dir(tiny_models_dir) -> Path:
 def _config(data_dir: Path, out_dir: Path, tiny_dir: Path, **overrides):
     from photomaker.train.loop import TrainConfig
 
-    values = {"data_dir": data_dir, "out_dir": out_dir, "tiny_dir": str(tiny_dir), "device": "cpu", "lora_rank": 4,
-              "lr_warmup_steps": 0, "checkpoint_every": 100, "report_to": "none", "max_steps": 2, "batch_size": 1}
+    values = {
+        "data_dir": data_dir,
+        "out_dir": out_dir,
+        "tiny_dir": str(tiny_dir),
+        "device": "cpu",
+        "lora_rank": 4,
+        "lr_warmup_steps": 0,
+        "checkpoint_every": 100,
+        "report_to": "none",
+        "max_steps": 2,
+        "batch_size": 1,
+    }
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -165,8 +175,9 @@ def _frozen_snapshot(trainer) -> dict[str, torch.Tensor]:
     model = trainer.accelerator.unwrap_model(trainer.model)
     snapshot = {f"model.{name}": p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     for part in ("text_encoder", "text_encoder_2", "vae"):
-        snapshot.update({f"{part}.{name}": p.detach().clone()
-                         for name, p in getattr(trainer.base, part).state_dict().items()})
+        snapshot.update(
+            {f"{part}.{name}": p.detach().clone() for name, p in getattr(trainer.base, part).state_dict().items()}
+        )
     return snapshot
 
 
@@ -179,13 +190,28 @@ def test_training_overfits_keeps_frozen_weights_and_exports_a_loadable_official_
     from photomaker.train.loop import Trainer
     from photomaker.train.model import export_checkpoint
 
-    trainer = Trainer(_config(data_dir, tmp_path, tiny_dir, learning_rate=1e-2, vision_learning_rate=1e-3,
-                              caption_dropout=0.0, mask_loss_prob=0.0, batch_size=2, max_steps=40))
+    trainer = Trainer(
+        _config(
+            data_dir,
+            tmp_path,
+            tiny_dir,
+            learning_rate=1e-2,
+            vision_learning_rate=1e-3,
+            caption_dropout=0.0,
+            mask_loss_prob=0.0,
+            batch_size=2,
+            max_steps=40,
+        )
+    )
     model = trainer.accelerator.unwrap_model(trainer.model)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any(".attn2.to_out.0.lora_A." in name for name in trained)
     assert {name.split(".")[1] for name in trained if name.startswith("id_encoder.")} == {
-        "vision_model", "visual_projection", "visual_projection_2", "fuse_module"}
+        "vision_model",
+        "visual_projection",
+        "visual_projection_2",
+        "fuse_module",
+    }
     assert {int(name.split(".")[4]) for name in trained if name.startswith("id_encoder.vision_model.")} == {0, 1}
     assert not any(name.startswith("unet.") and "lora_" not in name for name in trained)
     frozen = _frozen_snapshot(trainer)
@@ -217,8 +243,14 @@ def test_training_overfits_keeps_frozen_weights_and_exports_a_loadable_official_
     fused = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
     assert torch.allclose(fused, expected, atol=1e-5)
     photo = Image.open(data_dir / "images" / "alice" / "000.png")
-    image = pipe("a photo of a man img", input_id_images=[photo], num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a photo of a man img",
+        input_id_images=[photo],
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -226,8 +258,12 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     """v2, fine-tuned from the tiny official checkpoint; exact equality (same ops, same order, same draws)."""
     from photomaker.train.loop import train
 
-    common = {"pm_version": 2, "init": str(tiny_dir / "photomaker-v2.bin"), "checkpoint_every": 2,
-              "learning_rate": 1e-3}
+    common = {
+        "pm_version": 2,
+        "init": str(tiny_dir / "photomaker-v2.bin"),
+        "checkpoint_every": 2,
+        "learning_rate": 1e-3,
+    }
     straight = train(_config(data_dir, tmp_path / "straight", tiny_dir, max_steps=4, **common))
     train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=2, **common))
     resumed = train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=4, resume="latest", **common))
@@ -255,10 +291,21 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     assert "unet.conv_in.weight" not in keys and "id_encoder.vision_model.embeddings.patch_embedding.weight" not in keys
     assert any("lora_A" in key for key in keys) and any(key.startswith("id_encoder.qformer_perceiver.") for key in keys)
     # A resume with other trained tensors is refused, not half-loaded into frozen weights.
-    with pytest.raises(TrainingConfigError, match=r"other tensors \(\d+ in it are frozen here, e\.g\. "
-                       r"id_encoder\.vision_model\.encoder\.layers\.0\..*train_config\.json"):
-        train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=6, resume="latest",
-                      **{**common, "train_vision_layers": 1}))
+    with pytest.raises(
+        TrainingConfigError,
+        match=r"other tensors \(\d+ in it are frozen here, e\.g\. "
+        r"id_encoder\.vision_model\.encoder\.layers\.0\..*train_config\.json",
+    ):
+        train(
+            _config(
+                data_dir,
+                tmp_path / "resumed",
+                tiny_dir,
+                max_steps=6,
+                resume="latest",
+                **{**common, "train_vision_layers": 1},
+            )
+        )
 
 
 def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(
@@ -269,10 +316,37 @@ def test_train_command_writes_metrics_validation_grid_checkpoints_and_export(
     from photomaker.train.cli_args import main
 
     out = tmp_path / "out"
-    code = main(["--data", str(data_dir), "--out", str(out), "--tiny", str(tiny_dir), "--device", "cpu",
-                 "--lora-rank", "4", "--max-steps", "2", "--checkpoint-every", "1", "--validate-every", "2",
-                 "--val-identities", "carol", "--val-steps", "2", "--val-face-backend", "dlib",
-                 "--lr-warmup-steps", "2", "--gradient-checkpointing", "--gradient-accumulation-steps", "2"])
+    code = main(
+        [
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--tiny",
+            str(tiny_dir),
+            "--device",
+            "cpu",
+            "--lora-rank",
+            "4",
+            "--max-steps",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--validate-every",
+            "2",
+            "--val-identities",
+            "carol",
+            "--val-steps",
+            "2",
+            "--val-face-backend",
+            "dlib",
+            "--lr-warmup-steps",
+            "2",
+            "--gradient-checkpointing",
+            "--gradient-accumulation-steps",
+            "2",
+        ]
+    )
     assert code == 0
     if is_tensorboard_available():
         assert list(out.rglob("events.out.tfevents.*"))
@@ -312,26 +386,65 @@ def test_two_processes_with_batch_1_train_like_one_process_with_batch_2(tmp_path
     from photomaker.train.loop import train
 
     learning_rate = 1e-3
-    flags = ["--data", str(data_dir), "--tiny", str(tiny_dir), "--device", "cpu", "--lora-rank", "4",
-             "--max-steps", "3", "--report-to", "none", "--lr-warmup-steps", "0",
-             "--learning-rate", str(learning_rate)]
+    flags = [
+        "--data",
+        str(data_dir),
+        "--tiny",
+        str(tiny_dir),
+        "--device",
+        "cpu",
+        "--lora-rank",
+        "4",
+        "--max-steps",
+        "3",
+        "--report-to",
+        "none",
+        "--lr-warmup-steps",
+        "0",
+        "--learning-rate",
+        str(learning_rate),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "photomaker.train",
-         *flags, "--out", str(tmp_path / "two"), "--batch-size", "1"],
-        check=False, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "photomaker.train",
+            *flags,
+            "--out",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "1",
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
-    one = train(_config(data_dir, tmp_path / "one", tiny_dir, batch_size=2, max_steps=3,
-                        learning_rate=learning_rate))
+    one = train(_config(data_dir, tmp_path / "one", tiny_dir, batch_size=2, max_steps=3, learning_rate=learning_rate))
 
     a, b = torch.load(one, weights_only=True), torch.load(tmp_path / "two" / "photomaker.bin", weights_only=True)
     for part in ("id_encoder", "lora_weights"):
         for name in a[part]:
             assert torch.allclose(a[part][name].float(), b[part][name].float(), atol=0.1 * learning_rate), name
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -348,9 +461,17 @@ def test_init_none_puts_fresh_heads_on_the_given_clip_vision_tower(tmp_path):
 
     from photomaker.train.model import build_id_encoder_for_training
 
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, patch_size=14,
-        image_size=56, projection_dim=32))
+    clip = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            patch_size=14,
+            image_size=56,
+            projection_dim=32,
+        )
+    )
     clip.save_pretrained(tmp_path / "clip")
     encoder, lora = build_id_encoder_for_training("none", 2, (32, 96), str(tmp_path / "clip"))
     assert lora is None and encoder.version == 2 and encoder.embed_dim == 128
@@ -371,8 +492,12 @@ def _sdxl_transformer_blocks() -> list[str]:
     """The 70 transformer blocks of SDXL base 1.0, written out from its layout (the official checkpoint's LoRA
     covers exactly these)."""
     layout = {"down_blocks.1": (2, 2), "down_blocks.2": (2, 10), "up_blocks.0": (3, 10), "up_blocks.1": (3, 2)}
-    blocks = [f"{level}.attentions.{a}.transformer_blocks.{t}"
-              for level, (attentions, depth) in layout.items() for a in range(attentions) for t in range(depth)]
+    blocks = [
+        f"{level}.attentions.{a}.transformer_blocks.{t}"
+        for level, (attentions, depth) in layout.items()
+        for a in range(attentions)
+        for t in range(depth)
+    ]
     return blocks + [f"mid_block.attentions.0.transformer_blocks.{t}" for t in range(10)]
 
 
@@ -392,9 +517,13 @@ def test_lora_export_on_the_real_sdxl_layout_has_the_official_keys_and_shapes():
 
     blocks = _sdxl_transformer_blocks()
     assert len(blocks) == 70
-    expected = {f"unet.{block}.{attention}.processor.{projection}_lora.{part}.weight"
-                for block in blocks for attention in ("attn1", "attn2")
-                for projection in ("to_q", "to_k", "to_v", "to_out") for part in ("down", "up")}
+    expected = {
+        f"unet.{block}.{attention}.processor.{projection}_lora.{part}.weight"
+        for block in blocks
+        for attention in ("attn1", "attn2")
+        for projection in ("to_q", "to_k", "to_v", "to_out")
+        for part in ("down", "up")
+    }
     assert set(exported) == expected
     width = {"down_blocks.1": 640, "up_blocks.1": 640, "down_blocks.2": 1280, "up_blocks.0": 1280, "mid_block": 1280}
     for key, tensor in exported.items():
@@ -405,8 +534,9 @@ def test_lora_export_on_the_real_sdxl_layout_has_the_official_keys_and_shapes():
         else:
             assert tuple(tensor.shape) == (channels, 64), key
         assert tensor.dtype == torch.float32, key
-    assert exported["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight"
-                    ].shape == (64, 640)
+    assert exported[
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight"
+    ].shape == (64, 640)
 
 
 def test_diffusion_target_is_the_noise_or_the_velocity_and_other_types_are_refused():
@@ -436,10 +566,22 @@ def test_only_the_last_vision_layers_train_and_v2_trains_its_qformer_not_the_pro
 
         unet = UNet2DConditionModel(**tiny_unet_config())
         add_unet_lora(unet, 2)
-        encoder = create_id_encoder(PhotoMakerIDEncoderConfig(
-            vision_hidden_size=32, vision_num_layers=4, vision_num_heads=2, vision_intermediate_size=64,
-            patch_size=14, image_size=28, projection_dim_1=32, projection_dim_2=96, resampler_heads=1,
-            resampler_dim_head=32, resampler_depth=1), version)
+        encoder = create_id_encoder(
+            PhotoMakerIDEncoderConfig(
+                vision_hidden_size=32,
+                vision_num_layers=4,
+                vision_num_heads=2,
+                vision_intermediate_size=64,
+                patch_size=14,
+                image_size=28,
+                projection_dim_1=32,
+                projection_dim_2=96,
+                resampler_heads=1,
+                resampler_dim_head=32,
+                resampler_depth=1,
+            ),
+            version,
+        )
         groups = freeze_for_training(unet, encoder, layers)
         names = {id(p): name for name, p in encoder.named_parameters()}
         return {group: [names[id(p)] for p in params if id(p) in names] for group, params in groups.items()}, encoder
@@ -447,8 +589,11 @@ def test_only_the_last_vision_layers_train_and_v2_trains_its_qformer_not_the_pro
     groups, encoder = trained(1, 1)
     assert {name.split(".")[3] for name in groups["vision"]} == {"3"}  # the last of 4 layers, all its tensors
     assert len(groups["vision"]) == len(list(encoder.vision_model.encoder.layers[3].parameters()))
-    assert {name.split(".")[0] for name in groups["main"]} == {"fuse_module", "visual_projection",
-                                                               "visual_projection_2"}
+    assert {name.split(".")[0] for name in groups["main"]} == {
+        "fuse_module",
+        "visual_projection",
+        "visual_projection_2",
+    }
     assert not any(p.requires_grad for p in encoder.vision_model.encoder.layers[2].parameters())
     groups, encoder = trained(2, 2)
     assert {name.split(".")[0] for name in groups["main"]} == {"fuse_module", "qformer_perceiver"}
@@ -471,8 +616,18 @@ def test_the_trainer_uses_the_paper_learning_rates_fp32_trained_and_low_precisio
 ):
     from photomaker.train.loop import Trainer
 
-    trainer = Trainer(_config(data_dir, tmp_path, tiny_dir, dtype="bfloat16", gradient_checkpointing=True,
-                              learning_rate=1e-4, vision_learning_rate=1e-5, lr_warmup_steps=0))
+    trainer = Trainer(
+        _config(
+            data_dir,
+            tmp_path,
+            tiny_dir,
+            dtype="bfloat16",
+            gradient_checkpointing=True,
+            learning_rate=1e-4,
+            vision_learning_rate=1e-5,
+            lr_warmup_steps=0,
+        )
+    )
     model = trainer.accelerator.unwrap_model(trainer.model)
     names = {id(p): name for name, p in model.named_parameters()}
     main, vision = trainer.optimizer.param_groups
@@ -500,8 +655,9 @@ def test_captions_repeat_the_class_word_once_per_id_token_and_the_trigger_never_
         encoder.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
     man = tokenizers[0].convert_tokens_to_ids("man</w>")
 
-    hidden, masks, pooled = encode_caption("a photo of a man img", tokenizers, encoders, num_id_tokens=6,
-                                           trigger_word="img", device=torch.device("cpu"))
+    hidden, masks, pooled = encode_caption(
+        "a photo of a man img", tokenizers, encoders, num_id_tokens=6, trigger_word="img", device=torch.device("cpu")
+    )
     assert [tuple(h.shape) for h in hidden] == [(77, 32), (77, 96)] and tuple(pooled.shape) == (32,)
     for ids, mask, trigger_id in zip(seen, masks, trigger_ids, strict=True):
         assert trigger_id not in ids[0].tolist()
@@ -509,8 +665,9 @@ def test_captions_repeat_the_class_word_once_per_id_token_and_the_trigger_never_
         assert mask.nonzero().flatten().tolist() == [5, 6, 7, 8, 9, 10]  # BOS a photo of a | man x 6
 
     seen.clear()
-    _, masks, _ = encode_caption("", tokenizers, encoders, num_id_tokens=6, trigger_word="img",
-                                 device=torch.device("cpu"))
+    _, masks, _ = encode_caption(
+        "", tokenizers, encoders, num_id_tokens=6, trigger_word="img", device=torch.device("cpu")
+    )
     assert masks == [None, None] and seen[0][0, :2].tolist() == [49406, 49407]
 
 
@@ -600,8 +757,9 @@ def test_gradient_accumulation_syncs_once_per_step_and_equals_the_larger_batch(t
     """Only the last micro-batch may sync gradients: under DeepSpeed each synced backward is an optimiser step."""
     from photomaker.train.loop import Trainer
 
-    accumulated = Trainer(_config(data_dir, tmp_path / "a", tiny_dir, gradient_accumulation_steps=2,
-                                  learning_rate=1e-3))
+    accumulated = Trainer(
+        _config(data_dir, tmp_path / "a", tiny_dir, gradient_accumulation_steps=2, learning_rate=1e-3)
+    )
     synced = []
     backward = accumulated.accelerator.backward
 

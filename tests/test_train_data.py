@@ -97,9 +97,13 @@ def test_buckets_are_sdxl_s_at_1024_and_multiples_of_32_near_the_resolution_squa
 
 @pytest.mark.parametrize(
     ("size", "face", "share"),
-    [((512, 512), (179, 83, 267, 171), 0.10), ((512, 600), (161, 137, 377, 353), 0.10),
-     ((1600, 600), (700, 200, 800, 300), 0.10), ((600, 1600), (250, 100, 350, 200), 0.25),
-     ((300, 300), (20, 40, 280, 290), 0.10)],
+    [
+        ((512, 512), (179, 83, 267, 171), 0.10),
+        ((512, 600), (161, 137, 377, 353), 0.10),
+        ((1600, 600), (700, 200, 800, 300), 0.10),
+        ((600, 1600), (250, 100, 350, 200), 0.25),
+        ((300, 300), (20, 40, 280, 290), 0.10),
+    ],
 )
 def test_crop_holds_the_face_at_the_share_inside_the_photo_at_a_bucket_aspect(
     size: tuple[int, int], face: tuple[int, int, int, int], share: float
@@ -172,7 +176,7 @@ def test_face_hair_mask_covers_the_face_grows_upward_and_feathers() -> None:
     box = (100, 120, 160, 180)
     mask = np.asarray(face_hair_mask((256, 320), box))
     assert mask.shape == (320, 256)
-    assert (mask[box[1]:box[3], box[0] + 10:box[2] - 10] == 255).all()
+    assert (mask[box[1] : box[3], box[0] + 10 : box[2] - 10] == 255).all()
     assert mask[box[1] - 30, 130] == 255  # hair above the box
     assert mask[box[3] + 30, 130] == 0  # well below the chin
     assert mask[0, 0] == 0 and mask[-1, -1] == 0
@@ -211,9 +215,18 @@ def _save_tiny_person_segformer(folder: Path) -> Path:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     config = SegformerConfig(
-        num_channels=3, num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[8], patch_sizes=[3],
-        strides=[2], num_attention_heads=[1], mlp_ratios=[1], decoder_hidden_size=8,
-        id2label={0: "background", 1: "person"}, label2id={"background": 0, "person": 1},
+        num_channels=3,
+        num_encoder_blocks=1,
+        depths=[1],
+        sr_ratios=[1],
+        hidden_sizes=[8],
+        patch_sizes=[3],
+        strides=[2],
+        num_attention_heads=[1],
+        mlp_ratios=[1],
+        decoder_hidden_size=8,
+        id2label={0: "background", 1: "person"},
+        label2id={"background": 0, "person": 1},
     )
     model = SegformerForSemanticSegmentation(config)
     model.decode_head.classifier.bias.data[:] = 0.0
@@ -243,8 +256,9 @@ def test_pipeline_uses_the_segmentation_model_and_the_captioner(tmp_path: Path, 
         captioned.append(image.size)
         return "a lady in uniform"
 
-    summary = prepare_data(tmp_path / "src", tmp_path / "data", config, face_analyzer=dlib_analyzer,
-                           captioner=captioner, progress=False)
+    summary = prepare_data(
+        tmp_path / "src", tmp_path / "data", config, face_analyzer=dlib_analyzer, captioner=captioner, progress=False
+    )
     assert summary.kept == 1
     (record,) = _jsonl(tmp_path / "data" / "manifest.jsonl")
     assert record["caption"] == "a woman img in uniform"
@@ -357,8 +371,9 @@ def test_a_photo_added_later_never_overwrites_the_files_of_a_kept_one(
     first_image = (tmp_path / "data" / first["image"]).read_bytes()
     # Sorted before a.jpg, the new photo would take its output name "a" if names were given afresh.
     open_image(GRACE_HOPPER).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(grace / "a.bmp")
-    resumed = prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer,
-                           progress=False)
+    resumed = prepare_data(
+        tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer, progress=False
+    )
     assert (resumed.already_done, resumed.kept) == (1, 1)
     records = _jsonl(tmp_path / "data" / "manifest.jsonl")
     assert records[0] == first
@@ -371,7 +386,7 @@ def test_a_damaged_line_inside_the_manifest_is_named(tmp_path: Path) -> None:
 
     DataFolder(tmp_path, {"resolution": 256})
     good = json.dumps({"source": "/photos/a.png", "identity": "a"})
-    (tmp_path / "manifest.jsonl").write_text(good + "\n{\"source\": \n" + good + "\n")
+    (tmp_path / "manifest.jsonl").write_text(good + '\n{"source": \n' + good + "\n")
     with pytest.raises(TrainingDataError, match=r"manifest.jsonl line 2 is not a prepare-data record.*--overwrite"):
         DataFolder(tmp_path, {"resolution": 256})
     (tmp_path / "manifest.jsonl").write_text(good + "\n[]\n")
@@ -453,8 +468,9 @@ def test_photos_of_other_types_are_read_and_unreadable_files_reported(
     (grace / ".DS_Store").write_bytes(b"\x00")  # hidden: the system's, not the user's
     open_image(GRACE_HOPPER).save(tmp_path / "src" / "loose.jpg")
     with caplog.at_level("WARNING", logger="photomaker.train.data"):
-        summary = prepare_data(tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer,
-                               progress=False)
+        summary = prepare_data(
+            tmp_path / "src", tmp_path / "data", TEST_CONFIG, face_analyzer=dlib_analyzer, progress=False
+        )
     assert (summary.seen, summary.kept, dict(summary.dropped)) == (2, 1, {"read": 1})
     assert [Path(r["source"]).name for r in _jsonl(tmp_path / "data" / "manifest.jsonl")] == ["portrait.tif"]
     [dropped] = _jsonl(tmp_path / "data" / "report.jsonl")
@@ -468,8 +484,20 @@ def test_module_command_prints_the_summary(tmp_path: Path, capsys: pytest.Captur
     src.mkdir(parents=True)
     open_image(GRACE_HOPPER).save(src / "portrait.png")
     (src / "portrait.txt").write_text("a man at a desk")
-    code = main([str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--resolution", "256",
-                 "--min-face-size", "64", "--class-word", "man", "--no-progress"])
+    code = main(
+        [
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "data"),
+            "--resolution",
+            "256",
+            "--min-face-size",
+            "64",
+            "--class-word",
+            "man",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert "prepare-data: 1 seen, 0 done before, 1 kept, 0 dropped (read 0, detect 0" in capsys.readouterr().out
     code = main([str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--resolution", "512", "--no-progress"])
@@ -511,8 +539,14 @@ def test_v2_saves_the_raw_512d_embedding_of_the_training_image(tmp_path: Path, d
     Image.fromarray(astronaut).save(src / "marked.png")
     Image.fromarray(astronaut[:, ::-1]).save(src / "marked_mirror.png")
     config = PrepareDataConfig(resolution=256, min_face_size=64, pm_version=2)
-    summary = prepare_data(tmp_path / "src", tmp_path / "data", config, face_analyzer=dlib_analyzer,
-                           embedding_analyzer=insightface, progress=False)
+    summary = prepare_data(
+        tmp_path / "src",
+        tmp_path / "data",
+        config,
+        face_analyzer=dlib_analyzer,
+        embedding_analyzer=insightface,
+        progress=False,
+    )
     assert summary.kept == 2 and summary.dropped == {"embedding": 1}
     for record in _jsonl(tmp_path / "data" / "manifest.jsonl"):
         stem = Path(record["source"]).stem
@@ -522,5 +556,11 @@ def test_v2_saves_the_raw_512d_embedding_of_the_training_image(tmp_path: Path, d
         assert saved.dtype == np.float32 and saved.shape == (512,)
         np.testing.assert_allclose(saved, insightface.embed(image, insightface.detect(image)[0]), rtol=1e-6)
     with pytest.raises(TrainingDataError, match="v2 needs 512-d InsightFace embeddings; the dlib backend gives 128-d"):
-        prepare_data(tmp_path / "src", tmp_path / "other", config, face_analyzer=dlib_analyzer,
-                     embedding_analyzer=dlib_analyzer, progress=False)
+        prepare_data(
+            tmp_path / "src",
+            tmp_path / "other",
+            config,
+            face_analyzer=dlib_analyzer,
+            embedding_analyzer=dlib_analyzer,
+            progress=False,
+        )

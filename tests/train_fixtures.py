@@ -9,8 +9,13 @@ import numpy as np
 from PIL import Image
 
 
-def write_dataset(root: Path, identities: dict[str, int], size: int | tuple[int, int] = 64,
-                  with_embeddings: bool = False, seed: int = 0) -> Path:
+def write_dataset(
+    root: Path,
+    identities: dict[str, int],
+    size: int | tuple[int, int] = 64,
+    with_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
     """DATA with ``identities[name]`` images each: a coloured disc ("face") on a patterned background.
 
     Each identity has its own colour, so the model has something identity-specific to learn; the mask is the
@@ -39,8 +44,20 @@ def write_dataset(root: Path, identities: dict[str, int], size: int | tuple[int,
                 (root / embedding).parent.mkdir(parents=True, exist_ok=True)
                 np.save(root / embedding, rng.standard_normal(512).astype(np.float32))
             box = [int(cx - radius), int(cy - radius), int(cx + radius), int(cy + radius)]
-            lines.append({"identity": identity, "image": image, "mask": mask, "caption": "a photo of a man img",
-                          "class_word": "man", "trigger_word": "img", "face_box": box, "width": width,
-                          "height": height, "source": f"synthetic/{identity}/{stem}", "face_embedding": embedding})
+            lines.append(
+                {
+                    "identity": identity,
+                    "image": image,
+                    "mask": mask,
+                    "caption": "a photo of a man img",
+                    "class_word": "man",
+                    "trigger_word": "img",
+                    "face_box": box,
+                    "width": width,
+                    "height": height,
+                    "source": f"synthetic/{identity}/{stem}",
+                    "face_embedding": embedding,
+                }
+            )
     (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root

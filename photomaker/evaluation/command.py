@@ -47,11 +47,32 @@ PAPER_STEPS = 50
 PAPER_GUIDANCE = 5.0
 NO_STYLE = "(No style)"
 # Generation flags -> GenerationRequest fields (None: the request's default)
-_REQUEST_FLAGS = ("style", "num_steps", "style_strength", "guidance_scale", "fast", "negative_prompt", "width",
-                  "height", "aspect_ratio", "crop_faces", "best_of")
+_REQUEST_FLAGS = (
+    "style",
+    "num_steps",
+    "style_strength",
+    "guidance_scale",
+    "fast",
+    "negative_prompt",
+    "width",
+    "height",
+    "aspect_ratio",
+    "crop_faces",
+    "best_of",
+)
 # ServiceConfig fields that change the images (where the model runs and what is cached do not)
-_IMAGE_FIELDS = ("base_model", "adapter", "adapter_weight_name", "pm_version", "dtype", "variant", "tiny_dir",
-                 "face_backend", "fast_lora_dir", "trigger_word")
+_IMAGE_FIELDS = (
+    "base_model",
+    "adapter",
+    "adapter_weight_name",
+    "pm_version",
+    "dtype",
+    "variant",
+    "tiny_dir",
+    "face_backend",
+    "fast_lora_dir",
+    "trigger_word",
+)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,44 +80,84 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from photomaker.cli import MODEL_GROUP
 
     inputs = parser.add_argument_group("inputs")
-    inputs.add_argument("--ids", required=True, metavar="IDS",
-                        help="folder with one sub-folder of photos per person (optional class.txt: 'man', 'woman')")
-    inputs.add_argument("--prompts", metavar="PROMPTS",
-                        help="text file, one prompt per line with '{class}' (or a class word) and the trigger "
-                             "'img'; default: the 40 shipped prompts")
+    inputs.add_argument(
+        "--ids",
+        required=True,
+        metavar="IDS",
+        help="folder with one sub-folder of photos per person (optional class.txt: 'man', 'woman')",
+    )
+    inputs.add_argument(
+        "--prompts",
+        metavar="PROMPTS",
+        help="text file, one prompt per line with '{class}' (or a class word) and the trigger "
+        "'img'; default: the 40 shipped prompts",
+    )
     inputs.add_argument("--out", required=True, metavar="OUT", help="folder for images, results and summary")
 
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--images-per-prompt", type=int, default=4, metavar="N")
-    protocol.add_argument("--num-references", type=int, default=4, metavar="N",
-                          help="reference photos given to the generator (the first N by name); metrics compare "
-                               "with all of the identity's photos")
-    protocol.add_argument("--seed", type=int, default=0, metavar="N",
-                          help="base of the seed schedule (each image's seed: this, identity, prompt, image index)")
-    protocol.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                          help=f"run each value on the same seeds; repeat for a grid. Keys: {', '.join(SWEEP_KEYS)}")
+    protocol.add_argument(
+        "--num-references",
+        type=int,
+        default=4,
+        metavar="N",
+        help="reference photos given to the generator (the first N by name); metrics compare "
+        "with all of the identity's photos",
+    )
+    protocol.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="base of the seed schedule (each image's seed: this, identity, prompt, image index)",
+    )
+    protocol.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help=f"run each value on the same seeds; repeat for a grid. Keys: {', '.join(SWEEP_KEYS)}",
+    )
 
     generation = parser.add_argument_group("generation (default: the paper's protocol)")
     generation.add_argument("--style", default=NO_STYLE, metavar="NAME", help=f"style template (default {NO_STYLE!r})")
     generation.add_argument("--steps", type=int, dest="num_steps", default=PAPER_STEPS, metavar="N")
     generation.add_argument("--style-strength", type=float, metavar="PCT", help="percent, 15-50 (default 20)")
     generation.add_argument("--guidance", type=float, dest="guidance_scale", default=PAPER_GUIDANCE, metavar="G")
-    generation.add_argument("--fast", nargs="?", const=DEFAULT_FAST_PRESET, metavar="PRESET",
-                            help=f"few-step mode (--fast alone: {DEFAULT_FAST_PRESET})")
+    generation.add_argument(
+        "--fast",
+        nargs="?",
+        const=DEFAULT_FAST_PRESET,
+        metavar="PRESET",
+        help=f"few-step mode (--fast alone: {DEFAULT_FAST_PRESET})",
+    )
     generation.add_argument("--negative-prompt", metavar="TEXT")
     generation.add_argument("--aspect", dest="aspect_ratio", metavar="NAME")
     generation.add_argument("--width", type=int, metavar="PX")
     generation.add_argument("--height", type=int, metavar="PX")
-    generation.add_argument("--no-crop", action="store_false", dest="crop_faces", default=None,
-                            help="give the generator the photos as they are instead of cropped around the face")
-    generation.add_argument("--best-of", type=int, metavar="N",
-                            help="make N candidates per image and keep the most alike (raises Face Sim by choice)")
+    generation.add_argument(
+        "--no-crop",
+        action="store_false",
+        dest="crop_faces",
+        default=None,
+        help="give the generator the photos as they are instead of cropped around the face",
+    )
+    generation.add_argument(
+        "--best-of",
+        type=int,
+        metavar="N",
+        help="make N candidates per image and keep the most alike (raises Face Sim by choice)",
+    )
 
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_DIR", help="for CLIP-T and CLIP-I")
     metrics.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, metavar="ID_OR_DIR")
-    metrics.add_argument("--metric-face-backend", choices=("dlib", "insightface", "none"), default="dlib",
-                         help="face embeddings for Face Sim / Face Div (the same for every setting; default dlib)")
+    metrics.add_argument(
+        "--metric-face-backend",
+        choices=("dlib", "insightface", "none"),
+        default="dlib",
+        help="face embeddings for Face Sim / Face Div (the same for every setting; default dlib)",
+    )
     metrics.add_argument("--metric-device", metavar="DEVICE", help="device of the scoring models (default: best)")
     metrics.add_argument("--fid-real", metavar="DIR", help="folder of real photos: adds FID per setting")
 
@@ -118,8 +179,16 @@ def build_plan(args: argparse.Namespace, config: ServiceConfig) -> EvalPlan:
     check_identity_prompts(identities, prompts, config.trigger_word)
     request = {name: getattr(args, name) for name in _REQUEST_FLAGS if getattr(args, name) is not None}
     model = {name: getattr(config, name) for name in _IMAGE_FIELDS}
-    return EvalPlan(identities, prompts, build_settings(args.sweep), args.images_per_prompt, args.num_references,
-                    args.seed, request, model)
+    return EvalPlan(
+        identities,
+        prompts,
+        build_settings(args.sweep),
+        args.images_per_prompt,
+        args.num_references,
+        args.seed,
+        request,
+        model,
+    )
 
 
 def _real_photos(folder: str) -> list[Path]:
@@ -158,8 +227,16 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     def load_scorers() -> Scorers:
         if not scorers:
-            scorers.append(Scorers.load(args.clip_model, args.dino_model, face_backend, args.face_model_dir,
-                                        args.metric_device or device, base_config.trigger_word))
+            scorers.append(
+                Scorers.load(
+                    args.clip_model,
+                    args.dino_model,
+                    face_backend,
+                    args.face_model_dir,
+                    args.metric_device or device,
+                    base_config.trigger_word,
+                )
+            )
         return scorers[0]
 
     out = Path(args.out)

@@ -57,8 +57,10 @@ def load_prompts(path: str | os.PathLike[str] | None = None, trigger_word: str =
             raise PromptError(f"{path} line {number} ({prompt!r}): {error}") from None
         prompts.append(prompt)
     if not prompts:
-        raise InvalidRequestError(f"prompts file {str(path)!r} has no prompts (one per line, e.g. "
-                                  f"'a photo of a {CLASS_PLACEHOLDER} {trigger_word} on a beach').")
+        raise InvalidRequestError(
+            f"prompts file {str(path)!r} has no prompts (one per line, e.g. "
+            f"'a photo of a {CLASS_PLACEHOLDER} {trigger_word} on a beach')."
+        )
     return prompts
 
 
@@ -74,8 +76,7 @@ class Identity:
 def _read_class_word(path: Path) -> str:
     word = path.read_text(encoding="utf-8").strip()
     if not word or len(word.split()) > 3:
-        raise InvalidRequestError(f"{path} must hold one class word such as 'man', 'woman' or 'person', "
-                                  f"got {word!r}.")
+        raise InvalidRequestError(f"{path} must hold one class word such as 'man', 'woman' or 'person', got {word!r}.")
     return word
 
 
@@ -83,34 +84,43 @@ def load_identities(ids_dir: str | os.PathLike[str]) -> list[Identity]:
     """Every sub-folder of `ids_dir` that holds photos, sorted by name."""
     root = Path(ids_dir)
     if not root.is_dir():
-        raise InvalidRequestError(f"identities folder {str(root)!r} not found; --ids needs a folder with one "
-                                  "sub-folder of photos per person.")
+        raise InvalidRequestError(
+            f"identities folder {str(root)!r} not found; --ids needs a folder with one sub-folder of photos per person."
+        )
     identities = []
     for folder in sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")):
         files = [path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")]
         photos = tuple(sorted(path for path in files if path.suffix.lower() in PHOTO_SUFFIXES))
         skipped = sorted(path.name for path in files if path not in photos and path.name != CLASS_FILE)
         if skipped:
-            logger.warning("identity folder %s: %s not used (photos must be %s)", folder, ", ".join(skipped),
-                           ", ".join(PHOTO_SUFFIXES))
+            logger.warning(
+                "identity folder %s: %s not used (photos must be %s)",
+                folder,
+                ", ".join(skipped),
+                ", ".join(PHOTO_SUFFIXES),
+            )
         if not photos:
             raise IDImageError(f"identity folder {str(folder)!r} has no photos ({', '.join(PHOTO_SUFFIXES)}).")
         class_file = folder / CLASS_FILE
         class_word = _read_class_word(class_file) if class_file.is_file() else DEFAULT_CLASS_WORD
         identities.append(Identity(folder.name, photos, class_word))
     if not identities:
-        raise InvalidRequestError(f"identities folder {str(root)!r} has no sub-folders; put each person's photos "
-                                  "in a folder of their own, e.g. IDS/alice/1.jpg.")
+        raise InvalidRequestError(
+            f"identities folder {str(root)!r} has no sub-folders; put each person's photos "
+            "in a folder of their own, e.g. IDS/alice/1.jpg."
+        )
     return identities
 
 
-def check_identity_prompts(identities: list[Identity], prompts: list[str],
-                           trigger_word: str = DEFAULT_TRIGGER_WORD) -> None:
+def check_identity_prompts(
+    identities: list[Identity], prompts: list[str], trigger_word: str = DEFAULT_TRIGGER_WORD
+) -> None:
     """Every prompt must still be valid with every identity's class word filled in."""
     for identity in identities:
         for prompt in prompts:
             try:
                 check_prompt_text(fill_class(prompt, identity.class_word), trigger_word)
             except PhotoMakerError as error:
-                raise PromptError(f"prompt {prompt!r} with class word {identity.class_word!r} of identity "
-                                  f"{identity.name!r}: {error}") from None
+                raise PromptError(
+                    f"prompt {prompt!r} with class word {identity.class_word!r} of identity {identity.name!r}: {error}"
+                ) from None

@@ -63,9 +63,16 @@ class References:
 class Scorers:
     """The scoring models: CLIP (image and text), DINO, and a face analyzer; loaded once, used for every image."""
 
-    def __init__(self, clip_model: Any, clip_processor: Any, dino_model: Any, dino_processor: Any,
-                 face_analyzer: FaceAnalyzer | None, device: str = "cpu",
-                 trigger_word: str = DEFAULT_TRIGGER_WORD) -> None:
+    def __init__(
+        self,
+        clip_model: Any,
+        clip_processor: Any,
+        dino_model: Any,
+        dino_processor: Any,
+        face_analyzer: FaceAnalyzer | None,
+        device: str = "cpu",
+        trigger_word: str = DEFAULT_TRIGGER_WORD,
+    ) -> None:
         self.clip_model = clip_model
         self.clip_processor = clip_processor
         self.dino_model = dino_model
@@ -75,9 +82,15 @@ class Scorers:
         self.trigger_word = trigger_word
 
     @classmethod
-    def load(cls, clip_model: str | None = DEFAULT_CLIP_MODEL, dino_model: str | None = DEFAULT_DINO_MODEL,
-             face_backend: str | None = "dlib", face_model_dir: str | None = None,
-             device: str | None = None, trigger_word: str = DEFAULT_TRIGGER_WORD) -> Scorers:
+    def load(
+        cls,
+        clip_model: str | None = DEFAULT_CLIP_MODEL,
+        dino_model: str | None = DEFAULT_DINO_MODEL,
+        face_backend: str | None = "dlib",
+        face_model_dir: str | None = None,
+        device: str | None = None,
+        trigger_word: str = DEFAULT_TRIGGER_WORD,
+    ) -> Scorers:
         """Load the models by Hub id or local folder (``from_pretrained``); a None model or backend skips its
         metrics (None in every row), as training's validation does when it has no CLIP or DINO model."""
         from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
@@ -85,19 +98,38 @@ class Scorers:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         clip = clip_processor = dino = dino_processor = None
         if clip_model is not None:
-            clip, clip_processor = _load_scoring_model(clip_model, CLIPModel, AutoProcessor, "CLIP model (CLIP-T, "
-                                                       "CLIP-I)", "--clip-model", DEFAULT_CLIP_MODEL, "a CLIPModel")
+            clip, clip_processor = _load_scoring_model(
+                clip_model,
+                CLIPModel,
+                AutoProcessor,
+                "CLIP model (CLIP-T, CLIP-I)",
+                "--clip-model",
+                DEFAULT_CLIP_MODEL,
+                "a CLIPModel",
+            )
             clip = clip.to(device)
         if dino_model is not None:
-            dino, dino_processor = _load_scoring_model(dino_model, AutoModel, AutoImageProcessor, "DINO model",
-                                                       "--dino-model", DEFAULT_DINO_MODEL, "a ViT model")
+            dino, dino_processor = _load_scoring_model(
+                dino_model,
+                AutoModel,
+                AutoImageProcessor,
+                "DINO model",
+                "--dino-model",
+                DEFAULT_DINO_MODEL,
+                "a ViT model",
+            )
             dino = dino.to(device)
         analyzer = get_face_analyzer(face_backend, face_model_dir) if face_backend else None  # type: ignore[arg-type]
         return cls(clip, clip_processor, dino, dino_processor, analyzer, device, trigger_word)
 
     @torch.no_grad()
-    def _image_embeds(self, images: Sequence[Image.Image], processor: Any, model: Any,
-                      features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _image_embeds(
+        self,
+        images: Sequence[Image.Image],
+        processor: Any,
+        model: Any,
+        features: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """(N, D) float32 `features` of the processed images, SCORE_BATCH images per forward pass."""
         out = []
         for chunk in _chunks(images, SCORE_BATCH):
@@ -107,20 +139,29 @@ class Scorers:
 
     def clip_image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) projected CLIP image embeddings."""
-        return self._image_embeds(images, self.clip_processor, self.clip_model,
-                                  lambda pixels: self.clip_model.get_image_features(pixel_values=pixels).pooler_output)
+        return self._image_embeds(
+            images,
+            self.clip_processor,
+            self.clip_model,
+            lambda pixels: self.clip_model.get_image_features(pixel_values=pixels).pooler_output,
+        )
 
     @torch.no_grad()
     def clip_text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) projected CLIP text embeddings (long prompts truncated to CLIP's 77 tokens)."""
-        tokens = self.clip_processor.tokenizer(list(texts), padding=True, truncation=True, max_length=77,
-                                               return_tensors="pt").to(self.device)
+        tokens = self.clip_processor.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt"
+        ).to(self.device)
         return self.clip_model.get_text_features(**tokens).pooler_output.float().cpu()
 
     def dino_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) DINO CLS-token embeddings of the last layer."""
-        return self._image_embeds(images, self.dino_processor, self.dino_model,
-                                  lambda pixels: self.dino_model(pixel_values=pixels).last_hidden_state[:, 0])
+        return self._image_embeds(
+            images,
+            self.dino_processor,
+            self.dino_model,
+            lambda pixels: self.dino_model(pixel_values=pixels).last_hidden_state[:, 0],
+        )
 
     def face_embedding(self, image: Image.Image) -> np.ndarray | None:
         """The largest face's identity embedding, or None when there is no face (or no face backend)."""
@@ -137,8 +178,9 @@ class Scorers:
         images = [load_image(photo) for photo in photos]
         faces = None
         if self.face_analyzer is not None:
-            prepared = prepare_id_photos(images, self.face_analyzer, crop=False, need_embeddings=True,
-                                         names=names, noun="reference photo")
+            prepared = prepare_id_photos(
+                images, self.face_analyzer, crop=False, need_embeddings=True, names=names, noun="reference photo"
+            )
             faces = prepared.face_embeds
         clip = self.clip_image_embeds(images) if self.clip_model is not None else None
         dino = self.dino_embeds(images) if self.dino_model is not None else None
@@ -149,8 +191,9 @@ class Scorers:
         return strip_trigger_word(prompt, self.trigger_word)[0]
 
 
-def _load_scoring_model(name: str, model_class: Any, processor_class: Any, what: str, flag: str, example: str,
-                        kind: str) -> tuple[Any, Any]:
+def _load_scoring_model(
+    name: str, model_class: Any, processor_class: Any, what: str, flag: str, example: str, kind: str
+) -> tuple[Any, Any]:
     """(model in eval mode, processor) from a Hub id or a local folder; a failure says which flag to change."""
     try:
         return model_class.from_pretrained(name).eval(), processor_class.from_pretrained(name)
@@ -197,8 +240,12 @@ def score_images(
     if scorers.clip_model is not None and references.clip is not None:
         image_clip = scorers.clip_image_embeds(images)
         text_clip = scorers.clip_text_embeds([scorers.prompt_text(prompt) for prompt in prompts])
-        clip_t = (100.0 * (torch.nn.functional.normalize(image_clip, dim=-1)
-                           * torch.nn.functional.normalize(text_clip, dim=-1)).sum(-1)).tolist()
+        clip_t = (
+            100.0
+            * (
+                torch.nn.functional.normalize(image_clip, dim=-1) * torch.nn.functional.normalize(text_clip, dim=-1)
+            ).sum(-1)
+        ).tolist()
         clip_i = _cosine(image_clip, references.clip).mean(dim=1).tolist()
     if scorers.dino_model is not None and references.dino is not None:
         dino = _cosine(scorers.dino_embeds(images), references.dino).mean(dim=1).tolist()
@@ -214,15 +261,17 @@ def score_images(
         face_sim = None
         if face is not None and references.faces is not None and analyzer is not None:
             face_sim = float(np.mean([analyzer.similarity(face, ref) for ref in references.faces]))
-        rows.append({
-            "face_sim": face_sim,
-            "face_found": face is not None if analyzer is not None else None,
-            "face_div": diversity[groups[index]],
-            "group": groups[index],
-            "clip_t": clip_t[index],
-            "clip_i": clip_i[index],
-            "dino": dino[index],
-        })
+        rows.append(
+            {
+                "face_sim": face_sim,
+                "face_found": face is not None if analyzer is not None else None,
+                "face_div": diversity[groups[index]],
+                "group": groups[index],
+                "clip_t": clip_t[index],
+                "clip_i": clip_i[index],
+                "dino": dino[index],
+            }
+        )
     return rows
 
 
@@ -272,8 +321,10 @@ def clip_image_embeddings(images: Iterable[Any], scorers: Scorers) -> torch.Tens
     """(N, D) CLIP image embeddings of images or paths, read a batch at a time (thousands fit in memory)."""
     from photomaker.images import load_image
 
-    batches = [scorers.clip_image_embeds([load_image(image).convert("RGB") for image in chunk])
-               for chunk in _chunks(images, SCORE_BATCH)]
+    batches = [
+        scorers.clip_image_embeds([load_image(image).convert("RGB") for image in chunk])
+        for chunk in _chunks(images, SCORE_BATCH)
+    ]
     return torch.cat(batches) if batches else torch.empty(0, int(scorers.clip_model.config.projection_dim))
 
 

@@ -48,11 +48,11 @@ def _cell(value: Any, factor: float) -> str:
 def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per setting; cosines x 100 as in the paper."""
     columns = _columns(summary)
-    lines = ["| setting | " + " | ".join(title for _, title, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = ["| setting | " + " | ".join(title for _, title, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for setting, values in summary.items():
-        lines.append(f"| {setting} | " + " | ".join(_cell(values.get(key), factor) for key, _, factor in columns)
-                     + " |")
+        lines.append(
+            f"| {setting} | " + " | ".join(_cell(values.get(key), factor) for key, _, factor in columns) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -87,11 +87,15 @@ def compare(summary: Mapping[str, Mapping[str, Any]], other: Mapping[str, Mappin
     if not pairs and len(summary) == 1 and len(other) == 1:
         pairs = [(next(iter(summary)), next(iter(other)))]
     if not pairs:
-        raise InvalidRequestError(f"--compare: no setting in common (this run: {', '.join(summary)}; other: "
-                                  f"{', '.join(other)}); compare runs of the same sweep.")
+        raise InvalidRequestError(
+            f"--compare: no setting in common (this run: {', '.join(summary)}; other: "
+            f"{', '.join(other)}); compare runs of the same sweep."
+        )
     columns = [column for column in _columns({**summary, **other}) if column[0] != "n"]
-    lines = ["| setting | " + " | ".join(f"Δ {title}" for _, title, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = [
+        "| setting | " + " | ".join(f"Δ {title}" for _, title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for mine, theirs in pairs:
         cells = []
         for key, _, factor in columns:
@@ -112,8 +116,11 @@ def plot_tradeoff(summary: Mapping[str, Mapping[str, Any]], path: Path, size: tu
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    placed = {name: (values["clip_t"], values["face_sim"] * 100) for name, values in summary.items()
-              if values.get("clip_t") is not None and values.get("face_sim") is not None}
+    placed = {
+        name: (values["clip_t"], values["face_sim"] * 100)
+        for name, values in summary.items()
+        if values.get("clip_t") is not None and values.get("face_sim") is not None
+    }
     unplaced = [name for name in summary if name not in placed]
 
     xs = [x for x, _ in placed.values()] or [0.0]
@@ -127,8 +134,10 @@ def plot_tradeoff(summary: Mapping[str, Mapping[str, Any]], path: Path, size: tu
     (x0, x1), (y0, y1) = span(xs), span(ys)
 
     def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+        return (
+            left + (x - x0) / (x1 - x0) * (width - left - right),
+            height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom),
+        )
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for fraction in (0.0, 0.5, 1.0):

@@ -88,28 +88,41 @@ def plan_items(plan: EvalPlan, out_dir: Path) -> list[WorkItem]:
     for setting in plan.settings:
         folder = setting_folder(setting.label)
         if folders.setdefault(folder, setting.label) != setting.label:
-            raise InvalidRequestError(f"settings {folders[folder]!r} and {setting.label!r} would share the folder "
-                               f"{folder!r}; give the values different names.")
+            raise InvalidRequestError(
+                f"settings {folders[folder]!r} and {setting.label!r} would share the folder "
+                f"{folder!r}; give the values different names."
+            )
         num_references = setting.num_references or plan.num_references
         if num_references < 1:
             raise InvalidRequestError(f"setting {setting.label!r}: num_references must be at least 1.")
         for identity in plan.identities:
             if len(identity.photos) < num_references:
-                raise IDImageError(f"identity {identity.name!r} has {len(identity.photos)} photos but "
-                                   f"{num_references} references are asked; add photos or lower --num-references.")
+                raise IDImageError(
+                    f"identity {identity.name!r} has {len(identity.photos)} photos but "
+                    f"{num_references} references are asked; add photos or lower --num-references."
+                )
             references = identity.photos[:num_references]
             for prompt_index, template in enumerate(plan.prompts):
                 prompt = fill_class(template, identity.class_word)
                 for image_index in range(plan.images_per_prompt):
                     seed = image_seed(plan.base_seed, identity.name, prompt_index, image_index)
                     request = {**plan.request, **setting.request}
-                    fingerprint = _fingerprint({
-                        "prompt": prompt, "seed": seed, "request": request, "model": {**plan.model, **setting.service},
-                        "references": [path.name for path in references], "identity": identity.name,
-                    })
+                    fingerprint = _fingerprint(
+                        {
+                            "prompt": prompt,
+                            "seed": seed,
+                            "request": request,
+                            "model": {**plan.model, **setting.service},
+                            "references": [path.name for path in references],
+                            "identity": identity.name,
+                        }
+                    )
                     path = out_dir / IMAGES_DIR / folder / identity.name / f"{prompt_index:02d}-{image_index}.png"
-                    items.append(WorkItem(setting, identity, prompt_index, image_index, prompt, seed, references,
-                                          path, fingerprint))
+                    items.append(
+                        WorkItem(
+                            setting, identity, prompt_index, image_index, prompt, seed, references, path, fingerprint
+                        )
+                    )
     return items
 
 
@@ -141,13 +154,17 @@ def generation_request(item: WorkItem, plan: EvalPlan) -> GenerationRequest:
     from photomaker.service import GenerationRequest
 
     fields = {**plan.request, **item.setting.request}
-    return GenerationRequest(id_images=[str(path) for path in item.references], prompt=item.prompt,
-                             seed=item.seed, num_outputs=1, **fields)
+    return GenerationRequest(
+        id_images=[str(path) for path in item.references], prompt=item.prompt, seed=item.seed, num_outputs=1, **fields
+    )
 
 
-def generate_items(items: Sequence[WorkItem], plan: EvalPlan,
-                   make_generate: Callable[[Setting], Generate],
-                   on_image: Callable[[WorkItem], None] = lambda item: None) -> int:
+def generate_items(
+    items: Sequence[WorkItem],
+    plan: EvalPlan,
+    make_generate: Callable[[Setting], Generate],
+    on_image: Callable[[WorkItem], None] = lambda item: None,
+) -> int:
     """Make each item's image (one model per setting, loaded when first needed); return how many were made."""
     made = 0
     current: tuple[Setting, Generate] | None = None
@@ -180,11 +197,13 @@ def _scoring_signature(scorer_spec: dict[str, Any], group: Sequence[WorkItem]) -
     """What a group's rows depend on beyond its images: the scoring models, every reference photo of the
     identity (the metrics compare with all of them, not only the ones the generator saw) and the group's
     members (Face Div is one value over the whole group)."""
-    return _fingerprint({
-        "scorers": scorer_spec,
-        "references": [path.name for path in group[0].identity.photos],
-        "group": [item.fingerprint for item in group],
-    })
+    return _fingerprint(
+        {
+            "scorers": scorer_spec,
+            "references": [path.name for path in group[0].identity.photos],
+            "group": [item.fingerprint for item in group],
+        }
+    )
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -201,8 +220,13 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spec: dict[str, Any],
-                 load_scorers: Callable[[], Scorers], remade: set[str] = frozenset()) -> list[dict[str, Any]]:
+def score_groups(
+    groups: Sequence[Sequence[WorkItem]],
+    out_dir: Path,
+    scorer_spec: dict[str, Any],
+    load_scorers: Callable[[], Scorers],
+    remade: set[str] = frozenset(),
+) -> list[dict[str, Any]]:
     """One row per image of `groups`; a group scored before by the same models against the same references and
     with the same members, none of whose images was made again in this run (fingerprints in `remade`), keeps
     its rows."""
@@ -216,8 +240,9 @@ def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spe
     for group in groups:
         signature = _scoring_signature(scorer_spec, group)
         kept = [earlier.get(item.fingerprint) for item in group]
-        if all(row is not None and row.get("scorers") == signature and row["fingerprint"] not in remade
-               for row in kept):
+        if all(
+            row is not None and row.get("scorers") == signature and row["fingerprint"] not in remade for row in kept
+        ):
             rows.extend(row for row in kept if row is not None)
             continue
         if scorers is None:
@@ -226,22 +251,41 @@ def score_groups(groups: Sequence[Sequence[WorkItem]], out_dir: Path, scorer_spe
         if identity.name not in references:
             references[identity.name] = scorers.references(identity.photos, [path.name for path in identity.photos])
         images = [load_image(item.path) for item in group]
-        metrics = score_images(images, [item.prompt for item in group], references[identity.name], scorers,
-                               groups=[identity.name] * len(group))
+        metrics = score_images(
+            images,
+            [item.prompt for item in group],
+            references[identity.name],
+            scorers,
+            groups=[identity.name] * len(group),
+        )
         for item, values in zip(group, metrics, strict=True):
             seconds = read_parameters(item.path).get(SECONDS_KEY)
-            rows.append({
-                "setting": item.setting.label, "identity": item.identity.name, "prompt_index": item.prompt_index,
-                "image_index": item.image_index, "seed": item.seed, "prompt": item.prompt,
-                "path": str(item.path.relative_to(out_dir)), **values, "seconds": seconds,
-                "fingerprint": item.fingerprint, "scorers": signature,
-            })
+            rows.append(
+                {
+                    "setting": item.setting.label,
+                    "identity": item.identity.name,
+                    "prompt_index": item.prompt_index,
+                    "image_index": item.image_index,
+                    "seed": item.seed,
+                    "prompt": item.prompt,
+                    "path": str(item.path.relative_to(out_dir)),
+                    **values,
+                    "seconds": seconds,
+                    "fingerprint": item.fingerprint,
+                    "scorers": signature,
+                }
+            )
     return rows
 
 
-def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
-                   make_generate: Callable[[Setting], Generate], load_scorers: Callable[[], Scorers],
-                   scorer_spec: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+def run_evaluation(
+    plan: EvalPlan,
+    out_dir: str | Path,
+    state: PartialState,
+    make_generate: Callable[[Setting], Generate],
+    load_scorers: Callable[[], Scorers],
+    scorer_spec: dict[str, Any],
+) -> tuple[list[dict[str, Any]], int]:
     """Generate and score this process's share; return (all rows in plan order, images made by all processes)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -252,8 +296,9 @@ def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
     missing = [item for item in items if recorded_parameters(item) is None]
     state.wait_for_everyone()  # nobody writes before everyone has listed what is done
     mine = shard(missing, state.process_index, state.num_processes)
-    logger.info("process %d/%d: %d of %d images to make", state.process_index, state.num_processes, len(mine),
-                len(items))
+    logger.info(
+        "process %d/%d: %d of %d images to make", state.process_index, state.num_processes, len(mine), len(items)
+    )
     with tqdm(total=len(mine), unit="image", desc="eval", disable=not state.is_main_process) as bar:
         made = _together(state, lambda: generate_items(mine, plan, make_generate, lambda item: bar.update(1)))
     # Every image exists now (_together waited for every process).
@@ -262,9 +307,10 @@ def run_evaluation(plan: EvalPlan, out_dir: str | Path, state: PartialState,
     rows = _together(state, lambda: score_groups(to_score, out, scorer_spec, load_scorers, remade))
     gathered = gather_object([rows])
     made = sum(gather_object([made]))
-    all_rows = sorted((row for part in gathered for row in part),
-                      key=lambda row: (_order(plan, row["setting"]), row["identity"], row["prompt_index"],
-                                       row["image_index"]))
+    all_rows = sorted(
+        (row for part in gathered for row in part),
+        key=lambda row: (_order(plan, row["setting"]), row["identity"], row["prompt_index"], row["image_index"]),
+    )
     if state.is_main_process:
         text = "".join(json.dumps(row) + "\n" for row in all_rows)
         partial = out / f".partial-{RESULTS_FILE}"

@@ -287,12 +287,12 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             detection_sizes = (int(fixed[0]),)
         # SCRFD's feature maps are size / stride cells for strides 8, 16 and 32: other sizes round and misalign.
         bad = [
-            size for size in detection_sizes if not (isinstance(size, (int, np.integer)) and size > 0 and size % 32 == 0)
+            size
+            for size in detection_sizes
+            if not (isinstance(size, (int, np.integer)) and size > 0 and size % 32 == 0)
         ]
         if bad or not detection_sizes:
-            raise ValueError(
-                f"detection_sizes must be positive multiples of 32, got {tuple(detection_sizes)}"
-            )
+            raise ValueError(f"detection_sizes must be positive multiples of 32, got {tuple(detection_sizes)}")
         self.detection_sizes: tuple[int, ...] = tuple(detection_sizes)
         height = self._recogniser_input.shape[2]
         self._chip_size = height if isinstance(height, int) else 112

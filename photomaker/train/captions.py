@@ -45,15 +45,15 @@ def mark_class_word(caption: str, class_word: str, trigger_word: str, *, from_mo
     if match is None and from_model:
         generic = _GENERIC_SUBJECT.search(caption)
         if generic is not None:
-            caption = caption[: generic.start()] + class_word + caption[generic.end():]
+            caption = caption[: generic.start()] + class_word + caption[generic.end() :]
             match = re.search(rf"\b{re.escape(class_word)}\b", caption, re.IGNORECASE)
     if match is None:
         raise ImageRejected(
             "caption",
             f"the caption {caption!r} has no class word {class_word!r} to mark with {trigger_word!r}; add it "
-            f"(e.g. \"a {class_word} {trigger_word} ...\") or set the identity's class word to the word it uses",
+            f'(e.g. "a {class_word} {trigger_word} ...") or set the identity\'s class word to the word it uses',
         )
-    return caption[: match.end()] + f" {trigger_word}" + caption[match.end():]
+    return caption[: match.end()] + f" {trigger_word}" + caption[match.end() :]
 
 
 def template_caption(class_word: str, trigger_word: str) -> str:

@@ -29,16 +29,29 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder (checkpoints, metrics, export)")
     model = parser.add_argument_group("model (as generate's; each defaults to its environment variable)")
     add_model_flags(model, SHARED_MODEL_SETTINGS)
-    model.add_argument("--device", choices=("cpu", "cuda", "mps", "xpu"),
-                       help="cpu forces the CPU; otherwise accelerate places each process on its accelerator "
-                            "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch --gpu_ids)")
-    model.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                       help="weight dtype of the frozen parts; float16/bfloat16 also turn on mixed precision")
-    model.add_argument("--init", default="none", metavar="CKPT|none",
-                       help="PhotoMaker checkpoint to fine-tune, or none for fresh ID heads and LoRA")
-    model.add_argument("--vision-model", metavar="ID_OR_PATH",
-                       help="CLIP vision tower for --init none (default openai/clip-vit-large-patch14; "
-                            "random with --tiny)")
+    model.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "mps", "xpu"),
+        help="cpu forces the CPU; otherwise accelerate places each process on its accelerator "
+        "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch --gpu_ids)",
+    )
+    model.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="weight dtype of the frozen parts; float16/bfloat16 also turn on mixed precision",
+    )
+    model.add_argument(
+        "--init",
+        default="none",
+        metavar="CKPT|none",
+        help="PhotoMaker checkpoint to fine-tune, or none for fresh ID heads and LoRA",
+    )
+    model.add_argument(
+        "--vision-model",
+        metavar="ID_OR_PATH",
+        help="CLIP vision tower for --init none (default openai/clip-vit-large-patch14; random with --tiny)",
+    )
     model.add_argument("--lora-rank", type=int, help="default 64, or the --init checkpoint's rank")
     model.add_argument("--train-vision-layers", type=int, default=2, metavar="N", help="last N vision layers train")
     opt = parser.add_argument_group("optimisation")
@@ -62,14 +75,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--val-identities", default="", metavar="NAME[,NAME]", help="held-out identities")
     run.add_argument("--val-steps", type=int, default=30, help="sampling steps of validation images")
     run.add_argument("--val-size", type=int, help="validation image size; default: the identity's image size")
-    run.add_argument("--val-face-backend", choices=("dlib", "insightface", "none"), default="dlib",
-                     help="face model of the Face Sim / Face Div scores (evaluation's)")
-    run.add_argument("--val-clip-model", metavar="ID_OR_DIR",
-                     help="adds CLIP-T and CLIP-I to the validation scores (e.g. openai/clip-vit-large-patch14); "
-                          "default: none, or tiny random CLIP with --tiny")
-    run.add_argument("--val-dino-model", metavar="ID_OR_DIR",
-                     help="adds DINO to the validation scores (e.g. facebook/dino-vits16); default: none, or tiny "
-                          "random DINO with --tiny")
+    run.add_argument(
+        "--val-face-backend",
+        choices=("dlib", "insightface", "none"),
+        default="dlib",
+        help="face model of the Face Sim / Face Div scores (evaluation's)",
+    )
+    run.add_argument(
+        "--val-clip-model",
+        metavar="ID_OR_DIR",
+        help="adds CLIP-T and CLIP-I to the validation scores (e.g. openai/clip-vit-large-patch14); "
+        "default: none, or tiny random CLIP with --tiny",
+    )
+    run.add_argument(
+        "--val-dino-model",
+        metavar="ID_OR_DIR",
+        help="adds DINO to the validation scores (e.g. facebook/dino-vits16); default: none, or tiny "
+        "random DINO with --tiny",
+    )
     run.add_argument("--report-to", default="tensorboard", help="accelerate tracker: tensorboard, wandb, none")
     run.add_argument("--trigger-word", default="img")
 
@@ -95,21 +118,42 @@ def config_from_args(args: argparse.Namespace):
     model = _model_values(args)
     tiny_dir = model["tiny_dir"]
     return TrainConfig(
-        data_dir=Path(args.data), out_dir=Path(args.out), tiny_dir=tiny_dir,
+        data_dir=Path(args.data),
+        out_dir=Path(args.out),
+        tiny_dir=tiny_dir,
         base_model=model["base_model"] or (None if tiny_dir else DEFAULT_BASE_MODEL),
-        device=args.device, dtype=args.dtype, pm_version=model["pm_version"] or 1, init=args.init,
+        device=args.device,
+        dtype=args.dtype,
+        pm_version=model["pm_version"] or 1,
+        init=args.init,
         vision_model=args.vision_model or (None if tiny_dir else DEFAULT_VISION_MODEL),
-        lora_rank=args.lora_rank, train_vision_layers=args.train_vision_layers, learning_rate=args.learning_rate,
-        vision_learning_rate=args.vision_learning_rate, weight_decay=args.weight_decay,
-        lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_grad_norm=args.max_grad_norm,
-        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_steps=args.max_steps, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-        caption_dropout=args.caption_dropout, mask_loss_prob=args.mask_loss_prob,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, validate_every=args.validate_every,
+        lora_rank=args.lora_rank,
+        train_vision_layers=args.train_vision_layers,
+        learning_rate=args.learning_rate,
+        vision_learning_rate=args.vision_learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        caption_dropout=args.caption_dropout,
+        mask_loss_prob=args.mask_loss_prob,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        validate_every=args.validate_every,
         val_identities=tuple(name for name in args.val_identities.split(",") if name),
-        val_steps=args.val_steps, val_size=args.val_size, val_face_backend=args.val_face_backend,
-        val_clip_model=args.val_clip_model, val_dino_model=args.val_dino_model, face_model_dir=model["face_model_dir"],
-        report_to=args.report_to, trigger_word=args.trigger_word,
+        val_steps=args.val_steps,
+        val_size=args.val_size,
+        val_face_backend=args.val_face_backend,
+        val_clip_model=args.val_clip_model,
+        val_dino_model=args.val_dino_model,
+        face_model_dir=model["face_model_dir"],
+        report_to=args.report_to,
+        trigger_word=args.trigger_word,
     )
 
 

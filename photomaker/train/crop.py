@@ -24,11 +24,46 @@ from PIL import Image
 from photomaker.errors import ImageRejected, TrainingDataError
 
 SDXL_BUCKETS_1024: tuple[tuple[int, int], ...] = (
-    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
-    (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
-    (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
-    (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1344, 704), (1408, 704), (1472, 704),
-    (1536, 640), (1600, 640), (1664, 576), (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512),
+    (512, 2048),
+    (512, 1984),
+    (512, 1920),
+    (512, 1856),
+    (576, 1792),
+    (576, 1728),
+    (576, 1664),
+    (640, 1600),
+    (640, 1536),
+    (704, 1472),
+    (704, 1408),
+    (704, 1344),
+    (768, 1344),
+    (768, 1280),
+    (832, 1216),
+    (832, 1152),
+    (896, 1152),
+    (896, 1088),
+    (960, 1088),
+    (960, 1024),
+    (1024, 1024),
+    (1024, 960),
+    (1088, 960),
+    (1088, 896),
+    (1152, 896),
+    (1152, 832),
+    (1216, 832),
+    (1280, 768),
+    (1344, 768),
+    (1344, 704),
+    (1408, 704),
+    (1472, 704),
+    (1536, 640),
+    (1600, 640),
+    (1664, 576),
+    (1728, 576),
+    (1792, 576),
+    (1856, 512),
+    (1920, 512),
+    (1984, 512),
     (2048, 512),
 )
 """SDXL's (width, height) buckets at 1024, as listed in the SDXL paper (portrait to landscape)."""
@@ -66,8 +101,10 @@ def sdxl_buckets(resolution: int = 1024) -> list[tuple[int, int]]:
         )
     buckets: list[tuple[int, int]] = []
     for width, height in SDXL_BUCKETS_1024:
-        scaled = tuple(max(BUCKET_MULTIPLE, round(side * resolution / 1024 / BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
-                       for side in (width, height))
+        scaled = tuple(
+            max(BUCKET_MULTIPLE, round(side * resolution / 1024 / BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
+            for side in (width, height)
+        )
         if scaled not in buckets:
             buckets.append(scaled)  # type: ignore[arg-type]
     return buckets

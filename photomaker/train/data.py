@@ -177,8 +177,13 @@ def _list_folder(src: Path, default_class: str, trigger_word: str) -> list[Sourc
     stage rather than skipped unseen, so nothing the user put there is lost silently."""
     outside = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     if outside:
-        logger.warning("%s: %d file(s) outside the identity folders are not read (move each photo into its "
-                       "identity's sub-folder): %s", src, len(outside), ", ".join(outside[:10]))
+        logger.warning(
+            "%s: %d file(s) outside the identity folders are not read (move each photo into its "
+            "identity's sub-folder): %s",
+            src,
+            len(outside),
+            ", ".join(outside[:10]),
+        )
     sources = []
     for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
         identity = _check_identity(folder.name, where=str(folder))
@@ -187,8 +192,11 @@ def _list_folder(src: Path, default_class: str, trigger_word: str) -> list[Sourc
             class_word = check_class_word(
                 (folder / CLASS_FILE).read_text(encoding="utf-8"), trigger_word, where=str(folder / CLASS_FILE)
             )
-        photos = sorted(p for p in folder.iterdir()
-                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != CAPTION_SUFFIX)
+        photos = sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != CAPTION_SUFFIX
+        )
         used: set[str] = set()
         for photo in photos:
             caption_file = photo.with_suffix(CAPTION_SUFFIX)
@@ -215,8 +223,10 @@ def _list_manifest(src: Path, default_class: str, trigger_word: str) -> list[Sou
             entry = json.loads(text)
         except json.JSONDecodeError as exc:
             raise TrainingDataError(f"{where} is not JSON ({exc}); write one JSON object per line") from exc
-        if not isinstance(entry, dict) or not isinstance(entry.get("identity"), str) or not isinstance(
-            entry.get("image"), str
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("identity"), str)
+            or not isinstance(entry.get("image"), str)
         ):
             raise TrainingDataError(
                 f'{where} needs string fields "identity" and "image" (optional "caption", "class_word"), got {text!r}'
@@ -333,13 +343,17 @@ def find_identity_outliers(
     if count == 2:
         if pairwise[0, 1] <= max_distance:
             return {}
-        reason = (f"the identity's only two faces are {pairwise[0, 1]:.3f} apart (more than {max_distance:g}); "
-                  "cannot tell which is the person")
+        reason = (
+            f"the identity's only two faces are {pairwise[0, 1]:.3f} apart (more than {max_distance:g}); "
+            "cannot tell which is the person"
+        )
         return {index: reason for index in indices}
     medoid = int(pairwise.sum(axis=1).argmin())
     return {
-        index: (f"face embedding is {pairwise[index, medoid]:.3f} from the identity's medoid "
-                f"(more than {max_distance:g}): probably another person")
+        index: (
+            f"face embedding is {pairwise[index, medoid]:.3f} from the identity's medoid "
+            f"(more than {max_distance:g}): probably another person"
+        )
         for index in indices
         if pairwise[index, medoid] > max_distance
     }
@@ -391,8 +405,9 @@ class DataFolder:
         text = path.read_text(encoding="utf-8")
         if text and not text.endswith("\n"):
             complete = text[: text.rfind("\n") + 1]
-            logger.warning("removing the unfinished last line of %s (an interrupted run): %r", path,
-                           text[len(complete):][:80])
+            logger.warning(
+                "removing the unfinished last line of %s (an interrupted run): %r", path, text[len(complete) :][:80]
+            )
             path.write_text(complete, encoding="utf-8")
             text = complete
         records = {}
@@ -499,13 +514,21 @@ def prepare_data(
 
     def drop(source: SourceImage, rejection: ImageRejected) -> None:
         logger.info("dropped %s at %s: %s", source.path, rejection.stage, rejection.reason)
-        folder.append(REPORT, {"source": source.key, "identity": source.identity, "stage": rejection.stage,
-                               "reason": rejection.reason})
+        folder.append(
+            REPORT,
+            {"source": source.key, "identity": source.identity, "stage": rejection.stage, "reason": rejection.reason},
+        )
         summary.dropped[rejection.stage] += 1
         bar.update(1)
 
-    with tqdm(total=len(sources), initial=summary.already_done, desc="prepare-data", unit="image",
-              file=sys.stderr, disable=not progress) as bar:
+    with tqdm(
+        total=len(sources),
+        initial=summary.already_done,
+        desc="prepare-data",
+        unit="image",
+        file=sys.stderr,
+        disable=not progress,
+    ) as bar:
         for identity, identity_sources in by_identity.items():
             candidates: list[_Candidate] = []
             for source in identity_sources:
@@ -592,39 +615,83 @@ def _make_training_image(
 def add_prepare_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``prepare-data`` options (defaults from :class:`PrepareDataConfig`)."""
     defaults = PrepareDataConfig()
-    parser.add_argument("src", type=Path, help="folder with one sub-folder of photos per identity, or a JSONL "
-                        'manifest of {"identity", "image", "caption"?, "class_word"?}')
+    parser.add_argument(
+        "src",
+        type=Path,
+        help="folder with one sub-folder of photos per identity, or a JSONL "
+        'manifest of {"identity", "image", "caption"?, "class_word"?}',
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder DATA (created; resumed if present)")
-    parser.add_argument("--class-word", default=defaults.class_word,
-                        help="class word of identities without class.txt or a manifest class_word "
-                        "(default %(default)s)")
+    parser.add_argument(
+        "--class-word",
+        default=defaults.class_word,
+        help="class word of identities without class.txt or a manifest class_word (default %(default)s)",
+    )
     parser.add_argument("--trigger-word", default=defaults.trigger_word, help="default %(default)s")
-    parser.add_argument("--resolution", type=int, default=defaults.resolution,
-                        help="side of the square SDXL bucket; the other buckets scale with it (default %(default)s)")
-    parser.add_argument("--min-face-size", type=int, default=defaults.min_face_size,
-                        help="smallest face box side kept, in pixels of the photo (default %(default)s)")
-    parser.add_argument("--max-second-face-ratio", type=float, default=defaults.max_second_face_ratio,
-                        help="drop photos whose second face has at least this share of the largest face's area "
-                        "(default %(default)s)")
-    parser.add_argument("--max-id-distance", type=float, default=None,
-                        help="largest face-embedding distance to the identity's medoid (default: the face "
-                        "backend's same-person threshold)")
-    parser.add_argument("--min-face-share", type=float, default=defaults.min_face_share,
-                        help="smallest share of the crop's area covered by the face box (default %(default)s)")
-    parser.add_argument("--face-backend", choices=("dlib", "insightface"), default=defaults.face_backend,
-                        help="detection and verification backend (default %(default)s)")
-    parser.add_argument("--pm-version", type=int, choices=(1, 2), default=defaults.pm_version,
-                        help="2 also saves the 512-d InsightFace embedding of every image (default %(default)s)")
-    parser.add_argument("--mask-model", default=None,
-                        help="transformers image-segmentation model (Hub id or folder) for the person masks, e.g. "
-                        "facebook/mask2former-swin-large-coco-panoptic; default: the offline face-and-hair mask")
-    parser.add_argument("--mask-labels", default=",".join(defaults.mask_labels),
-                        help="comma-separated segment labels that make up the mask (default %(default)s)")
-    parser.add_argument("--caption-model", default=None,
-                        help="transformers image-to-text model (Hub id or folder) for photos without a caption, "
-                        "e.g. Salesforce/blip-image-captioning-large; default: the template caption")
-    parser.add_argument("--device", default=None,
-                        help="device of the segmentation and captioning models, e.g. cuda (default: CPU)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=defaults.resolution,
+        help="side of the square SDXL bucket; the other buckets scale with it (default %(default)s)",
+    )
+    parser.add_argument(
+        "--min-face-size",
+        type=int,
+        default=defaults.min_face_size,
+        help="smallest face box side kept, in pixels of the photo (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-second-face-ratio",
+        type=float,
+        default=defaults.max_second_face_ratio,
+        help="drop photos whose second face has at least this share of the largest face's area (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-id-distance",
+        type=float,
+        default=None,
+        help="largest face-embedding distance to the identity's medoid (default: the face "
+        "backend's same-person threshold)",
+    )
+    parser.add_argument(
+        "--min-face-share",
+        type=float,
+        default=defaults.min_face_share,
+        help="smallest share of the crop's area covered by the face box (default %(default)s)",
+    )
+    parser.add_argument(
+        "--face-backend",
+        choices=("dlib", "insightface"),
+        default=defaults.face_backend,
+        help="detection and verification backend (default %(default)s)",
+    )
+    parser.add_argument(
+        "--pm-version",
+        type=int,
+        choices=(1, 2),
+        default=defaults.pm_version,
+        help="2 also saves the 512-d InsightFace embedding of every image (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mask-model",
+        default=None,
+        help="transformers image-segmentation model (Hub id or folder) for the person masks, e.g. "
+        "facebook/mask2former-swin-large-coco-panoptic; default: the offline face-and-hair mask",
+    )
+    parser.add_argument(
+        "--mask-labels",
+        default=",".join(defaults.mask_labels),
+        help="comma-separated segment labels that make up the mask (default %(default)s)",
+    )
+    parser.add_argument(
+        "--caption-model",
+        default=None,
+        help="transformers image-to-text model (Hub id or folder) for photos without a caption, "
+        "e.g. Salesforce/blip-image-captioning-large; default: the template caption",
+    )
+    parser.add_argument(
+        "--device", default=None, help="device of the segmentation and captioning models, e.g. cuda (default: CPU)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="forget earlier results in --out and start again")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser

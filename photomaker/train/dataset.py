@@ -26,7 +26,11 @@ from ..prompt import DEFAULT_TRIGGER_WORD, has_trigger_word
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "IdentityDataset", "ManifestRecord", "TrainingSample", "check_sample_probabilities", "read_manifest",
+    "IdentityDataset",
+    "ManifestRecord",
+    "TrainingSample",
+    "check_sample_probabilities",
+    "read_manifest",
     "sample_generator",
 ]
 
@@ -102,7 +106,7 @@ def read_manifest(data_dir: str | Path, trigger_word: str = DEFAULT_TRIGGER_WORD
         if not has_trigger_word(entry["caption"], trigger_word):
             raise TrainingDataError(
                 f"{where}: the caption {entry['caption']!r} has no trigger word '{trigger_word}'; write it right "
-                f"after the class word, e.g. \"a photo of a {entry['class_word']} {trigger_word}\"."
+                f'after the class word, e.g. "a photo of a {entry["class_word"]} {trigger_word}".'
             )
         paths = {field: root / entry[field] for field in ("image", "mask")}
         embedding = entry.get("face_embedding")
@@ -111,10 +115,16 @@ def read_manifest(data_dir: str | Path, trigger_word: str = DEFAULT_TRIGGER_WORD
         absent = [f"{field} {path}" for field, path in paths.items() if not path.is_file()]
         if absent:
             raise TrainingDataError(f"{where} names files that do not exist: {', '.join(absent)}.")
-        records.append(ManifestRecord(
-            identity=str(entry["identity"]), image=paths["image"], mask=paths["mask"], caption=entry["caption"],
-            class_word=entry["class_word"], face_embedding=paths.get("face_embedding"),
-        ))
+        records.append(
+            ManifestRecord(
+                identity=str(entry["identity"]),
+                image=paths["image"],
+                mask=paths["mask"],
+                caption=entry["caption"],
+                class_word=entry["class_word"],
+                face_embedding=paths.get("face_embedding"),
+            )
+        )
     if not records:
         raise TrainingDataError(f"{manifest} has no images; run prepare-data on a folder with photos.")
     return records
@@ -208,10 +218,9 @@ class IdentityDataset:
         ).pixel_values
         face_embeds = None
         if self.need_face_embeddings:
-            face_embeds = torch.stack([
-                torch.from_numpy(np.load(record.face_embedding).astype(np.float32).reshape(-1))
-                for record in chosen
-            ])
+            face_embeds = torch.stack(
+                [torch.from_numpy(np.load(record.face_embedding).astype(np.float32).reshape(-1)) for record in chosen]
+            )
         rgb = _load_rgb(target.image)
         mask = _load_mask(target.mask, rgb.shape[:2])
         caption = "" if rng.random() < self.caption_dropout else target.caption

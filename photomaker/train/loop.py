@@ -96,14 +96,20 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise `TrainingConfigError` for values that cannot work, before any model loads."""
-        positive = {"--max-steps": self.max_steps, "--batch-size": self.batch_size,
-                    "--gradient-accumulation-steps": self.gradient_accumulation_steps,
-                    "--checkpoint-every": self.checkpoint_every}
+        positive = {
+            "--max-steps": self.max_steps,
+            "--batch-size": self.batch_size,
+            "--gradient-accumulation-steps": self.gradient_accumulation_steps,
+            "--checkpoint-every": self.checkpoint_every,
+        }
         for flag, value in positive.items():
             if value < 1:
                 raise TrainingConfigError(f"{flag} must be at least 1; got {value}.")
-        for flag, value in {"--validate-every": self.validate_every, "--lr-warmup-steps": self.lr_warmup_steps,
-                            "--val-steps": self.val_steps}.items():
+        for flag, value in {
+            "--validate-every": self.validate_every,
+            "--lr-warmup-steps": self.lr_warmup_steps,
+            "--val-steps": self.val_steps,
+        }.items():
             if value < 0:
                 raise TrainingConfigError(f"{flag} must be 0 or more; got {value}.")
         check_sample_probabilities(self.caption_dropout, self.mask_loss_prob)
@@ -142,13 +148,20 @@ def encode_caption(
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if trigger_id in ids:
             expanded = expand_class_tokens(
-                ids, trigger_id=trigger_id, num_id_tokens=num_id_tokens, eos_id=tokenizer.eos_token_id,
-                pad_id=pad_id, max_length=tokenizer.model_max_length, trigger_word=trigger_word, prompt=caption,
+                ids,
+                trigger_id=trigger_id,
+                num_id_tokens=num_id_tokens,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=pad_id,
+                max_length=tokenizer.model_max_length,
+                trigger_word=trigger_word,
+                prompt=caption,
             )
             ids, mask = expanded.input_ids, torch.tensor(expanded.class_tokens_mask, device=device)
         else:
-            ids, _ = pad_or_truncate(ids, eos_id=tokenizer.eos_token_id, pad_id=pad_id,
-                                     max_length=tokenizer.model_max_length)
+            ids, _ = pad_or_truncate(
+                ids, eos_id=tokenizer.eos_token_id, pad_id=pad_id, max_length=tokenizer.model_max_length
+            )
             mask = None
         output = text_encoder(torch.tensor([ids], device=device), output_hidden_states=True)
         hidden.append(output.hidden_states[-2][0])
@@ -205,7 +218,8 @@ class Trainer:
         check_prediction_type(self.base.scheduler)  # now, not after the other models load and the first step
         text_widths = (self.base.text_encoder.config.hidden_size, self.base.text_encoder_2.config.hidden_size)
         id_encoder, init_lora = build_id_encoder_for_training(
-            config.init, config.pm_version, text_widths, config.vision_model, random_vision_config)
+            config.init, config.pm_version, text_widths, config.vision_model, random_vision_config
+        )
         rank = config.lora_rank or (lora_rank_of(init_lora) if init_lora else DEFAULT_LORA_RANK)
         unet = self.base.unet
         add_unet_lora(unet, rank)
@@ -216,8 +230,11 @@ class Trainer:
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype  # fp16 VAE overflows
-        for module, dtype in ((self.base.vae, vae_dtype), (self.base.text_encoder, self.weight_dtype),
-                              (self.base.text_encoder_2, self.weight_dtype)):
+        for module, dtype in (
+            (self.base.vae, vae_dtype),
+            (self.base.text_encoder, self.weight_dtype),
+            (self.base.text_encoder_2, self.weight_dtype),
+        ):
             module.requires_grad_(False).to(device, dtype).eval()
         for tokenizer in (self.base.tokenizer, self.base.tokenizer_2):
             add_trigger_token(tokenizer, config.trigger_word)
@@ -227,8 +244,9 @@ class Trainer:
         if groups["vision"]:
             param_groups.append({"params": groups["vision"], "lr": config.vision_learning_rate})
         optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
-        self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                          num_training_steps=config.max_steps)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps
+        )
         if self.accelerator.deepspeed_plugin is not None:
             # No DataLoader goes through prepare (samples are drawn by index), so DeepSpeed cannot infer its
             # micro-batch size from one: without this, prepare raises under the ZeRO-2 example config.
@@ -247,20 +265,27 @@ class Trainer:
 
         image_size = id_encoder.config.image_size
         self.image_processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
         self.dataset = IdentityDataset(
-            self.records, image_processor=self.image_processor, seed=config.seed,
+            self.records,
+            image_processor=self.image_processor,
+            seed=config.seed,
             num_train_timesteps=self.base.scheduler.config.num_train_timesteps,
-            caption_dropout=config.caption_dropout, mask_loss_prob=config.mask_loss_prob,
-            need_face_embeddings=config.pm_version == 2, held_out=tuple(config.val_identities))
+            caption_dropout=config.caption_dropout,
+            mask_loss_prob=config.mask_loss_prob,
+            need_face_embeddings=config.pm_version == 2,
+            held_out=tuple(config.val_identities),
+        )
         self.tokens_per_image = id_encoder.tokens_per_image
 
     # ---------------------------------------------------------------- one step
 
     def _sample_indices(self, step: int, micro: int) -> list[int]:
         config, state = self.config, self.accelerator.state
-        first = ((step * config.gradient_accumulation_steps + micro) * state.num_processes
-                 + state.process_index) * config.batch_size
+        first = (
+            (step * config.gradient_accumulation_steps + micro) * state.num_processes + state.process_index
+        ) * config.batch_size
         return list(range(first, first + config.batch_size))
 
     @torch.no_grad()
@@ -290,10 +315,13 @@ class Trainer:
                 latents.append(latent)
                 noise.append(eps)
                 hidden, caption_masks, pooled_embed = encode_caption(
-                    sample.caption, (self.base.tokenizer, self.base.tokenizer_2),
+                    sample.caption,
+                    (self.base.tokenizer, self.base.tokenizer_2),
                     (self.base.text_encoder, self.base.text_encoder_2),
                     num_id_tokens=sample.id_pixel_values.shape[0] * self.tokens_per_image,
-                    trigger_word=self.config.trigger_word, device=device)
+                    trigger_word=self.config.trigger_word,
+                    device=device,
+                )
                 face = sample.face_embeds.to(device) if sample.face_embeds is not None else None
                 prompts.append((hidden, caption_masks, sample.id_pixel_values.to(device), face))
                 pooled.append(pooled_embed)
@@ -301,14 +329,27 @@ class Trainer:
             timesteps = torch.tensor([samples[p].timestep for p in positions], device=device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(positions), device=device)
-            groups.append({"noisy_latents": noisy, "timesteps": timesteps, "prompts": prompts,
-                           "pooled": torch.stack(pooled), "time_ids": time_ids})
+            groups.append(
+                {
+                    "noisy_latents": noisy,
+                    "timesteps": timesteps,
+                    "prompts": prompts,
+                    "pooled": torch.stack(pooled),
+                    "time_ids": time_ids,
+                }
+            )
             targets.append(diffusion_target(scheduler, latents, noise, timesteps))
-            masks.append([latent_mask(samples[p].mask[None].to(device), latents.shape[-2:])
-                          if samples[p].use_mask_loss else None for p in positions])
+            masks.append(
+                [
+                    latent_mask(samples[p].mask[None].to(device), latents.shape[-2:])
+                    if samples[p].use_mask_loss
+                    else None
+                    for p in positions
+                ]
+            )
         predictions = self.model(groups)
         losses = [
-            diffusion_loss(prediction[i:i + 1], target[i:i + 1], mask)
+            diffusion_loss(prediction[i : i + 1], target[i : i + 1], mask)
             for prediction, target, group_masks in zip(predictions, targets, masks, strict=True)
             for i, mask in enumerate(group_masks)
         ]
@@ -353,8 +394,11 @@ class _MetricsLog:
     def __init__(self, path: Path, enabled: bool, resumed_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resumed_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resumed_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
         elif enabled and resumed_step is None:
             path.unlink(missing_ok=True)
@@ -370,11 +414,12 @@ def _checkpoint_to_resume(out_dir: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
     else:
-        found = sorted((out_dir / CHECKPOINT_DIR).glob("step-*"),
-                       key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        found = sorted((out_dir / CHECKPOINT_DIR).glob("step-*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
         if not found:
-            raise TrainingConfigError(f"--resume latest: no checkpoint in {out_dir / CHECKPOINT_DIR}; train "
-                                      "without --resume first, or pass a checkpoint folder.")
+            raise TrainingConfigError(
+                f"--resume latest: no checkpoint in {out_dir / CHECKPOINT_DIR}; train "
+                "without --resume first, or pass a checkpoint folder."
+            )
         path = found[-1]
     if not (path / STATE_FILE).is_file():
         raise TrainingConfigError(f"--resume {resume}: {path} is not a training checkpoint (no {STATE_FILE}).")
@@ -395,8 +440,11 @@ def _check_same_trained_tensors(checkpoint: Path, trained_names: set[str]) -> No
     with safe_open(weights, "pt") as saved:
         saved_names = {name.removeprefix("module.") for name in saved.keys()}
     missing, surplus = sorted(trained_names - saved_names), sorted(saved_names - trained_names)
-    differences = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in
-                   ((missing, "trained here are not in it"), (surplus, "in it are frozen here")) if names]
+    differences = [
+        f"{len(names)} {what}, e.g. {names[0]}"
+        for names, what in ((missing, "trained here are not in it"), (surplus, "in it are frozen here"))
+        if names
+    ]
     if differences:
         raise TrainingConfigError(
             f"--resume {checkpoint}: that run trained other tensors ({'; '.join(differences)}). Resume with "
@@ -430,8 +478,9 @@ def train(config: TrainConfig) -> Path:
     accelerator.init_trackers("photomaker-train", config=tracker_config)
 
     scorers = None  # evaluation's scoring models, loaded at the first validation (main process only)
-    progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=config.max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_local_main_process
+    )
     while step < config.max_steps:
         loss = trainer.train_step(step)
         step += 1

@@ -36,18 +36,14 @@ def check_prediction_type(scheduler) -> str:
     return prediction_type
 
 
-def diffusion_target(
-    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet must predict: the noise (``epsilon``) or the velocity (``v_prediction``)."""
     if check_prediction_type(scheduler) == "epsilon":
         return noise
     return scheduler.get_velocity(latents, noise, timesteps)
 
 
-def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss [B]: mean squared error, over the whole latent or over the masked elements only.
 
     ``mask`` is [B, 1, h, w] with 1 inside the person (latent resolution, see `latent_mask`); rows whose mask

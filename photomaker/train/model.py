@@ -74,8 +74,12 @@ def load_base_components(base_model: str, dtype: torch.dtype) -> BaseComponents:
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
     return BaseComponents(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
-        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer,
+        tokenizer_2=pipe.tokenizer_2,
         # The training forward process: DDPM's add_noise/get_velocity on the base model's noise schedule.
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
     )
@@ -117,8 +121,9 @@ def build_id_encoder_for_training(
     if init != "none":
         # A Hub repo id alone (e.g. TencentARC/PhotoMaker-V2) means its official file for the version.
         local = os.path.exists(os.path.expanduser(init)) or init.endswith(CHECKPOINT_SUFFIXES)
-        checkpoint = load_checkpoint(os.path.expanduser(init) if local else init,
-                                     weight_name=None if local else f"photomaker-v{pm_version}.bin")
+        checkpoint = load_checkpoint(
+            os.path.expanduser(init) if local else init, weight_name=None if local else f"photomaker-v{pm_version}.bin"
+        )
         encoder = build_id_encoder(checkpoint["id_encoder"], version=pm_version)
         if encoder.embed_dim != sum(text_widths):
             raise CheckpointError(
@@ -136,14 +141,20 @@ def build_id_encoder_for_training(
     vision_model = os.path.expanduser(vision_model or DEFAULT_VISION_MODEL)
     clip = CLIPVisionModelWithProjection.from_pretrained(vision_model, dtype=torch.float32)
     encoder = create_id_encoder(_fresh_encoder_config(clip.config, text_widths), pm_version)
-    tower = {key.removeprefix("vision_model."): value for key, value in clip.state_dict().items()
-             if key.startswith("vision_model.")}
+    tower = {
+        key.removeprefix("vision_model."): value
+        for key, value in clip.state_dict().items()
+        if key.startswith("vision_model.")
+    }
     encoder.vision_model.load_state_dict(tower, strict=True)
     if clip.visual_projection.weight.shape == encoder.visual_projection.weight.shape:
         encoder.visual_projection.weight.data.copy_(clip.visual_projection.weight.data)
     else:
-        logger.info("visual_projection starts fresh: CLIP's projects to %d, the base model's first text encoder "
-                    "is %d wide", clip.visual_projection.out_features, text_widths[0])
+        logger.info(
+            "visual_projection starts fresh: CLIP's projects to %d, the base model's first text encoder is %d wide",
+            clip.visual_projection.out_features,
+            text_widths[0],
+        )
     encoder.reset_position_ids()
     return encoder.float(), None
 
@@ -230,7 +241,7 @@ def freeze_for_training(
     else:
         heads += [id_encoder.visual_projection, id_encoder.visual_projection_2]
     main += [p for module in heads for p in module.parameters()]
-    vision = [p for layer in layers[len(layers) - train_vision_layers:] for p in layer.parameters()]
+    vision = [p for layer in layers[len(layers) - train_vision_layers :] for p in layer.parameters()]
     for parameter in main + vision:
         parameter.requires_grad_(True)
     return {"main": main, "vision": vision}
@@ -291,10 +302,17 @@ class PhotoMakerTrainingModel(nn.Module):
         predictions = []
         for group in groups:
             embeds = torch.stack([self.fuse_prompt(*prompt) for prompt in group["prompts"]])
-            predictions.append(self.unet(
-                group["noisy_latents"].to(dtype), group["timesteps"], encoder_hidden_states=embeds.to(dtype),
-                added_cond_kwargs={"text_embeds": group["pooled"].to(dtype), "time_ids": group["time_ids"].to(dtype)},
-            ).sample)
+            predictions.append(
+                self.unet(
+                    group["noisy_latents"].to(dtype),
+                    group["timesteps"],
+                    encoder_hidden_states=embeds.to(dtype),
+                    added_cond_kwargs={
+                        "text_embeds": group["pooled"].to(dtype),
+                        "time_ids": group["time_ids"].to(dtype),
+                    },
+                ).sample
+            )
         return predictions
 
 

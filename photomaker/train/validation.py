@@ -81,9 +81,14 @@ def run_validation(trainer: Any, step: int, scorers: Scorers) -> dict[str, Any]:
     model = accelerator.unwrap_model(trainer.model)
     model.eval()
     pipe = PhotoMakerStableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-        tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=model.unet,
-        scheduler=EulerDiscreteScheduler.from_config(base.scheduler.config), add_watermarker=False,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2,
+        unet=model.unet,
+        scheduler=EulerDiscreteScheduler.from_config(base.scheduler.config),
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.id_encoder = model.id_encoder
@@ -100,15 +105,21 @@ def run_validation(trainer: Any, step: int, scorers: Scorers) -> dict[str, Any]:
             width = height = config.val_size
         face_embeds = None
         if pipe.pm_version >= 2:
-            face_embeds = torch.stack([torch.from_numpy(np.load(r.face_embedding).astype(np.float32).reshape(-1))
-                                       for r in records])
+            face_embeds = torch.stack(
+                [torch.from_numpy(np.load(r.face_embedding).astype(np.float32).reshape(-1)) for r in records]
+            )
         steps = max(config.val_steps, 1)
         prompt = f"a photo of a {records[0].class_word} {config.trigger_word}"
         with accelerator.autocast():
             image = pipe(
-                prompt, input_id_images=references,
-                id_embeds=face_embeds, num_inference_steps=steps, start_merge_step=int(_START_MERGE_SHARE * steps),
-                height=height, width=width, generator=torch.Generator().manual_seed(config.seed + position),
+                prompt,
+                input_id_images=references,
+                id_embeds=face_embeds,
+                num_inference_steps=steps,
+                start_merge_step=int(_START_MERGE_SHARE * steps),
+                height=height,
+                width=width,
+                generator=torch.Generator().manual_seed(config.seed + position),
             ).images[0]
         identity_references = _references(scorers, references, [str(r.image) for r in records], identity)
         score_rows += score_images([image], [prompt], identity_references, scorers, groups=[identity])
@@ -121,8 +132,10 @@ def run_validation(trainer: Any, step: int, scorers: Scorers) -> dict[str, Any]:
     grid = _grid(grid_rows)
     grid.save(grid_path)
     summary = summarise(score_rows)
-    accelerator.log({f"val/{name}": value for name, value in summary.items()
-                     if value is not None and name != "seconds_per_image"}, step=step)
+    accelerator.log(
+        {f"val/{name}": value for name, value in summary.items() if value is not None and name != "seconds_per_image"},
+        step=step,
+    )
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"val/grid": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
