@@ -268,7 +268,7 @@ class GenerationRunner:
                 negative_prompt=plan.negative or None,
                 input_id_images=entry.encoding,
                 id_weights=plan.id_weights,
-                start_merge_step=plan.start_merge_step,
+                start_merge_step=plan.composition.merge_step_in_run(plan.start_merge_step, plan.num_steps),
                 num_inference_steps=plan.num_steps,
                 guidance_scale=plan.guidance_scale,
                 num_images_per_prompt=len(chunk),

@@ -253,6 +253,8 @@ class PhotoMakerMixin:
             raise CheckpointError("A PhotoMaker adapter is already loaded into this pipeline.")
         self.id_encoder, self.id_image_processor = other.id_encoder, other.id_image_processor
         self.trigger_word, self.pm_version = other.trigger_word, other.pm_version
+        # Under model CPU offload the encoder's hook comes along too, or this pipeline would fuse on the CPU copy.
+        self._id_encoder_offload_hook = getattr(other, "_id_encoder_offload_hook", None)
 
     def fuse_lora(self, *args: Any, **kwargs: Any) -> None:
         """`load_photomaker_adapter` already fused the PhotoMaker LoRA (unless `fuse=False`): the official v1 example

@@ -45,6 +45,8 @@ CONTROL_SCALE_DEFAULT = 1.0  # diffusers' SDXL ControlNet default
 # The reference's v2 sketch demo: adapter_conditioning_scale 0.7, adapter_conditioning_factor 0.8.
 SKETCH_SCALE_DEFAULT = 0.7
 SKETCH_END_DEFAULT = 0.8
+# The SDXL sketch T2I-Adapter (full_adapter_xl) unshuffles the image in 16 px blocks: both sides must divide.
+SKETCH_SIZE_MULTIPLE = 16
 CONTROL_END_DEFAULT = 1.0
 # img2img keeps the layout and colours of the start photo and redraws its details; inpainting redraws the
 # masked region almost from scratch (the person must replace whoever is there) but keeps its light and colours.

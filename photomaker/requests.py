@@ -114,6 +114,13 @@ class CompositionPlan:
             return num_steps
         return min(int(num_steps * self.strength), num_steps)
 
+    def merge_step_in_run(self, start_merge_step: int, num_steps: int) -> int:
+        """`start_merge_step` counted over the steps the pipeline runs: the ID enters at the same point of the
+        noise schedule as without a start photo, whose skipped first steps are the text-only ones (counted over
+        the run, a low strength would leave no ID step at all: 50 steps, merge 10, strength 0.2 runs 10)."""
+        skipped = num_steps - self.denoising_steps(num_steps)
+        return max(0, start_merge_step - skipped)
+
 
 @dataclass
 class GenerationPlan:

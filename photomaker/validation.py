@@ -264,6 +264,19 @@ def _optional_number(name: str, value: Any, config: ServiceConfig) -> float | No
     return None if value is None else _field_number(name, value, config)
 
 
+def _check_sketch_size(width: int, height: int) -> None:
+    """The sketch adapter needs both sides in multiples of 16 px; name the presets and sizes that fit."""
+    multiple = presets.SKETCH_SIZE_MULTIPLE
+    if not (width % multiple or height % multiple):
+        return
+    fitting = [name for name, (w, h) in aspect_ratios.ASPECT_RATIOS.items() if not (w % multiple or h % multiple)]
+    raise InvalidRequestError(
+        f"The sketch adapter needs a width and height that are multiples of {multiple} px; {width}x{height} is not. "
+        f"Use {width - width % multiple}x{height - height % multiple}, or one of the output sizes "
+        f"{', '.join(repr(name) for name in fitting)}."
+    )
+
+
 def validate_composition(
     request: GenerationRequest, config: ServiceConfig, width: int, height: int, num_steps: int, warnings: list[str]
 ) -> CompositionPlan:
@@ -331,6 +344,7 @@ def validate_composition(
                 )
             plan.control_scale = presets.SKETCH_SCALE_DEFAULT if plan.control_scale is None else plan.control_scale
             plan.control_end = presets.SKETCH_END_DEFAULT if plan.control_end is None else plan.control_end
+            _check_sketch_size(width, height)
         else:
             plan.pipeline = "controlnet"
             plan.control_scale = presets.CONTROL_SCALE_DEFAULT if plan.control_scale is None else plan.control_scale

@@ -351,3 +351,14 @@ def test_a_pipeline_sharing_the_unet_takes_the_loaded_adapter_instead_of_fusing_
     stranger = PhotoMakerStableDiffusionXLAdapterPipeline(**tiny_sdxl_components(), adapter=tiny_t2i_adapter())
     with pytest.raises(CheckpointError, match="shares this one's UNet"):
         stranger.use_photomaker_adapter_of(cn_pipe)
+
+
+def test_the_id_encoder_s_offload_hook_comes_along_with_the_adapter(cn_pipe, monkeypatch):
+    """Under model CPU offload the ID encoder visits the GPU through its hook; a pipeline that takes the adapter
+    must take the hook too, or it would fuse with the encoder's offloaded CPU weights and GPU inputs."""
+    hook = object()
+    monkeypatch.setattr(cn_pipe, "_id_encoder_offload_hook", hook, raising=False)
+    shared = {name: part for name, part in cn_pipe.components.items() if name != "controlnet"}
+    other = PhotoMakerStableDiffusionXLAdapterPipeline(**shared, adapter=tiny_t2i_adapter())
+    other.use_photomaker_adapter_of(cn_pipe)
+    assert other._id_encoder_offload_hook is hook

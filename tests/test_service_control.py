@@ -114,6 +114,12 @@ CANNY = {"control_type": "canny", "control_image": str(HOPPER)}
             ControlImageError,
             "the sketch is empty",
         ),
+        (
+            {"control_type": "sketch", "control_image": synthetic_control_image(64, "sketch"), "width": 72},
+            InvalidRequestError,
+            "The sketch adapter needs a width and height that are multiples of 16 px; 72x64 is not. Use 64x64, or "
+            "one of the output sizes 'Instagram (1:1)'",
+        ),
         ({**CANNY, "control_image": b"not an image"}, ControlImageError, "control image"),
         ({"init_image": str(HOPPER), "strength": 1.5}, InvalidRequestError, "strength must be between 0 and 1"),
         (
@@ -153,6 +159,18 @@ def test_per_type_defaults_and_the_pipeline_each_mode_runs() -> None:
     assert (inpaint.pipeline, inpaint.strength) == ("inpaint", presets.INPAINT_STRENGTH_DEFAULT)
     plain = validate_request(request(), NO_FACES).composition
     assert plain.pipeline == "text2img" and plain.style_image is None
+
+
+def test_a_start_photo_keeps_the_merge_step_s_place_in_the_noise_schedule() -> None:
+    """Style strength 20 % of 50 steps merges at step 10; img2img at strength 0.2 runs the last 10 steps, which all
+    lie past it: counted over the run the ID would never enter, counted over the schedule it enters at once."""
+    plan = validate_request(request(init_image=str(HOPPER), num_steps=50, strength=0.2), NO_FACES)
+    assert plan.start_merge_step == 10 and plan.composition.denoising_steps(50) == 10
+    assert plan.composition.merge_step_in_run(plan.start_merge_step, 50) == 0
+    half = validate_request(request(init_image=str(HOPPER), num_steps=50, strength=0.9), NO_FACES)
+    assert half.composition.merge_step_in_run(half.start_merge_step, 50) == 5  # 5 steps skipped, merge at 10
+    plain = validate_request(request(num_steps=50), NO_FACES)
+    assert plain.composition.merge_step_in_run(plain.start_merge_step, 50) == plain.start_merge_step == 10
 
 
 def test_images_of_another_size_are_fitted_and_the_user_is_told() -> None:
