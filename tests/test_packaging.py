@@ -54,6 +54,9 @@ def test_the_installed_package_imports_from_outside_the_repository_and_finds_its
     assert Path(module_file).is_relative_to(installed), f"photomaker was imported from {module_file}"
     assert int(vocabulary_size) == 49408  # the bundled CLIP BPE file was installed and read
     assert (installed / "photomaker" / "data" / "bpe_simple_vocab_16e6.txt.gz").is_file()
+    # the data the commands read: eval's 40 prompts, train's DeepSpeed example config
+    assert (installed / "photomaker" / "data" / "eval_prompts.txt").is_file()
+    assert (installed / "photomaker" / "train" / "config" / "deepspeed_zero2.yaml").is_file()
     assert not (installed / "style_template.py").exists() and not (installed / "app.py").exists()
     assert version == __import__("photomaker").__version__
 

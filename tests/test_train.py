@@ -794,3 +794,18 @@ def test_the_unet_gets_sdxl_time_ids_of_each_image_size_and_the_fused_prompt(tmp
     assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[32, 64, 0, 0, 32, 64]] * 2
     assert tuple(kwargs["added_cond_kwargs"]["text_embeds"].shape) == (2, 32)
     assert tuple(kwargs["encoder_hidden_states"].shape) == (2, 77, 128)
+
+
+def test_init_takes_a_checkpoint_file_or_the_official_file_in_a_folder(tmp_path):
+    """`--init FOLDER` reads the folder's photomaker-v{N}.bin, as the README promises; `--init FILE` the file."""
+    from photomaker.testing import tiny_checkpoint, tiny_sdxl_components
+    from photomaker.train.model import build_id_encoder_for_training
+
+    torch.save(tiny_checkpoint(2), tmp_path / "photomaker-v2.bin")
+    components = tiny_sdxl_components()
+    widths = (components["text_encoder"].config.hidden_size, components["text_encoder_2"].config.hidden_size)
+    from_folder, lora = build_id_encoder_for_training(str(tmp_path), 2, widths, None)
+    from_file, _ = build_id_encoder_for_training(str(tmp_path / "photomaker-v2.bin"), 2, widths, None)
+    assert from_folder.version == from_file.version == 2 and lora
+    for name, tensor in from_file.state_dict().items():
+        assert torch.equal(from_folder.state_dict()[name], tensor), name

@@ -112,17 +112,19 @@ def build_id_encoder_for_training(
 ) -> tuple[PhotoMakerIDEncoder, dict[str, torch.Tensor] | None]:
     """The ID encoder to train (fp32) and the init checkpoint's LoRA weights (None for a fresh start).
 
-    ``init`` is a PhotoMaker checkpoint (a file, or a Hub repo id whose ``photomaker-v{pm_version}.bin`` is
-    used) or ``"none"``: fresh ID heads on a pretrained CLIP vision tower (``vision_model``: Hub id or folder of a
+    ``init`` is a PhotoMaker checkpoint (a file, or a folder or Hub repo id whose ``photomaker-v{pm_version}.bin``
+    is used) or ``"none"``: fresh ID heads on a pretrained CLIP vision tower (``vision_model``: Hub id or folder of a
     ``CLIPVisionModelWithProjection``; ``None`` means the paper's CLIP ViT-L/14). Only ``vision_model=None`` with a
     ``random_vision_config`` (a ``CLIPVisionConfig``, for offline tests) gives a randomly initialised tower: a
     real run never trains on one by omission.
     """
     if init != "none":
-        # A Hub repo id alone (e.g. TencentARC/PhotoMaker-V2) means its official file for the version.
-        local = os.path.exists(os.path.expanduser(init)) or init.endswith(CHECKPOINT_SUFFIXES)
+        # A file is read as it is; a folder or a Hub repo id (e.g. TencentARC/PhotoMaker-V2) means its official file
+        # for the version.
+        path = os.path.expanduser(init)
+        is_file = os.path.isfile(path) or init.endswith(CHECKPOINT_SUFFIXES)
         checkpoint = load_checkpoint(
-            os.path.expanduser(init) if local else init, weight_name=None if local else f"photomaker-v{pm_version}.bin"
+            path if os.path.exists(path) else init, weight_name=None if is_file else f"photomaker-v{pm_version}.bin"
         )
         encoder = build_id_encoder(checkpoint["id_encoder"], version=pm_version)
         if encoder.embed_dim != sum(text_widths):
