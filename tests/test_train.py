@@ -282,6 +282,8 @@ def test_resuming_gives_the_same_weights_as_not_stopping(tmp_path, data_dir, tin
     assert not torch.equal(a["id_encoder"][moved].float(), initial["id_encoder"][moved].float())
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    with pytest.raises(TrainingConfigError, match="already holds checkpoints of an earlier run .step-000004."):
+        train(_config(data_dir, tmp_path / "resumed", tiny_dir, max_steps=4, **common))  # fresh, not --resume
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     from safetensors import safe_open
 

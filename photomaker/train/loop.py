@@ -452,12 +452,24 @@ def _check_same_trained_tensors(checkpoint: Path, trained_names: set[str]) -> No
         )
 
 
+def _check_fresh_start(out_dir: Path, resume: str | None) -> None:
+    """A fresh run into an OUT that holds an earlier run's checkpoints would mix the two (a later
+    `--resume latest` takes the newest, whichever run wrote it): refuse before any model loads."""
+    earlier = sorted((out_dir / CHECKPOINT_DIR).glob("step-*")) if not resume else []
+    if earlier:
+        raise TrainingConfigError(
+            f"{out_dir} already holds checkpoints of an earlier run ({earlier[-1].name}): continue it with "
+            "--resume latest, or train into a new --out folder (or delete its checkpoints folder first)."
+        )
+
+
 def train(config: TrainConfig) -> Path:
     """Train PhotoMaker as configured; returns OUT/photomaker.bin (official layout)."""
     from tqdm.auto import tqdm
 
     from .validation import load_validation_scorers, run_validation
 
+    _check_fresh_start(Path(config.out_dir), config.resume)
     trainer = Trainer(config)
     accelerator = trainer.accelerator
     out_dir = trainer.out_dir
