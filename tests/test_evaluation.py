@@ -569,6 +569,13 @@ def test_the_model_set_by_the_environment_is_part_of_every_image_fingerprint(
 
     assert fingerprints("a.bin") == fingerprints("a.bin")
     assert set(fingerprints("a.bin")).isdisjoint(fingerprints("b.bin"))  # another adapter: every image made again
+    # the same path trained further (new contents): made again, not reused
+    checkpoint = tmp_path / "photomaker.bin"
+    checkpoint.write_bytes(b"step 100")
+    before = fingerprints(str(checkpoint))
+    assert fingerprints(str(checkpoint)) == before
+    checkpoint.write_bytes(b"step 2000, longer")
+    assert set(fingerprints(str(checkpoint))).isdisjoint(before)
 
 
 def test_generate_s_crop_and_best_of_flags_reach_every_request(tmp_path: Path, scorer_dirs: dict[str, Path]) -> None:

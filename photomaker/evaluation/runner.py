@@ -81,6 +81,22 @@ def _fingerprint(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _local_contents(value: Any) -> Any:
+    """A model setting as a fingerprint sees it: a local file or folder also by its size and modification time,
+    so that a checkpoint trained further at the same path makes its images again instead of reusing the old."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = [item for item in path.rglob("*") if item.is_file()]
+    else:
+        return value
+    stats = [item.stat() for item in files]
+    return [value, sum(stat.st_size for stat in stats), max((stat.st_mtime_ns for stat in stats), default=0)]
+
+
 def plan_items(plan: EvalPlan, out_dir: Path) -> list[WorkItem]:
     """Every image of the run, setting by setting, in a fixed order."""
     folders: dict[str, str] = {}
@@ -112,7 +128,7 @@ def plan_items(plan: EvalPlan, out_dir: Path) -> list[WorkItem]:
                             "prompt": prompt,
                             "seed": seed,
                             "request": request,
-                            "model": {**plan.model, **setting.service},
+                            "model": {k: _local_contents(v) for k, v in {**plan.model, **setting.service}.items()},
                             "references": [path.name for path in references],
                             "identity": identity.name,
                         }
