@@ -811,3 +811,30 @@ def test_init_takes_a_checkpoint_file_or_the_official_file_in_a_folder(tmp_path)
     assert from_folder.version == from_file.version == 2 and lora
     for name, tensor in from_file.state_dict().items():
         assert torch.equal(from_folder.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("pm_version", "backend", "expected"), [(2, "dlib", None), (2, "insightface", "FACES"), (1, "dlib", "FACES")]
+)
+def test_validation_scorer_gets_the_face_model_folder_only_for_the_generator_s_backend(
+    tmp_path, monkeypatch, pm_version, backend, expected
+):
+    """PHOTOMAKER_FACE_MODEL_DIR names the InsightFace folder of a v2 run; a dlib scorer must not be pointed at it
+    (it failed with 'dlib face models missing' at the first validation, after the training steps)."""
+    from photomaker.evaluation import metrics
+    from photomaker.train import validation
+
+    seen = []
+    monkeypatch.setattr(metrics.Scorers, "load", staticmethod(lambda *args: seen.append(args[3])))
+    config = _config(
+        tmp_path,
+        tmp_path / "out",
+        tmp_path,
+        pm_version=pm_version,
+        val_face_backend=backend,
+        face_model_dir="FACES",
+        val_clip_model="clip",
+        val_dino_model="dino",
+    )
+    validation.load_validation_scorers(config, "cpu")
+    assert seen == [expected]

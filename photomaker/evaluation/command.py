@@ -232,7 +232,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
                     args.clip_model,
                     args.dino_model,
                     face_backend,
-                    args.face_model_dir,
+                    # --face-model-dir is the generator's backend's folder: another metric backend uses its default
+                    args.face_model_dir if face_backend == base_config.resolved_face_backend else None,
                     args.metric_device or device,
                     base_config.trigger_word,
                 )

@@ -41,7 +41,11 @@ def load_validation_scorers(config: Any, device: torch.device | str) -> Scorers:
         paths = make_tiny_scorers(Path(config.tiny_dir) / TINY_SCORERS_DIR)
         clip_model, dino_model = str(paths["clip"]), str(paths["dino"])
     face_backend = None if config.val_face_backend == "none" else config.val_face_backend
-    return Scorers.load(clip_model, dino_model, face_backend, config.face_model_dir, str(device), config.trigger_word)
+    # --face-model-dir is the folder of the backend the ID photos need (InsightFace for v2, dlib for v1); a scorer of
+    # the other backend uses its own default folder rather than failing on the wrong models after N steps.
+    generator_backend = "insightface" if config.pm_version == 2 else "dlib"
+    model_dir = config.face_model_dir if face_backend == generator_backend else None
+    return Scorers.load(clip_model, dino_model, face_backend, model_dir, str(device), config.trigger_word)
 
 
 def _references(scorers: Scorers, photos: list[Image.Image], names: list[str], identity: str) -> References:
