@@ -221,20 +221,24 @@ class ModelLifecycle:
         logger.info("%s (%.0f%%)", message, progress * 100)
 
     def _sources(self) -> tuple[str, str, str | None]:
-        """(base model, adapter, adapter weight name) to load; tiny mode writes its models first if needed."""
+        """(base model, adapter, adapter weight name) to load; tiny mode writes its models first if needed, and
+        takes a given adapter (e.g. a checkpoint `train --tiny` exported) instead of the tiny official one."""
         config = self.config
+        base = config.base_model
         if config.tiny_dir:
             from photomaker.testing import make_tiny
             from photomaker.testing_control import tiny_control_overrides
 
             paths = make_tiny(config.tiny_dir)
             self.control_model_overrides = tiny_control_overrides(paths["control"])
-            return str(paths["base"]), str(paths[f"v{config.pm_version}"]), None
+            base = str(paths["base"])
+            if config.adapter is None:
+                return base, str(paths[f"v{config.pm_version}"]), None
         adapter = config.adapter or DEFAULT_ADAPTER_REPO[config.pm_version]
         weight_name = config.adapter_weight_name
         if weight_name is None and not os.path.isfile(os.path.expanduser(adapter)):
             weight_name = DEFAULT_ADAPTER_FILE[config.pm_version]
-        return config.base_model, adapter, weight_name
+        return base, adapter, weight_name
 
     def _load(self, done: threading.Event) -> None:
         config = self.config

@@ -651,3 +651,21 @@ def test_a_negative_prompt_cut_at_77_tokens_is_reported_like_the_prompt(tiny_ser
     notes = [note for note in result.warnings if "negative prompt" in note.lower() and "77 tokens" in note]
     assert len(notes) == 1, result.warnings
     assert "lastword" in notes[0]
+
+
+def test_tiny_mode_loads_a_given_adapter_instead_of_the_tiny_official_one(tiny_models_dir: Path, tmp_path) -> None:
+    """`generate --tiny DIR --adapter OUT/photomaker.bin` checks a checkpoint `train --tiny` exported (it used to
+    load the tiny official one whatever --adapter said, and an eval sweep over adapters made identical images)."""
+    from photomaker.testing import tiny_checkpoint
+
+    other = tiny_checkpoint(1, seed=5)
+    torch.save(other, tmp_path / "trained.bin")
+    service = PhotoMakerService(
+        ServiceConfig(tiny_dir=str(tiny_models_dir), adapter=str(tmp_path / "trained.bin"), face_backend="none")
+    )
+    service.wait_ready(timeout=300)
+    loaded = service.pipeline.id_encoder.state_dict()
+    name = "fuse_module.mlp1.fc1.weight"
+    assert torch.equal(loaded[name].float(), other["id_encoder"][name].float())
+    official = torch.load(tiny_models_dir / "photomaker-v1.bin", weights_only=True)["id_encoder"][name]
+    assert not torch.equal(loaded[name].float(), official.float())
