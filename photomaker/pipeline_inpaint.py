@@ -264,6 +264,13 @@ class PhotoMakerStableDiffusionXLInpaintPipeline(PhotoMakerMixin, StableDiffusio
             masked_image = None
         else:
             masked_image = init_image * (mask < 0.5)
+        if isinstance(generator, list) and init_image.shape[0] < len(generator):
+            # One photo, one generator per image: each image samples its own VAE latents with its own generator, so
+            # that image k depends on generator k alone (diffusers would draw them all from generator 0, and image k
+            # of a batch would differ from the same seed asked alone).
+            copies = len(generator) // init_image.shape[0]
+            init_image = init_image.repeat(copies, 1, 1, 1)
+            masked_image = masked_image.repeat(copies, 1, 1, 1) if masked_image is not None else None
         num_channels_unet = self.unet.config.in_channels
         if num_channels_unet not in (4, 9):
             raise InvalidRequestError(

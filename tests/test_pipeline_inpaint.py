@@ -121,3 +121,14 @@ def test_nine_channel_unet_sees_mask_and_masked_photo():
 def test_bad_inputs_are_refused_naming_the_argument(pipe, kwargs, named):
     with pytest.raises(InvalidRequestError, match=named):
         call(pipe, input_id_images=[photo(1)], **kwargs)
+
+
+@pytest.mark.parametrize("unet_channels", [4, 9])
+def test_each_image_of_a_batch_depends_on_its_own_generator_only(unet_channels):
+    """Image k of a batch made with one generator per image equals the same seed asked alone, as in every other
+    pipeline: the service stores one seed per image and remakes any of them alone."""
+    pipe = make_pipe(unet_channels)
+    generators = [torch.Generator().manual_seed(seed) for seed in (5, 6)]
+    batch = call(pipe, input_id_images=[photo(1)], num_images_per_prompt=2, generator=generators)
+    alone = call(pipe, input_id_images=[photo(1)], generator=[torch.Generator().manual_seed(6)])
+    torch.testing.assert_close(batch[1:], alone, rtol=1e-4, atol=1e-4)
