@@ -356,6 +356,7 @@ def test_validation_scorers_without_clip_or_dino_give_face_scores_only() -> None
         val_face_backend="dlib",
         face_model_dir=None,
         trigger_word="img",
+        pm_version=1,
     )
     scorers = load_validation_scorers(config, "cpu")
     assert scorers.clip_model is None and scorers.dino_model is None
