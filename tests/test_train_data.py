@@ -31,7 +31,6 @@ from photomaker.train.data import (
     find_identity_outliers,
     identity_distance,
     list_sources,
-    main,
     prepare_data,
 )
 from photomaker.train.masks import SegmentationMasker, face_hair_mask
@@ -479,13 +478,16 @@ def test_photos_of_other_types_are_read_and_unreadable_files_reported(
     assert "loose.jpg" in caplog.text and "not read" in caplog.text
 
 
-def test_module_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_data_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from photomaker.cli import main
+
     src = tmp_path / "src" / "grace"
     src.mkdir(parents=True)
     open_image(GRACE_HOPPER).save(src / "portrait.png")
     (src / "portrait.txt").write_text("a man at a desk")
     code = main(
         [
+            "prepare-data",
             str(tmp_path / "src"),
             "--out",
             str(tmp_path / "data"),
@@ -500,7 +502,9 @@ def test_module_command_prints_the_summary(tmp_path: Path, capsys: pytest.Captur
     )
     assert code == 0
     assert "prepare-data: 1 seen, 0 done before, 1 kept, 0 dropped (read 0, detect 0" in capsys.readouterr().out
-    code = main([str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--resolution", "512", "--no-progress"])
+    code = main(
+        ["prepare-data", str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--resolution", "512", "--no-progress"]
+    )
     assert code == 2 and "resolution: 256 -> 512" in capsys.readouterr().err
 
 

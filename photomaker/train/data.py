@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from photomaker.errors import IDImageError, ImageRejected, PhotoMakerError, TrainingDataError
+from photomaker.errors import IDImageError, ImageRejected, TrainingDataError
 from photomaker.faces import Face, FaceAnalyzer, get_face_analyzer
 from photomaker.images import load_image
 from photomaker.prompt import DEFAULT_TRIGGER_WORD
@@ -718,21 +718,3 @@ def run_prepare_data_command(args: argparse.Namespace) -> int:
     )
     print(summary.line())
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m photomaker.train.data SRC --out DATA``: the same as ``python -m photomaker prepare-data``."""
-    parser = add_prepare_data_arguments(
-        argparse.ArgumentParser(prog="python -m photomaker.train.data", description=__doc__.splitlines()[0])
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_prepare_data_command(args)
-    except PhotoMakerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
